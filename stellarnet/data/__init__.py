@@ -1,0 +1,1 @@
+"""Readers, quality cuts, spectra preprocessing, shards and the DataModule."""
