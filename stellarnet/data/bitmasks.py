@@ -58,9 +58,10 @@ class Bitmask:
 
     def decode(self, value: int) -> list[str]:
         """Flag names set in ``value`` (unknown set bits appear as ``BIT<n>``)."""
+        width = value.dtype.itemsize * 8 if isinstance(value, np.integer) else 64
         value = int(value)
-        if value < 0:  # int64 with bit 63 set
-            value &= (1 << 64) - 1
+        if value < 0:  # two's complement: a negative int32/int64 has its top bit set
+            value &= (1 << width) - 1
         out = []
         b = 0
         while value >> b:
