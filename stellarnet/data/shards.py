@@ -1,0 +1,474 @@
+"""Preprocessed HDF5 shards with a JSON manifest.
+
+A dataset directory holds ``<split>-<nnnnn>.h5`` shards (fixed rows per shard, one split per
+shard) and ``manifest.json``. Each shard has uncompressed, contiguous datasets (fast random row
+reads; see ``scripts/bench_shards.py``):
+
+=============  ==========  ========================================================
+dataset        dtype       meaning
+=============  ==========  ========================================================
+flux           f4 (n, P)   continuum-normalized flux, bad pixels = 1
+flux_err       f4 (n, P)   normalized flux error, bad pixels = ``BAD_PIXEL_ERR``
+pix_mask       u1 (n, P)   1 good pixel, 0 bad
+labels         f4 (n, L)   catalogue labels in physical units (K, dex), NaN = missing
+label_err      f4 (n, L)   catalogue label errors, NaN = missing
+classes        i8 (n, C)   class codes per task, −1 = undefined
+photometry     f4 (n, F)   photometric features (mag), NaN = missing
+snr            f4 (n,)     catalogue S/N per pixel
+apogee_id      S (n,)      APOGEE_ID
+row_index      i8 (n,)     row of the star in the allStar file
+ra, dec        f8 (n,)     degrees
+field          S (n,)      FIELD (the sky group used for splitting)
+=============  ==========  ========================================================
+
+The manifest records the schema version, sources and checksums, the cut config and report,
+label names/units, normalization statistics (train split), class names and weights, the
+wavelength grid, and every shard's split, row count and SHA-256. Shards are written to a temp
+name and renamed; a rerun skips shards already finished with the same build hash, so a killed
+build resumes and ends with the same manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from stellarnet.data import grids
+from stellarnet.data.splits import SPLITS, assign_splits
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_M"}
+LABEL_UNITS = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex", "ALPHA_FE": "dex"}
+SPECTRA_LAYOUT = {
+    "aspcapStar": "apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits",
+    "apStar": "apogee/spectro/redux/dr17/stars/{TELESCOPE}/{FIELD}/apStar-dr17-{APOGEE_ID}.fits",
+}
+
+
+class ShardError(RuntimeError):
+    """A shard dataset is missing, corrupted, truncated or from an unknown schema."""
+
+
+# --------------------------------------------------------------------------- helpers
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    """Convert OmegaConf / numpy containers to plain JSON-able python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(_plain(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apogee_id: str) -> Path:
+    """Path of a star's spectrum file in the real SDSS directory layout."""
+    if kind not in SPECTRA_LAYOUT:
+        raise ValueError(f"unknown spectra_kind {kind!r}; use one of {sorted(SPECTRA_LAYOUT)}")
+    rel = SPECTRA_LAYOUT[kind].format(TELESCOPE=telescope, FIELD=field, APOGEE_ID=apogee_id)
+    return Path(root) / rel
+
+
+# --------------------------------------------------------------------------- shard writer
+@dataclass
+class _ShardTask:
+    path: str
+    build_hash: str
+    grid: str
+    normalized: bool
+    files: list[str]
+    columns: dict[str, np.ndarray]
+
+
+def _write_shard(task: _ShardTask) -> dict[str, Any]:
+    """Read, preprocess and write one shard (runs in a worker process)."""
+    from stellarnet.data.spectra import prepare_spectrum, read_spectrum
+
+    final = Path(task.path)
+    if final.exists():
+        try:
+            with h5py.File(final, "r") as f:
+                if f.attrs.get("build_hash") == task.build_hash and f.attrs.get("complete", False):
+                    n = int(f["flux"].shape[0])
+                    failures = json.loads(f.attrs.get("failures", "[]"))
+                    return {"file": final.name, "rows": n, "sha256": sha256_file(final),
+                            "failures": failures, "skipped": True}
+        except OSError:
+            pass  # truncated or foreign file: rebuild it
+    n_pix = grids.n_pixels(task.grid)
+    n = len(task.files)
+    flux = np.ones((n, n_pix), np.float32)
+    err = np.ones((n, n_pix), np.float32)
+    good = np.zeros((n, n_pix), np.uint8)
+    ok = np.zeros(n, bool)
+    failures = []
+    for i, fpath in enumerate(task.files):
+        try:
+            spec = read_spectrum(fpath)
+            fl, er, gd = prepare_spectrum(spec.flux, spec.flux_err, spec.pixmask, grid=task.grid,
+                                          normalized=task.normalized)
+            flux[i], err[i], good[i] = fl, er, gd
+            ok[i] = True
+        except Exception as exc:  # noqa: BLE001 - recorded per star, never silently
+            failures.append({"file": os.path.basename(fpath), "error": f"{type(exc).__name__}: {exc}"})
+    tmp = final.with_name(final.name + ".tmp")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        kw = dict(track_times=False)
+        f.create_dataset("flux", data=flux[ok], **kw)
+        f.create_dataset("flux_err", data=err[ok], **kw)
+        f.create_dataset("pix_mask", data=good[ok], **kw)
+        for name, values in task.columns.items():
+            f.create_dataset(name, data=values[ok], **kw)
+        f.attrs["build_hash"] = task.build_hash
+        f.attrs["grid"] = task.grid
+        f.attrs["failures"] = json.dumps(failures)
+        f.attrs["complete"] = True
+    os.replace(tmp, final)
+    return {"file": final.name, "rows": int(ok.sum()), "sha256": sha256_file(final),
+            "failures": failures, "skipped": False}
+
+
+# --------------------------------------------------------------------------- build
+def _nan_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    mean = np.nanmean(x, axis=0)
+    std = np.nanstd(x, axis=0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def _class_weights(codes: np.ndarray, n_classes: int) -> list[float]:
+    """Inverse-frequency class weights (mean 1 over present classes, capped at 10)."""
+    codes = codes[codes >= 0]
+    counts = np.bincount(codes, minlength=n_classes).astype(float)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    w = np.minimum(w, 10.0)
+    present = w > 0
+    if present.any():
+        w[present] /= w[present].mean()
+    return [float(v) for v in w]
+
+
+def build_shards(
+    allstar: str | Path,
+    out_dir: str | Path,
+    cuts: Mapping[str, Any],
+    spectra_root: str | Path | None = None,
+    spectra_kind: str = "aspcapStar",
+    grid: str = "dr12",
+    rows_per_shard: int = 2048,
+    split: Mapping[str, Any] | None = None,
+    label_columns: Mapping[str, str] | None = None,
+    classes_cfg: Mapping[str, Any] | None = None,
+    n_workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or resume) a shard dataset from an allStar file and its spectra; return the manifest.
+
+    ``allstar``: an allStar-format FITS. ``spectra_root``: root of the SDSS directory tree
+    (defaults to the allStar's directory). ``cuts``: ordered mapping of named cuts
+    (``conf/data/cuts``). ``grid``: 'dr17' (7,514 px) or 'dr12' (7,214 px).
+    """
+    from tqdm.auto import tqdm
+
+    from stellarnet.data.catalogs import read_allstar
+    from stellarnet.data.classes import STAGES, LUMINOSITY_CLASSES, SPECTRAL_TYPES, derive_classes
+    from stellarnet.data.cuts import apply_cuts
+    from stellarnet.data.photometry import PHOT_FEATURES, photometric_features
+
+    allstar = Path(allstar)
+    out_dir = Path(out_dir)
+    spectra_root = Path(spectra_root) if spectra_root else allstar.parent
+    grid = grids.grid_name(grid)
+    label_columns = dict(label_columns or DEFAULT_LABEL_COLUMNS)
+    split = _plain(split or {"by": "FIELD", "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 42})
+    cuts = _plain(cuts)
+    if rows_per_shard < 1:
+        raise ValueError("rows_per_shard must be >= 1")
+
+    allstar_sha = sha256_file(allstar)
+    required = ["APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR"]
+    required += list(label_columns.values()) + [c + "_ERR" for c in label_columns.values()]
+    df = read_allstar(allstar, required=required)
+    df["_ROW"] = np.arange(len(df), dtype=np.int64)  # row in the allStar file, kept through the cuts
+    kept, report = apply_cuts(df, cuts)
+
+    # Spectra availability is part of the selection, reported like a cut.
+    paths = [spectrum_path(spectra_root, spectra_kind, t, f, a)
+             for t, f, a in zip(kept["TELESCOPE"], kept["FIELD"], kept["APOGEE_ID"])]
+    exists = np.array([p.exists() for p in paths])
+    missing_ids = kept["APOGEE_ID"].to_numpy()[~exists][:20].tolist()
+    kept = kept.loc[exists].reset_index(drop=True)
+    paths = [str(p) for p, e in zip(paths, exists) if e]
+    if len(kept) == 0:
+        raise ShardError(
+            f"no spectra found under {spectra_root} for the {int(exists.size)} stars that passed the cuts "
+            f"(layout {SPECTRA_LAYOUT[spectra_kind]!r})"
+        )
+
+    phot = photometric_features(kept)
+    classes = derive_classes(kept, classes_cfg)
+    split_names = assign_splits(kept, split["fractions"], by=split.get("by", "FIELD"),
+                                seed=int(split.get("seed", 42)))
+
+    label_names = list(label_columns)
+    labels = np.stack([kept[c].to_numpy(np.float64) for c in label_columns.values()], 1).astype(np.float32)
+    label_err = np.stack([kept[c + "_ERR"].to_numpy(np.float64) for c in label_columns.values()], 1)
+    label_err = label_err.astype(np.float32)
+    class_tasks = {"spectral_type": list(SPECTRAL_TYPES), "luminosity_class": list(LUMINOSITY_CLASSES),
+                   "stage": list(STAGES)}
+    class_codes = np.stack([classes[t].to_numpy(np.int64) for t in class_tasks], 1)
+    phot_arr = phot[list(PHOT_FEATURES)].to_numpy(np.float32)
+    row_index = kept["_ROW"].to_numpy(np.int64)
+
+    columns_all = {
+        "labels": labels,
+        "label_err": label_err,
+        "classes": class_codes,
+        "photometry": phot_arr,
+        "snr": kept["SNR"].to_numpy(np.float32),
+        "apogee_id": kept["APOGEE_ID"].astype(str).to_numpy().astype("S"),
+        "row_index": row_index,
+        "ra": kept["RA"].to_numpy(np.float64),
+        "dec": kept["DEC"].to_numpy(np.float64),
+        "field": kept["FIELD"].astype(str).to_numpy().astype("S"),
+    }
+    build_cfg = {"allstar_sha256": allstar_sha, "cuts": cuts, "classes": _plain(classes_cfg), "grid": grid,
+                 "rows_per_shard": rows_per_shard, "split": split, "labels": label_columns,
+                 "spectra_kind": spectra_kind, "schema_version": SCHEMA_VERSION}
+    build_hash = _stable_hash(build_cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = out_dir / MANIFEST
+    if old.exists():
+        prev = json.loads(old.read_text())
+        if prev.get("build_hash") == build_hash and _shards_intact(out_dir, prev):
+            log.info("shards in %s are current (build hash %s)", out_dir, build_hash)
+            return prev
+
+    tasks: list[_ShardTask] = []
+    for s in SPLITS:
+        idx = np.flatnonzero(split_names == s)
+        for k, start in enumerate(range(0, len(idx), rows_per_shard)):
+            sel = idx[start:start + rows_per_shard]
+            tasks.append(_ShardTask(
+                path=str(out_dir / f"{s}-{k:05d}.h5"), build_hash=build_hash, grid=grid,
+                normalized=(spectra_kind == "aspcapStar"), files=[paths[i] for i in sel],
+                columns={name: arr[sel] for name, arr in columns_all.items()},
+            ))
+    results: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
+    if n_workers <= 1 or len(tasks) == 1:
+        for t in tasks:
+            r = _write_shard(t)
+            results[r["file"]] = r
+            bar.update(len(t.files))
+    else:
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=get_context("spawn")) as ex:
+            futs = {ex.submit(_write_shard, t): t for t in tasks}
+            for fut in as_completed(futs):
+                r = fut.result()
+                results[r["file"]] = r
+                bar.update(len(futs[fut].files))
+    bar.close()
+
+    train = split_names == "train"
+    label_mean, label_std = _nan_stats(labels[train])
+    phot_mean, phot_std = _nan_stats(phot_arr[train])
+    shards = []
+    failures = []
+    for t in tasks:
+        r = results[Path(t.path).name]
+        shards.append({"file": r["file"], "split": r["file"].split("-")[0], "rows": r["rows"], "sha256": r["sha256"]})
+        failures += r["failures"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "build_hash": build_hash,
+        "sources": {"allstar": str(allstar), "allstar_sha256": allstar_sha, "spectra_root": str(spectra_root),
+                    "spectra_kind": spectra_kind, "spectra_layout": SPECTRA_LAYOUT[spectra_kind]},
+        "cuts": cuts,
+        "cut_report": report.to_frame().to_dict(orient="records"),
+        "spectra_missing": {"count": int((~exists).sum()), "first_ids": missing_ids},
+        "spectra_failed": failures,
+        "grid": grid,
+        "n_pixels": grids.n_pixels(grid),
+        "wavelength": [float(w) for w in grids.wavelength(grid)],
+        "label_names": label_names,
+        "label_columns": label_columns,
+        "label_units": [LABEL_UNITS.get(n, "") for n in label_names],
+        "label_mean": label_mean,
+        "label_std": label_std,
+        "phot_features": list(PHOT_FEATURES),
+        "phot_mean": phot_mean,
+        "phot_std": phot_std,
+        "class_tasks": class_tasks,
+        "class_weights": {t: _class_weights(class_codes[train, j], len(names))
+                          for j, (t, names) in enumerate(class_tasks.items())},
+        "split": split,
+        "split_rows": {s: int(sum(sh["rows"] for sh in shards if sh["split"] == s)) for s in SPLITS},
+        "rows_per_shard": rows_per_shard,
+        "shards": shards,
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    report.save(out_dir)
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading
+def _shards_intact(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
+    try:
+        verify_dataset(out_dir, manifest, check_sha=False)
+        return True
+    except ShardError:
+        return False
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` of a shard dataset."""
+    path = Path(dataset_dir) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"no {MANIFEST} in {dataset_dir}: not a shard dataset (build it with stellarnet.build_shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is not valid JSON: {exc}") from None
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise ShardError(f"{path} has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise ShardError(
+            f"{path} has schema_version {version}, newer than this stellarnet supports ({SCHEMA_VERSION}); "
+            "upgrade stellarnet or rebuild the shards"
+        )
+    for key in ("shards", "label_names", "label_mean", "label_std", "phot_features", "grid"):
+        if key not in manifest:
+            raise ShardError(f"{path} lacks required key {key!r}")
+    return manifest
+
+
+def verify_dataset(dataset_dir: str | Path, manifest: Mapping[str, Any] | None = None, check_sha: bool = True) -> None:
+    """Check every shard exists, opens, has the manifest's row count and (optionally) SHA-256."""
+    dataset_dir = Path(dataset_dir)
+    manifest = manifest or load_manifest(dataset_dir)
+    for sh in manifest["shards"]:
+        p = dataset_dir / sh["file"]
+        if not p.exists():
+            raise ShardError(f"shard {p} listed in the manifest is missing")
+        if check_sha and sha256_file(p) != sh["sha256"]:
+            raise ShardError(f"shard {p} fails its SHA-256 check (corrupted or modified); rebuild the dataset")
+        try:
+            with h5py.File(p, "r") as f:
+                n = f["flux"].shape[0]
+        except (OSError, KeyError) as exc:
+            raise ShardError(f"shard {p} cannot be read (truncated or corrupted): {exc}") from None
+        if n != sh["rows"]:
+            raise ShardError(f"shard {p} has {n} rows, manifest says {sh['rows']}")
+
+
+class ShardReader:
+    """Lazy row access to the shards of one split; one open file handle per shard per process."""
+
+    FIELDS = ("flux", "flux_err", "pix_mask", "labels", "label_err", "classes", "photometry", "snr")
+
+    def __init__(self, dataset_dir: str | Path, split: str, manifest: Mapping[str, Any] | None = None,
+                 verify: bool = True):
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest = dict(manifest or load_manifest(dataset_dir))
+        if verify:
+            verify_dataset(self.dataset_dir, self.manifest, check_sha=True)
+        self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        self.split = split
+        counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, k: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: never share handles
+            self._files = {}
+            self._pid = os.getpid()
+        f = self._files.get(k)
+        if f is None:
+            f = h5py.File(self.dataset_dir / self.shards[k]["file"], "r")
+            self._files[k] = f
+        return f
+
+    def locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for split {self.split!r} with {len(self)} rows")
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, int(i - self.offsets[k])
+
+    def row(self, i: int, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
+        k, j = self.locate(i)
+        f = self._file(k)
+        return {name: f[name][j] for name in fields}
+
+    def read_all(self, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
+        """Concatenate whole fields over the split (for baselines / evaluation; uses memory)."""
+        out: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        for k in range(len(self.shards)):
+            f = self._file(k)
+            for name in fields:
+                out[name].append(f[name][...])
+        return {name: np.concatenate(v) if v else np.empty(0) for name, v in out.items()}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # pragma: no cover
+                pass
+        self._files = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny simulated survey and its shards (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"
+TINY_STARS = 400
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_survey(tmp_path_factory) -> dict:
+    """A 400-star simulated survey in the real file layout (tests only; the pipeline never knows)."""
+    from stellarnet.simulate.survey import simulate_survey
+
+    root = tmp_path_factory.mktemp("sim_survey")
+    paths = simulate_survey(root, n_stars=TINY_STARS, seed=7, stars_per_field=20, progress=False)
+    return {"root": root, **{k: Path(v) for k, v in paths.items() if isinstance(v, (str, os.PathLike))}}
+
+
+@pytest.fixture(scope="session")
+def loose_cuts() -> dict:
+    """Cuts loose enough that a tiny survey keeps most stars."""
+    return {
+        "star_bad": {"flag": "ASPCAPFLAG", "bits": ["STAR_BAD"], "reason": "ASPCAP STAR_BAD"},
+        "duplicates": {"flag": "EXTRATARG", "bits": ["DUPLICATE"], "reason": "lower-S/N duplicate"},
+        "snr": {"column": "SNR", "min": 20, "reason": "S/N per pixel"},
+        "finite": {"finite": ["TEFF", "LOGG", "FE_H"], "reason": "finite core labels"},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_survey, loose_cuts, tmp_path_factory) -> Path:
+    from stellarnet.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(tiny_survey["allstar"], out, loose_cuts, spectra_root=tiny_survey["root"], grid="dr12",
+                 rows_per_shard=64, n_workers=1, progress=False,
+                 split={"by": "FIELD", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": 1})
+    return out
