@@ -28,25 +28,31 @@ class Standardizer:
         self.phot_std = np.asarray(manifest["phot_std"], np.float32)
 
     def item(self, row: Mapping[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
-        labels = row["labels"].astype(np.float32)
-        err = row["label_err"].astype(np.float32)
+        """One standardized sample (see the batch dict in docs/architecture.md)."""
+        batch = self.batch({k: np.asarray(v)[None] for k, v in row.items()}, np.array([index]))
+        return {k: v[0] for k, v in batch.items()}
+
+    def batch(self, rows: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """Standardized tensors for a block of rows (leading axis = sample)."""
+        labels = rows["labels"].astype(np.float32)
+        err = rows["label_err"].astype(np.float32)
         lmask = np.isfinite(labels)
         z = np.where(lmask, (labels - self.label_mean) / self.label_std, 0.0).astype(np.float32)
         zerr = np.where(lmask & np.isfinite(err), np.abs(err) / self.label_std, 0.0).astype(np.float32)
-        phot = row["photometry"].astype(np.float32)
+        phot = rows["photometry"].astype(np.float32)
         pmask = np.isfinite(phot)
         pz = np.where(pmask, (phot - self.phot_mean) / self.phot_std, 0.0).astype(np.float32)
         return {
-            "flux": torch.from_numpy(np.asarray(row["flux"], np.float32)),
-            "flux_err": torch.from_numpy(np.asarray(row["flux_err"], np.float32)),
-            "pix_mask": torch.from_numpy(np.asarray(row["pix_mask"], np.float32)),
+            "flux": torch.from_numpy(np.asarray(rows["flux"], np.float32)),
+            "flux_err": torch.from_numpy(np.asarray(rows["flux_err"], np.float32)),
+            "pix_mask": torch.from_numpy(np.asarray(rows["pix_mask"], np.float32)),
             "photometry": torch.from_numpy(pz),
             "phot_mask": torch.from_numpy(pmask.astype(np.float32)),
             "labels": torch.from_numpy(z),
             "label_err": torch.from_numpy(zerr),
             "label_mask": torch.from_numpy(lmask.astype(np.float32)),
-            "classes": torch.from_numpy(np.asarray(row["classes"], np.int64)),
-            "index": torch.tensor(index, dtype=torch.int64),
+            "classes": torch.from_numpy(np.asarray(rows["classes"], np.int64)),
+            "index": torch.from_numpy(np.asarray(indices, np.int64)),
         }
 
 
@@ -63,6 +69,12 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.standardizer.item(self.reader.row(int(i)), int(i))
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Batched fetch used by the DataLoader: one sorted read per shard instead of one per row."""
+        idx = np.asarray(indices, dtype=np.int64)
+        batch = self.standardizer.batch(self.reader.rows(idx), idx)
+        return [{k: v[j] for k, v in batch.items()} for j in range(len(idx))]
 
 
 class StellarDataModule(L.LightningDataModule):

@@ -451,6 +451,25 @@ class ShardReader:
         f = self._file(k)
         return {name: f[name][j] for name in fields}
 
+    def rows(self, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
+        """Many rows at once (one sorted h5py read per shard and field), in the order given."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"rows out of range for split {self.split!r} with {len(self)} rows")
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for k in np.unique(shard):
+            sel = np.flatnonzero(shard == k)
+            local = idx[sel] - self.offsets[k]
+            uniq, inverse = np.unique(local, return_inverse=True)
+            f = self._file(int(k))
+            for name in fields:
+                block = f[name][uniq][inverse] if len(uniq) > 1 else f[name][int(uniq[0])][None][inverse]
+                if name not in out:
+                    out[name] = np.empty((len(idx),) + block.shape[1:], dtype=block.dtype)
+                out[name][sel] = block
+        return out
+
     def read_all(self, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
         """Concatenate whole fields over the split (for baselines / evaluation; uses memory)."""
         out: dict[str, list[np.ndarray]] = {name: [] for name in fields}

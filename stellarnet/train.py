@@ -1,0 +1,92 @@
+"""Entry point: ``python -m stellarnet.train +experiment=apogee``.
+
+A thin lightning-hydra-template style entry point: ``train(cfg) -> (metrics, objects)``. When no
+real allStar is configured it simulates the embedded survey and builds its shards first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from stellarnet.paths import CONF_DIR
+from stellarnet.workflow import ensure_shards
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_to_jsonable(obj), indent=1))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit (and test) the model described by ``cfg``; returns (metrics, objects)."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ensure_shards(_plain(cfg.data))
+
+    datamodule = hydra.utils.instantiate(cfg.data.datamodule)
+    model = hydra.utils.instantiate(cfg.model, data_spec=datamodule.data_spec(), _convert_="all")
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+    if cfg.get("train", True):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: v for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test", True) and trainer.is_global_zero is not None:
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not ckpt or cfg.trainer.get("fast_dev_run"):
+            ckpt = None
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
+        metrics.update(trainer.callback_metrics)
+        if trainer.is_global_zero:
+            test_metrics = getattr(model, "test_metrics", None) or {}
+            write_json(output_dir / "test_metrics.json", {"checkpoint": ckpt, **test_metrics})
+            objects["test_outputs"] = getattr(model, "test_outputs", None)
+    if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+        best = trainer.checkpoint_callback.best_model_path
+        if best:
+            log.info("best checkpoint: %s", best)
+    return {k: _to_jsonable(v) for k, v in metrics.items()}, objects
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric"))
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

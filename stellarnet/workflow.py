@@ -1,0 +1,52 @@
+"""Orchestration shared by the entry points: make sure the survey and its shards exist.
+
+This is the only library module (besides the entry points) that may call the simulator, and only
+when no real allStar is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from stellarnet.data.shards import build_shards
+
+log = logging.getLogger(__name__)
+
+
+def resolve_survey(data_cfg: Mapping[str, Any]) -> tuple[Path, Path]:
+    """(allStar path, spectra root) of the configured survey, simulating it if none is configured."""
+    survey = data_cfg["survey"]
+    if survey.get("allstar"):
+        allstar = Path(survey["allstar"])
+        if not allstar.exists():
+            raise FileNotFoundError(f"data.survey.allstar={allstar} does not exist")
+        root = Path(survey["spectra_root"]) if survey.get("spectra_root") else allstar.parent
+        return allstar, root
+    from stellarnet.simulate.survey import simulate_survey  # entry-point-only dependency
+
+    sim = survey["simulate"]
+    root = Path(survey["sim_root"])
+    log.info("no allStar configured: using the simulated survey in %s", root)
+    paths = simulate_survey(root, n_stars=int(sim["n_stars"]), seed=int(sim["seed"]))
+    return Path(paths["allstar"]), root
+
+
+def ensure_shards(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Build (or resume, or reuse when current) the shard dataset; returns its manifest."""
+    allstar, spectra_root = resolve_survey(data_cfg)
+    sh = data_cfg["shards"]
+    return build_shards(
+        allstar=allstar,
+        out_dir=sh["out_dir"],
+        cuts=data_cfg["cuts"],
+        spectra_root=spectra_root,
+        spectra_kind=data_cfg["survey"].get("spectra_kind", "aspcapStar"),
+        grid=sh["grid"],
+        rows_per_shard=int(sh["rows_per_shard"]),
+        split=sh["split"],
+        label_columns=sh["labels"],
+        classes_cfg=data_cfg.get("classes"),
+        n_workers=int(sh.get("n_workers", 1)),
+    )
