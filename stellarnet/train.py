@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.hardware import configure_cpu_threads, resolve_cpu_precision
 from stellarnet.paths import CONF_DIR
 from stellarnet.workflow import ensure_shards
 
@@ -53,11 +54,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     ensure_shards(_plain(cfg.data))
 
+    trainer_kwargs: dict[str, Any] = {}
+    if cfg.trainer.get("accelerator") == "cpu":
+        n = configure_cpu_threads(int(cfg.data.datamodule.get("num_workers", 0)), cfg.get("cpu_threads", "auto"))
+        trainer_kwargs["precision"] = resolve_cpu_precision(cfg.trainer.get("precision", "32-true"))
+        log.info("CPU training: %d torch threads, precision %s", n, trainer_kwargs["precision"])
+
     datamodule = hydra.utils.instantiate(cfg.data.datamodule)
     model = hydra.utils.instantiate(cfg.model, data_spec=datamodule.data_spec(), _convert_="all")
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **trainer_kwargs)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     if cfg.get("train", True):
