@@ -1,3 +1,20 @@
-"""stellarnet: stellar parameters and classes from APOGEE spectra."""
+"""stellarnet: stellar parameters and classes from APOGEE spectra.
+
+``stellarnet.load_model(path)`` returns a :class:`~stellarnet.models.inference.Predictor` with
+``.predict(flux, flux_err, photometry=None)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["load_model", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing stellarnet must not import torch
+    if name == "load_model":
+        from stellarnet.models.inference import load_model
+
+        return load_model
+    raise AttributeError(f"module 'stellarnet' has no attribute {name!r}")
