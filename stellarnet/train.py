@@ -48,6 +48,43 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path) -> Path:
+    """Model folder (weights + plain config + data spec) with a σ scale fitted on the val split."""
+    from stellarnet.eval.network import validation_sigma_scale
+    from stellarnet.models.inference import Predictor, load_module, save_model_folder
+
+    module = load_module(ckpt)
+    scale = validation_sigma_scale(Predictor(module), dataset_dir, "val")
+    module.hparams["data_spec"]["sigma_scale"] = [float(v) for v in scale]
+    module.data_spec["sigma_scale"] = module.hparams["data_spec"]["sigma_scale"]
+    return save_model_folder(module, out)
+
+
+def write_evaluation(model_dir: Path, dataset_dir: str | Path, output_dir: Path) -> dict[str, float]:
+    """Full test-split report of the calibrated model (evaluation.md/json + figures); headline metrics."""
+    from stellarnet.eval.figures import write_standard_figures
+    from stellarnet.eval.network import network_report
+    from stellarnet.eval.report import report_to_markdown, write_report
+    from stellarnet.models.inference import load_model
+
+    predictor = load_model(model_dir)
+    report, pred, data = network_report(predictor, dataset_dir, split="test", calib_split=None)
+    write_report(report, output_dir, "evaluation", markdown=report_to_markdown(report, "stellarnet (test split)"))
+    write_standard_figures(output_dir / "figures", pred["labels"], data["labels"], predictor.label_names,
+                           snr=data["snr"], report=report)
+    out: dict[str, float] = {}
+    for name, m in (report.get("regression", {}).get("overall") or {}).items():
+        out[f"eval/mae_{name}"] = m.get("mae")
+    for name, m in (report.get("calibration") or {}).items():
+        if isinstance(m, dict):
+            out[f"eval/z_std_{name}"] = m.get("z_std")
+            out[f"eval/coverage_1sigma_{name}"] = m.get("coverage_1sigma")
+    for task, m in (report.get("classification") or {}).items():
+        if isinstance(m, dict) and "accuracy" in m:
+            out[f"eval/accuracy_{task}"] = m["accuracy"]
+    return out
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and test) the model described by ``cfg``; returns (metrics, objects)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -82,10 +119,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             test_metrics = getattr(model, "test_metrics", None) or {}
             write_json(output_dir / "test_metrics.json", {"checkpoint": ckpt, **test_metrics})
             objects["test_outputs"] = getattr(model, "test_outputs", None)
-    if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+    if trainer.is_global_zero and trainer.checkpoint_callback is not None and not cfg.trainer.get("fast_dev_run"):
         best = trainer.checkpoint_callback.best_model_path
-        if best:
-            log.info("best checkpoint: %s", best)
+        if best and cfg.get("export_model", True):
+            objects["model_dir"] = export_calibrated_model(best, datamodule.dataset_dir, output_dir / "model")
+            log.info("best checkpoint: %s; calibrated model folder: %s", best, objects["model_dir"])
+            if cfg.get("test", True):
+                metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
     return {k: _to_jsonable(v) for k, v in metrics.items()}, objects
 
 

@@ -39,6 +39,15 @@ def class_codes(pred: Mapping[str, Any], tasks: list[str]) -> np.ndarray:
     return np.stack([np.argmax(pred["class_probs"][t], axis=1) for t in tasks], 1)
 
 
+def validation_sigma_scale(predictor: Any, dataset_dir: str | Path, split: str = "val", mc_samples: int = 0,
+                           batch_size: int = 1024) -> np.ndarray:
+    """Per-label factor for the predicted aleatoric σ so that z = Δ/sqrt((sσ)² + err²) has unit
+    spread on ``split`` (post-hoc calibration; Δ against the catalogue labels, err their errors)."""
+    data = load_split(dataset_dir, split)
+    pred, _ = predict_split(predictor, data, mc_samples, batch_size)
+    return fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"])
+
+
 def network_report(predictor: Any, dataset_dir: str | Path, split: str = "test", calib_split: str | None = "val",
                    mc_samples: int = 0, batch_size: int = 1024, eval_cfg: Mapping[str, Any] | None = None,
                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:

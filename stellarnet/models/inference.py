@@ -37,6 +37,13 @@ class CheckpointError(RuntimeError):
 
 
 def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip format / legacy pickle
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint (neither a zip archive nor a pickle "
+            f"stream; starts with {head!r}): corrupt, empty or a different kind of file"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -138,6 +145,15 @@ def fuse_for_inference(module: StellarNetModule) -> StellarNetModule:
     return fused
 
 
+def _count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; ``ValueError`` naming ``name`` otherwise (bools, floats
+    with a fraction, strings and negatives are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or not float(value).is_integer() or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 class Predictor:
     """Batched inference in physical units for a trained :class:`StellarNetModule`.
 
@@ -166,6 +182,10 @@ class Predictor:
         self.class_tasks: dict[str, list[str]] = dict(module.class_tasks)
         self._phot_mean = np.asarray(self.data_spec.get("phot_mean") or [], dtype=np.float64)
         self._phot_std = np.asarray(self.data_spec.get("phot_std") or [], dtype=np.float64)
+        scale = self.data_spec.get("sigma_scale")
+        self.sigma_scale = None if scale is None else np.asarray(scale, dtype=np.float32)
+        if self.sigma_scale is not None and self.sigma_scale.shape != (len(self.label_names),):
+            raise CheckpointError(f"data_spec sigma_scale has shape {self.sigma_scale.shape}, expected one per label")
 
     @property
     def device(self) -> torch.device:
@@ -233,6 +253,8 @@ class Predictor:
             ``sigma_epistemic``, ``sigma_total`` (N, L) float32; ``class_probs`` {task: (N, K)};
             ``classes`` {task: (N,) class names}.
         """
+        batch_size = _count("batch_size", batch_size, minimum=1)
+        mc_samples = _count("mc_samples", mc_samples, minimum=0)
         flux = np.asarray(flux, dtype=np.float32)
         flux_err = np.asarray(flux_err, dtype=np.float32)
         if flux.ndim == 1:
@@ -255,8 +277,6 @@ class Predictor:
         mask = good.astype(np.float32)
         n = flux.shape[0]
         phot, phot_mask = self.standardize_photometry(photometry, n)
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
 
         parts: list[dict[str, Any]] = []
         dev = self.device
@@ -278,6 +298,9 @@ class Predictor:
         res: dict[str, Any] = {}
         for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
             res[k] = np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, L), np.float32)
+        if self.sigma_scale is not None:  # post-hoc calibration fitted on the validation split
+            res["sigma_aleatoric"] = (res["sigma_aleatoric"] * self.sigma_scale).astype(np.float32)
+            res["sigma_total"] = np.sqrt(res["sigma_aleatoric"] ** 2 + res["sigma_epistemic"] ** 2).astype(np.float32)
         res["class_probs"] = {
             t: (np.concatenate([p["class_probs"][t] for p in parts]) if parts else np.zeros((0, len(names)), np.float32))
             for t, names in self.class_tasks.items()
