@@ -30,8 +30,10 @@ def predict(cfg: DictConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise ValueError("ckpt_path is required: python -m stellarnet.predict ckpt_path=<.ckpt or model folder> input=...")
     if not cfg.get("input"):
         raise ValueError("input is required: an allStar FITS, a shard dataset directory, or spectrum files")
-    if int(cfg.batch_size) < 1 or int(cfg.chunk_size) < 1 or int(cfg.mc_samples) < 0:
-        raise ValueError("batch_size and chunk_size must be >= 1 and mc_samples >= 0")
+    for key, minimum in (("batch_size", 1), ("chunk_size", 1), ("mc_samples", 0)):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {key}={value!r}")
     predictor = load_model(cfg.ckpt_path)
     inp = cfg.input if isinstance(cfg.input, str) else list(cfg.input)
     kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),

@@ -281,12 +281,18 @@ def _clean_float(a: np.ndarray) -> np.ndarray:
     return a
 
 
+_PAD_CHARS = " \t\r\n\x0b\x0c\x00"
+
+
 def _strings(a: np.ndarray) -> np.ndarray:
     """Fixed-width FITS strings → object array of stripped ``str``."""
     a = np.asarray(a)
     if a.dtype.kind == "S":
         a = np.char.decode(a, "ascii", errors="replace")
-    return np.char.strip(np.char.strip(a.astype(str)), "\x00").astype(object)
+    # strip ASCII whitespace and NUL padding from both ends, in any mix ("2M.. \x00", "\x002M..");
+    # plain str.strip: np.char.strip stops reading its ``chars`` argument at a NUL
+    flat = a.astype(str).ravel().tolist()
+    return np.fromiter((v.strip(_PAD_CHARS) for v in flat), dtype=object, count=len(flat)).reshape(a.shape)
 
 
 def _convert(raw: np.ndarray) -> np.ndarray:

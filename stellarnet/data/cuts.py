@@ -46,7 +46,21 @@ __all__ = [
     "CutReport",
     "apply_cuts",
     "load_cuts",
+    "PHYSICAL_LABEL_RANGES",
+    "physical_range_cuts",
 ]
+
+#: Physically possible ranges (inclusive) of catalogue labels, by allStar column name: values
+#: outside are corrupt (wrong units, a sentinel that is not -9999, a bad fit), not extreme stars.
+#: Teff in K, logg in dex (cgs), abundances in dex. Used by :func:`physical_range_cuts`.
+PHYSICAL_LABEL_RANGES: dict[str, tuple[float, float]] = {
+    "TEFF": (2000.0, 50000.0),
+    "LOGG": (-1.0, 6.0),
+    "FE_H": (-5.0, 1.5),
+    "M_H": (-5.0, 1.5),
+    "ALPHA_M": (-1.0, 1.5),
+    "ALPHA_FE": (-1.0, 1.5),
+}
 
 _KIND_KEYS: dict[str, set[str]] = {
     "column": {"column", "min", "max", "keep_nan", "inclusive"},
@@ -399,6 +413,28 @@ def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None) -> tuple[pd.Dat
             "the catalogue has no rows to select from", cut="<input>", report=report
         )
     return cur, report
+
+
+def physical_range_cuts(
+    columns, ranges: Mapping[str, tuple[float, float]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Range cuts (for :func:`apply_cuts`) that remove rows whose label in ``columns`` lies outside
+    its physical range (``ranges``, default :data:`PHYSICAL_LABEL_RANGES`; columns without a range
+    are skipped). NaN labels are kept (a missing label is masked, not wrong). Cut names are
+    ``physical_<COLUMN>``; each reason names the range, e.g. "TEFF outside the physical range
+    [2000, 50000]".
+    """
+    ranges = PHYSICAL_LABEL_RANGES if ranges is None else _plain(ranges)
+    out: dict[str, dict[str, Any]] = {}
+    for col in dict.fromkeys(columns):
+        if col not in ranges:
+            continue
+        lo, hi = ranges[col]
+        out[f"physical_{col}"] = {
+            "column": col, "min": lo, "max": hi, "inclusive": True, "keep_nan": True,
+            "reason": f"{col} outside the physical range [{lo:g}, {hi:g}]",
+        }
+    return out
 
 
 def load_cuts(name_or_path: str | os.PathLike) -> dict[str, Any]:

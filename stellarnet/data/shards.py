@@ -173,6 +173,19 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- build
+def _check_numeric(df: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    """Raise ``CatalogFormatError`` naming every column of ``columns`` that is not numeric."""
+    from stellarnet.data.catalogs import CatalogFormatError
+
+    bad = [f"{c} ({df[c].dtype})" for c in dict.fromkeys(columns)
+           if not (pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]))]
+    if bad:
+        raise CatalogFormatError(
+            f"{path}: column(s) {', '.join(bad)} must be numeric (float/int FITS columns); "
+            "the file stores them as another type (e.g. strings), so it is not a valid allStar table"
+        )
+
+
 def _nan_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     mean = np.nanmean(x, axis=0)
     std = np.nanstd(x, axis=0)
@@ -206,18 +219,26 @@ def build_shards(
     classes_cfg: Mapping[str, Any] | None = None,
     n_workers: int = 2,
     progress: bool = True,
+    label_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) a shard dataset from an allStar file and its spectra; return the manifest.
 
     ``allstar``: an allStar-format FITS. ``spectra_root``: root of the SDSS directory tree
     (defaults to the allStar's directory). ``cuts``: ordered mapping of named cuts
     (``conf/data/cuts``). ``grid``: 'dr17' (7,514 px) or 'dr12' (7,214 px).
+    ``label_ranges``: physical range per allStar label column (default
+    :data:`stellarnet.data.cuts.PHYSICAL_LABEL_RANGES`; ``{}`` disables); stars with a label outside
+    are removed after ``cuts`` and reported as ``physical_<COLUMN>`` rows of the cut report.
+
+    Raises ``CatalogFormatError`` when a required numeric column (labels, errors, RA/DEC, SNR) is
+    not numeric (e.g. TEFF stored as strings), ``MissingColumnError`` / ``EmptySelectionError``
+    from the catalogue and cuts, and :class:`ShardError` when no spectrum file is found.
     """
     from tqdm.auto import tqdm
 
     from stellarnet.data.catalogs import read_allstar
     from stellarnet.data.classes import STAGES, LUMINOSITY_CLASSES, SPECTRAL_TYPES, derive_classes
-    from stellarnet.data.cuts import apply_cuts
+    from stellarnet.data.cuts import apply_cuts, physical_range_cuts
     from stellarnet.data.photometry import PHOT_FEATURES, photometric_features
 
     allstar = Path(allstar)
@@ -234,8 +255,15 @@ def build_shards(
     required = ["APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR"]
     required += list(label_columns.values()) + [c + "_ERR" for c in label_columns.values()]
     df = read_allstar(allstar, required=required)
+    _check_numeric(df, [c for c in required if c not in ("APOGEE_ID", "TELESCOPE", "FIELD")], allstar)
     df["_ROW"] = np.arange(len(df), dtype=np.int64)  # row in the allStar file, kept through the cuts
-    kept, report = apply_cuts(df, cuts)
+    # physically impossible labels (e.g. Teff = 99999 K, logg = 9) are removed after the user's cuts
+    # and reported like a cut (physical_<COLUMN> rows in the cut report); label_ranges={} disables
+    range_cuts = physical_range_cuts(label_columns.values(), label_ranges)
+    kept, report = apply_cuts(df, {**cuts, **range_cuts})
+    for row in report.rows:
+        if row.name in range_cuts and row.removed:
+            log.warning("cut %r removed %d star(s): %s", row.name, row.removed, row.reason)
 
     # Spectra availability is part of the selection, reported like a cut.
     paths = [spectrum_path(spectra_root, spectra_kind, t, f, a)
@@ -277,8 +305,9 @@ def build_shards(
         "dec": kept["DEC"].to_numpy(np.float64),
         "field": kept["FIELD"].astype(str).to_numpy().astype("S"),
     }
-    build_cfg = {"allstar_sha256": allstar_sha, "cuts": cuts, "classes": _plain(classes_cfg), "grid": grid,
-                 "rows_per_shard": rows_per_shard, "split": split, "labels": label_columns,
+    build_cfg = {"allstar_sha256": allstar_sha, "cuts": cuts, "label_ranges": range_cuts,
+                 "classes": _plain(classes_cfg), "grid": grid, "rows_per_shard": rows_per_shard,
+                 "split": split, "labels": label_columns,
                  "spectra_kind": spectra_kind, "schema_version": SCHEMA_VERSION}
     build_hash = _stable_hash(build_cfg)
 
@@ -331,6 +360,7 @@ def build_shards(
         "sources": {"allstar": str(allstar), "allstar_sha256": allstar_sha, "spectra_root": str(spectra_root),
                     "spectra_kind": spectra_kind, "spectra_layout": SPECTRA_LAYOUT[spectra_kind]},
         "cuts": cuts,
+        "label_ranges": range_cuts,
         "cut_report": report.to_frame().to_dict(orient="records"),
         "spectra_missing": {"count": int((~exists).sum()), "first_ids": missing_ids},
         "spectra_failed": failures,

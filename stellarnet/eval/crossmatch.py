@@ -190,6 +190,12 @@ def crossmatch(
     ra1, dec1 = _coords(reference, ref_ra, ref_dec)
     ra2, dec2 = _coords(survey, survey_ra, survey_dec)
     n1, n2 = len(reference), len(survey)
+    if n1 == 0 or n2 == 0:
+        empty = " and ".join(n for n, k in (("reference", n1), ("survey", n2)) if k == 0)
+        raise NoMatchError(
+            f"cannot crossmatch: the {empty} catalogue is empty ({n1} reference, {n2} survey stars); "
+            "check the file and its quality cuts (the cut report says which cut removed every row)"
+        )
     free1 = np.ones(n1, dtype=bool)
     free2 = np.ones(n2, dtype=bool)
     parts: list[pd.DataFrame] = []
