@@ -29,7 +29,8 @@ def resolve_survey(data_cfg: Mapping[str, Any]) -> tuple[Path, Path]:
     sim = survey["simulate"]
     root = Path(survey["sim_root"])
     log.info("no allStar configured: using the simulated survey in %s", root)
-    paths = simulate_survey(root, n_stars=int(sim["n_stars"]), seed=int(sim["seed"]))
+    paths = simulate_survey(root, n_stars=int(sim["n_stars"]), seed=int(sim["seed"]),
+                            stars_per_field=int(sim.get("stars_per_field", 300)))
     return Path(paths["allstar"]), root
 
 

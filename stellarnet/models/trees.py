@@ -18,7 +18,15 @@ key             shape        meaning
 ``label_names`` (L,)         e.g. ``("TEFF", "LOGG", "FE_H", "ALPHA_FE")``
 ``class_tasks`` (C,)         e.g. ``("spectral_type", "luminosity_class", "stage")``
 ``class_names`` mapping      optional, task → class names
+``tabular``     (N, T)       optional engineered features (NaN = missing), for the ``tabular`` /
+                             ``both`` feature sets (:data:`FEATURE_SETS`)
+``tabular_names`` (T,)       optional, names of the ``tabular`` columns
 =============== ============ ==================================================================
+
+Feature sets (``features`` key of the config, :data:`FEATURE_SETS`): ``spectra_pca`` = PCA
+coefficients of the spectrum (+ photometry when ``use_photometry``); ``tabular`` = the split's
+``tabular`` matrix only (e.g. from :func:`stellarnet.features.tabular.build_feature_table`, which
+already holds the photometric features); ``both`` = PCA coefficients + ``tabular``.
 
 xgboost and lightgbm are imported lazily; a method whose library is missing is skipped with a
 logged warning and a ``{"skipped": True, "reason": ...}`` entry in the results.
@@ -40,6 +48,9 @@ log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("xgboost", "lightgbm", "random_forest", "hist_gb")
 """Tree methods known to :func:`make_estimator` (``"cannon"`` is handled separately)."""
+
+FEATURE_SETS: tuple[str, ...] = ("spectra_pca", "tabular", "both")
+"""Baseline inputs: spectral PCA (+ photometry), the engineered feature table, or both."""
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "xgboost": {"n_estimators": 1000, "learning_rate": 0.05, "max_depth": 6, "subsample": 0.8,
@@ -247,12 +258,57 @@ def impute(x: np.ndarray, medians: np.ndarray) -> np.ndarray:
     return x
 
 
-def assemble_features(pca_feats: np.ndarray, photometry: np.ndarray | None) -> np.ndarray:
-    """Concatenate PCA coefficients (N, k) and photometric features (N, F) (NaN kept)."""
-    if photometry is None or np.asarray(photometry).size == 0:
-        return np.asarray(pca_feats, dtype=np.float32)
-    ph = np.asarray(photometry, dtype=np.float32).reshape(len(pca_feats), -1)
-    return np.concatenate([np.asarray(pca_feats, dtype=np.float32), ph], axis=1)
+def assemble_features(pca_feats: np.ndarray | None, photometry: np.ndarray | None,
+                      tabular: np.ndarray | None = None) -> np.ndarray:
+    """Concatenate PCA coefficients (N, k), photometric features (N, F) and tabular features
+    (N, T), any of which may be None (NaN kept)."""
+    parts = [np.asarray(a, dtype=np.float32) for a in (pca_feats, photometry, tabular)
+             if a is not None and np.asarray(a).size > 0]
+    if not parts:
+        raise ValueError("no features: give PCA coefficients, photometry or tabular features")
+    n = len(parts[0])
+    return np.concatenate([a.reshape(n, -1) for a in parts], axis=1)
+
+
+def tabular_features(table: Any, apogee_id: Sequence[str], split: str | None = None, *,
+                     include: Sequence[str] | None = None,
+                     exclude: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """(N, T) float32 matrix and column names from a feature table (a DataFrame from
+    :func:`stellarnet.features.tabular.build_feature_table`), rows aligned to ``apogee_id``
+    (within ``split`` when the table has a ``split`` column). Columns: the table's feature columns
+    (``attrs["feature_stats"]["features"]``, else every numeric non-ID column) matching an
+    ``include`` pattern (fnmatch; None = all) and no ``exclude`` pattern; booleans become 0/1.
+    Stars missing from the table get NaN rows (a warning is logged).
+    """
+    import fnmatch
+
+    import pandas as pd
+
+    df = table
+    if split is not None and "split" in df.columns:
+        df = df[df["split"].astype(str) == split]
+    stats = (df.attrs or {}).get("feature_stats") or {}
+    cols = list(stats.get("features") or [])
+    if not cols:
+        skip = {"APOGEE_ID", "RA", "DEC", "FIELD", "row_index", "split", "SNR"}
+        cols = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
+    cols = [c for c in cols if (include is None or any(fnmatch.fnmatchcase(c, p) for p in include))
+            and not any(fnmatch.fnmatchcase(c, p) for p in exclude)]
+    if not cols:
+        raise ValueError("no tabular feature columns left after include/exclude")
+    ids = df["APOGEE_ID"].astype(str).str.strip().to_numpy()
+    pos = pd.Index(ids).get_indexer(pd.Index([str(a).strip() for a in apogee_id]))
+    if pd.Index(ids).has_duplicates:
+        first = pd.Series(np.arange(len(ids)), index=ids).groupby(level=0).first()
+        pos = first.reindex([str(a).strip() for a in apogee_id]).fillna(-1).to_numpy(dtype=np.int64)
+    vals = df[cols].astype(float).to_numpy(dtype=np.float32)
+    out = np.full((len(pos), len(cols)), np.nan, dtype=np.float32)
+    hit = pos >= 0
+    out[hit] = vals[pos[hit]]
+    if not hit.all():
+        log.warning("%d of %d stars have no row in the feature table%s: NaN features", int((~hit).sum()), len(pos),
+                    f" (split {split})" if split else "")
+    return out, cols
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,12 +428,19 @@ class TreeBaseline:
     mapped to contiguous indices for fitting and back for prediction.
     """
 
-    def __init__(self, method: str, pca: SpectralPCAFeatures, *, params: Mapping[str, Any] | None = None,
-                 n_jobs: int | None = -1, seed: int = 0, use_photometry: bool = True) -> None:
+    def __init__(self, method: str, pca: SpectralPCAFeatures | None, *, params: Mapping[str, Any] | None = None,
+                 n_jobs: int | None = -1, seed: int = 0, use_photometry: bool = True,
+                 feature_set: str = "spectra_pca") -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"unknown feature set {feature_set!r}; known: {FEATURE_SETS}")
+        if pca is None and feature_set != "tabular":
+            raise ValueError(f"feature set {feature_set!r} needs a fitted SpectralPCAFeatures")
         self.method = method
         self.pca = pca
+        self.feature_set = feature_set
+        self.feature_names: list[str] = []
         self.params = dict(params or {})
         self.n_jobs = n_jobs
         self.seed = seed
@@ -393,12 +456,38 @@ class TreeBaseline:
         self.label_names: list[str] = []
         self.class_tasks: list[str] = []
 
+    def _raw_features(self, split: Mapping[str, Any], pca_feats: np.ndarray | None = None) -> np.ndarray:
+        pca_part = phot = tab = None
+        if self.feature_set in ("spectra_pca", "both"):
+            assert self.pca is not None
+            pca_part = pca_feats if pca_feats is not None else self.pca.transform(split["flux"], split.get("pix_mask"))
+        if self.feature_set == "spectra_pca" and self.use_photometry:
+            phot = split.get("photometry")
+        if self.feature_set in ("tabular", "both"):
+            if split.get("tabular") is None:
+                raise ValueError(f"feature set {self.feature_set!r} needs a 'tabular' matrix in the split dict")
+            tab = split["tabular"]
+        return assemble_features(pca_part, phot, tab)
+
+    def _names(self, split: Mapping[str, Any], n_features: int) -> list[str]:
+        names: list[str] = []
+        if self.feature_set in ("spectra_pca", "both"):
+            assert self.pca is not None and self.pca.components_ is not None
+            names += [f"PC{i:02d}" for i in range(self.pca.components_.shape[0])]
+        if self.feature_set == "spectra_pca" and self.use_photometry and split.get("photometry") is not None:
+            nph = int(np.asarray(split["photometry"]).reshape(len(split["photometry"]), -1).shape[1])
+            given = list(split.get("photometry_names") or [])
+            names += given if len(given) == nph else [f"PHOT{i}" for i in range(nph)]
+        if self.feature_set in ("tabular", "both"):
+            ntab = int(np.asarray(split["tabular"]).reshape(len(split["tabular"]), -1).shape[1])
+            given = list(split.get("tabular_names") or [])
+            names += given if len(given) == ntab else [f"TAB{i}" for i in range(ntab)]
+        return names if len(names) == n_features else [f"f{i}" for i in range(n_features)]
+
     def features(self, split: Mapping[str, Any], pca_feats: np.ndarray | None = None) -> np.ndarray:
-        """Feature matrix (N, k [+ F]) of a split (``pca_feats`` reuses a precomputed PCA transform)."""
-        if pca_feats is None:
-            pca_feats = self.pca.transform(split["flux"], split.get("pix_mask"))
-        phot = split.get("photometry") if self.use_photometry else None
-        x = assemble_features(pca_feats, phot)
+        """Feature matrix of a split for this model's ``feature_set`` (``pca_feats`` reuses a
+        precomputed PCA transform); column names in :attr:`feature_names` after :meth:`fit`."""
+        x = self._raw_features(split, pca_feats)
         if self.impute:
             if self.medians is None:
                 raise RuntimeError("medians not fitted")
@@ -430,10 +519,9 @@ class TreeBaseline:
         self.class_tasks = [] if classes is None else [
             str(x) for x in train.get("class_tasks", [f"task{i}" for i in range(classes.shape[1])])]
         if self.impute:
-            raw = assemble_features(train_pca if train_pca is not None else self.pca.transform(train["flux"], train.get("pix_mask")),
-                                    train.get("photometry") if self.use_photometry else None)
-            self.medians = fit_medians(raw)
+            self.medians = fit_medians(self._raw_features(train, train_pca))
         x = self.features(train, train_pca)
+        self.feature_names = self._names(train, x.shape[1])
         xv = vl = vc = None
         if val is not None and len(val["flux"]):
             xv = self.features(val, val_pca)
@@ -568,7 +656,7 @@ def evaluate_predictions(pred: Mapping[str, Any], split: Mapping[str, Any], cfg:
 
 def run_baselines(train: Mapping[str, Any], val: Mapping[str, Any] | None, test: Mapping[str, Any],
                   cfg: Any = None, *, return_predictions: bool = False,
-                  pca: SpectralPCAFeatures | None = None) -> dict[str, dict[str, Any]]:
+                  pca: SpectralPCAFeatures | None = None, return_models: bool = False) -> dict[str, dict[str, Any]]:
     """Fit every configured baseline on ``train`` (early stopping on ``val``) and evaluate on
     ``test``.
 
@@ -585,47 +673,67 @@ def run_baselines(train: Mapping[str, Any], val: Mapping[str, Any] | None, test:
     transform), ``n_train`` / ``n_val`` / ``n_test``, ``n_iterations`` per label/task, ``params``
     and ``features``; skipped methods are ``{"skipped": True, "reason": str}``. With
     ``return_predictions`` each result also has ``_predictions`` (numpy arrays; dropped by
-    :func:`stellarnet.eval.report.to_jsonable`).
+    :func:`stellarnet.eval.report.to_jsonable`), with ``return_models`` ``_model`` (the fitted
+    :class:`TreeBaseline`). ``features`` (:data:`FEATURE_SETS`, default ``spectra_pca``) picks
+    the inputs; ``tabular`` / ``both`` need ``tabular`` in the split dicts.
     """
     c = _to_container(cfg)
     from threadpoolctl import threadpool_limits
 
     # BLAS (PCA) and OpenMP (HistGradientBoosting) pools follow n_jobs too
     with threadpool_limits(limits=_resolve_jobs(c.get("n_jobs", -1))):
-        return _run_baselines(train, val, test, c, return_predictions, pca)
+        return _run_baselines(train, val, test, c, return_predictions, pca, return_models)
 
 
 def _run_baselines(train: Mapping[str, Any], val: Mapping[str, Any] | None, test: Mapping[str, Any],
-                   c: dict[str, Any], return_predictions: bool, pca: SpectralPCAFeatures | None) -> dict[str, dict[str, Any]]:
+                   c: dict[str, Any], return_predictions: bool, pca: SpectralPCAFeatures | None,
+                   return_models: bool = False) -> dict[str, dict[str, Any]]:
     methods = list(c.get("methods") or ["xgboost", "lightgbm", "random_forest"])
     n_jobs = c.get("n_jobs", -1)
     seed = int(c.get("seed", 0))
     use_phot = bool(c.get("use_photometry", True))
+    feature_set = str(c.get("features") or "spectra_pca")
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"baselines.features must be one of {FEATURE_SETS}, got {feature_set!r}")
+    if feature_set != "spectra_pca" and train.get("tabular") is None:
+        raise ValueError(f"baselines.features={feature_set!r} needs 'tabular' features in the split dicts")
     pcfg = dict(c.get("pca") or {})
     # features (shared by all methods; the PCA fit time is charged to each method's train time)
-    t0 = time.perf_counter()
-    if pca is None or not pca.is_fitted:
-        pca = SpectralPCAFeatures(int(pcfg.get("n_components", 50)), incremental=bool(pcfg.get("incremental", False)),
-                                  batch_size=int(pcfg.get("batch_size", 4096)), whiten=bool(pcfg.get("whiten", False)),
-                                  fit_max_samples=pcfg.get("fit_max_samples", 50000), random_state=seed)
-        pca.fit(train["flux"], train.get("pix_mask"))
-    pca_fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tr_p = pca.transform(train["flux"], train.get("pix_mask"))
-    va_p = pca.transform(val["flux"], val.get("pix_mask")) if val is not None and len(val["flux"]) else None
-    feat_s = pca_fit_s + time.perf_counter() - t0
-    feat_info = {"n_components": int(pca.components_.shape[0]),  # type: ignore[union-attr]
-                 "explained_variance_ratio": float(np.sum(pca.explained_variance_ratio_)),  # type: ignore[arg-type]
-                 "n_photometry": int(np.asarray(train.get("photometry")).reshape(len(tr_p), -1).shape[1])
-                 if use_phot and train.get("photometry") is not None else 0}
+    tr_p = va_p = None
+    feat_s = 0.0
+    feat_info: dict[str, Any] = {"feature_set": feature_set}
+    if feature_set in ("spectra_pca", "both"):
+        t0 = time.perf_counter()
+        if pca is None or not pca.is_fitted:
+            pca = SpectralPCAFeatures(int(pcfg.get("n_components", 50)), incremental=bool(pcfg.get("incremental", False)),
+                                      batch_size=int(pcfg.get("batch_size", 4096)), whiten=bool(pcfg.get("whiten", False)),
+                                      fit_max_samples=pcfg.get("fit_max_samples", 50000), random_state=seed)
+            pca.fit(train["flux"], train.get("pix_mask"))
+        pca_fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tr_p = pca.transform(train["flux"], train.get("pix_mask"))
+        va_p = pca.transform(val["flux"], val.get("pix_mask")) if val is not None and len(val["flux"]) else None
+        feat_s = pca_fit_s + time.perf_counter() - t0
+        feat_info.update({"n_components": int(pca.components_.shape[0]),  # type: ignore[union-attr]
+                          "explained_variance_ratio": float(np.sum(pca.explained_variance_ratio_))})  # type: ignore[arg-type]
+    feat_info["n_photometry"] = (int(np.asarray(train.get("photometry")).reshape(len(train["flux"]), -1).shape[1])
+                                 if feature_set == "spectra_pca" and use_phot and train.get("photometry") is not None
+                                 else 0)
+    feat_info["n_tabular"] = (int(np.asarray(train["tabular"]).reshape(len(train["flux"]), -1).shape[1])
+                              if feature_set != "spectra_pca" else 0)
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         if method == "cannon":
+            if feature_set != "spectra_pca":
+                results[method] = {"skipped": True, "reason": f"the Cannon models the spectrum itself "
+                                                              f"(feature set {feature_set!r} does not apply)"}
+                continue
             results[method] = _run_cannon(train, val, test, c, return_predictions)
             continue
         params = dict(c.get(method) or {})
         try:
-            tb = TreeBaseline(method, pca, params=params, n_jobs=n_jobs, seed=seed, use_photometry=use_phot)
+            tb = TreeBaseline(method, pca, params=params, n_jobs=n_jobs, seed=seed, use_photometry=use_phot,
+                              feature_set=feature_set)
             t0 = time.perf_counter()
             tb.fit(train, val, train_pca=tr_p, val_pca=va_p)
             fit_s = time.perf_counter() - t0
@@ -652,6 +760,8 @@ def _run_baselines(train: Mapping[str, Any], val: Mapping[str, Any] | None, test
         })
         if return_predictions:
             res["_predictions"] = pred
+        if return_models:
+            res["_model"] = tb
         log.info("%s: fit %.1fs, predict %.0f spectra/s", method, fit_s, res["predict_rate"])
         results[method] = res
     return results

@@ -1,0 +1,642 @@
+"""Entry point: ``python -m stellarnet.pipeline +experiment=apogee`` — the whole study in one command.
+
+Stages, in order (``pipeline.stages``)::
+
+    survey     simulate the survey (no allStar configured) or ingest the configured allStar
+    cuts       quality cuts on the allStar → cut report + selected stars
+    shards     HDF5 shard dataset (train/val/test split)           [in paths.data_dir]
+    features   engineered feature table (parquet)                  [in paths.data_dir]
+    train      the network (train(cfg)) → best checkpoint + model folder
+    baselines  tree baselines per feature set (baselines(cfg)), feature-set comparison, importances
+    evaluate   network on the test split (evaluate(cfg)) + gradient saliency vs wavelength
+    predict    network predictions for every star of the shard dataset (predict(cfg))
+    crossval   cross-survey offsets and calibrations (run_crossval) per external survey
+    export     results catalogue (FITS/CSV/parquet) with calibrated labels and flags
+
+Each stage records ``<pipeline_dir>/<stage>/stage.json`` (config hash, status, outputs, key
+numbers, seconds). A stage's hash covers its own config slice and the hashes of the stages it
+depends on, so a stage is skipped when that hash is unchanged and its outputs exist; changing a
+value re-runs the stages that depend on it (directly or through other stages) and nothing else.
+``pipeline.force=[train]`` (or ``[all]``) re-runs stages regardless. One progress line is
+printed per stage, then a summary table (also ``<pipeline_dir>/summary.md`` / ``summary.json``).
+
+Functions: :func:`run_pipeline` (``cfg`` → summary rows), :data:`STAGES`, :func:`stage_hash`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stellarnet.paths import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1
+STAGE_FILE = "stage.json"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def stage_hash(obj: Any) -> str:
+    """sha256 (16 hex digits) of a JSON-serializable object (sorted keys)."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (non-finite floats → null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_nan_to_none(obj), indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _read_record(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((stage_dir / STAGE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _outputs_exist(outputs: Mapping[str, Any]) -> bool:
+    return all(Path(v).exists() for v in outputs.values() if isinstance(v, str) and v)
+
+
+def _entry_body(name: str) -> dict[str, Any]:
+    """The keys of an entry point's own config (``conf/<name>.yaml`` minus defaults / hydra)."""
+    body = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"), resolve=False)
+    assert isinstance(body, dict)
+    for k in ("defaults", "hydra", "task_name", "paths", "data", "seed"):
+        body.pop(k, None)
+    return body
+
+
+@dataclass
+class Context:
+    """What the stages share: the composed config, the pipeline directory and the records
+    (stage.json contents) of the stages seen so far."""
+
+    cfg: DictConfig
+    root: Path
+    records: dict[str, dict[str, Any]]
+
+    def out(self, stage: str, key: str) -> str:
+        rec = self.records.get(stage)
+        if rec is None or rec.get("status") != "complete":
+            raise RuntimeError(f"stage {stage!r} has no complete outputs; enable it in pipeline.stages")
+        return rec["outputs"][key]
+
+    def has(self, stage: str) -> bool:
+        rec = self.records.get(stage)
+        return rec is not None and rec.get("status") == "complete"
+
+    def data(self) -> dict[str, Any]:
+        return _plain(self.cfg.data)
+
+    def paths(self, output_dir: Path) -> dict[str, Any]:
+        return {"data_dir": str(self.cfg.paths.data_dir), "log_dir": str(self.cfg.paths.log_dir),
+                "output_dir": str(output_dir)}
+
+    def entry_cfg(self, name: str, stage_dir: Path, overrides: Any = None, **extra: Any) -> DictConfig:
+        """An entry point's config: its own keys + the shared data / paths / seed + overrides."""
+        c = OmegaConf.create(_entry_body(name))
+        c = OmegaConf.merge(c, {"data": self.data(), "paths": self.paths(stage_dir), "seed": int(self.cfg.seed)},
+                            _plain(overrides) or {}, extra)
+        return c  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: ``config(ctx)`` → the plain config slice that determines its outputs
+    (hashed with the dependencies' hashes); ``run(ctx, stage_dir)`` → ``{"outputs": {name: path},
+    "numbers": {...}}``. ``optional`` dependencies (a tuple, or a function of the context returning
+    one) are used when available. ``clean``: empty the stage directory before running."""
+
+    name: str
+    deps: tuple[str, ...]
+    config: Callable[[Context], Any]
+    run: Callable[[Context, Path], dict[str, Any]]
+    optional: tuple[str, ...] | Callable[[Context], tuple[str, ...]] = ()
+    clean: bool = True
+
+    def optional_deps(self, ctx: Context) -> tuple[str, ...]:
+        return self.optional(ctx) if callable(self.optional) else self.optional
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _survey_config(ctx: Context) -> Any:
+    s = _plain(ctx.cfg.data.survey)
+    if s.get("allstar"):
+        p = Path(s["allstar"])
+        st = p.stat() if p.exists() else None
+        s.pop("simulate", None)
+        s.pop("sim_root", None)
+        s["fingerprint"] = None if st is None else {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    else:
+        s.pop("allstar", None)
+        s.pop("spectra_root", None)
+    return s
+
+
+def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.data.catalogs import read_allstar
+    from stellarnet.workflow import resolve_survey
+
+    data = ctx.data()
+    allstar, root = resolve_survey(data)
+    n = len(read_allstar(allstar, columns=["APOGEE_ID"]))
+    outputs = {"allstar": str(allstar), "spectra_root": str(root)}
+    return {"outputs": outputs, "numbers": {"allstar_rows": n, "simulated": not data["survey"].get("allstar")}}
+
+
+def _run_cuts(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.data.catalogs import read_allstar
+    from stellarnet.data.cuts import apply_cuts
+    from stellarnet.export import write_table
+
+    df = read_allstar(ctx.out("survey", "allstar"))
+    kept, report = apply_cuts(df, ctx.data()["cuts"])
+    csv, md = report.save(d)
+    cols = [c for c in ("APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR") if c in kept.columns]
+    sel = write_table(kept[cols].reset_index(names="ALLSTAR_ROW"), d / "selected.csv")
+    return {"outputs": {"cut_report": str(csv), "cut_report_md": str(md), "selected": str(sel)},
+            "numbers": {"rows": len(df), "kept": len(kept)}}
+
+
+def _shards_config(ctx: Context) -> Any:
+    data = ctx.data()
+    sh = {k: v for k, v in data["shards"].items() if k != "n_workers"}
+    return {"shards": sh, "classes": data.get("classes"), "spectra_kind": data["survey"].get("spectra_kind")}
+
+
+def _run_shards(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.workflow import ensure_shards
+
+    data = ctx.data()
+    manifest = ensure_shards(data)
+    out = Path(data["shards"]["out_dir"])
+    rows = manifest["split_rows"]
+    return {"outputs": {"dataset_dir": str(out), "manifest": str(out / "manifest.json")},
+            "numbers": {**{s: int(n) for s, n in rows.items()}, "build_hash": manifest["build_hash"][:8]}}
+
+
+def _features_config(ctx: Context) -> Any:
+    return {"features": _plain(ctx.cfg.features), "path": str(ctx.cfg.features_path)}
+
+
+def _run_features(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.build_features import build_features
+
+    c = OmegaConf.create({"data": ctx.data(), "features": _plain(ctx.cfg.features), "paths": ctx.paths(d),
+                          "seed": int(ctx.cfg.seed), "features_path": str(ctx.cfg.features_path),
+                          "dataset_dir": ctx.out("shards", "dataset_dir")})
+    table, path = build_features(c)
+    n_feat = len((table.attrs.get("feature_stats") or {}).get("features") or [])
+    n_out = int((table["N_OUTLIERS"] > 0).sum()) if "N_OUTLIERS" in table.columns else 0
+    return {"outputs": {"features": str(path)},
+            "numbers": {"stars": len(table), "features": n_feat, "stars_with_outliers": n_out}}
+
+
+def _train_cfg(ctx: Context, d: Path) -> DictConfig:
+    c = copy.deepcopy(ctx.cfg)
+    with open_dict(c):
+        c.paths.output_dir = str(d)
+    return c
+
+
+def _train_config(ctx: Context) -> Any:
+    c = _train_cfg(ctx, ctx.root / "train")
+    keys = ("model", "trainer", "callbacks", "seed", "cpu_threads", "train", "test", "ckpt_path")
+    out = {k: _plain(c.get(k)) for k in keys}
+    out["datamodule"] = _plain(c.data.datamodule)
+    out["trainer"].pop("enable_progress_bar", None)
+    return out
+
+
+def _run_train(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.models.inference import load_module, save_model_folder
+    from stellarnet.train import train
+
+    metrics, objects = train(_train_cfg(ctx, d))
+    trainer = objects["trainer"]
+    cb = trainer.checkpoint_callback
+    ckpt = (cb.best_model_path or cb.last_model_path) if cb is not None else ""
+    if not ckpt:
+        raise RuntimeError("training wrote no checkpoint (is the ModelCheckpoint callback configured?)")
+    folder = save_model_folder(load_module(ckpt), d / "model")
+    numbers: dict[str, Any] = {"epochs": int(trainer.current_epoch)}
+    if cb is not None and cb.best_model_score is not None:
+        numbers["best_val_loss"] = round(float(cb.best_model_score), 4)
+    tm_path = d / "test_metrics.json"
+    if tm_path.exists():
+        tm = json.loads(tm_path.read_text())
+        for lab, m in (tm.get("labels") or {}).items():
+            if isinstance(m, Mapping) and m.get("mae") is not None:
+                numbers[f"test_mae_{lab}"] = _round(m["mae"])
+    outputs = {"checkpoint": str(ckpt), "model": str(folder)}
+    if tm_path.exists():
+        outputs["test_metrics"] = str(tm_path)
+    return {"outputs": outputs, "numbers": numbers}
+
+
+def _round(v: Any, digits: int = 3) -> Any:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    if not math.isfinite(f):
+        return None
+    return round(f, 1) if abs(f) >= 100 else round(f, digits)
+
+
+def _baselines_optional(ctx: Context) -> tuple[str, ...]:
+    """The feature table matters only to the tabular / both feature sets."""
+    return ("features",) if any(fs != "spectra_pca" for fs in ctx.cfg.pipeline.baselines.feature_sets) else ()
+
+
+def _baselines_config(ctx: Context) -> Any:
+    return {"baselines": _plain(ctx.cfg.baselines), "pipeline": _plain(ctx.cfg.pipeline.baselines)}
+
+
+def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.baselines import baselines
+    from stellarnet.eval.importance import feature_set_comparison, feature_set_markdown, group_importance
+    from stellarnet.export import write_table
+
+    pcfg = ctx.cfg.pipeline.baselines
+    sets = list(pcfg.feature_sets)
+    imp_set = pcfg.get("importance_feature_set")
+    by_set: dict[str, Any] = {}
+    outputs: dict[str, str] = {}
+    for fs in sets:
+        bcfg = _plain(ctx.cfg.baselines)
+        bcfg["features"] = fs
+        bcfg.setdefault("importance", {})["enabled"] = fs == imp_set
+        c = ctx.entry_cfg("baselines", d / fs, None, baselines=bcfg, output_dir=str(d / fs), ckpt_path=None,
+                          dataset_dir=ctx.out("shards", "dataset_dir"),
+                          features_path=ctx.out("features", "features") if fs != "spectra_pca" else None)
+        results, paths = baselines(c)
+        by_set[fs] = results
+        outputs[f"report_{fs}"] = str(paths["markdown"])
+        if "importance_csv" in paths:
+            outputs["importance"] = str(paths["importance_csv"])
+            outputs["importance_figure"] = str(paths["importance_figure"])
+    long, winners = feature_set_comparison(by_set)
+    outputs["comparison"] = str(write_table(long, d / "feature_sets.csv"))
+    outputs["winners"] = str(write_table(winners, d / "feature_set_winners.csv"))
+    md = "# Tree baselines: which feature set wins (test split)\n\n" + feature_set_markdown(long, winners)
+    (d / "feature_sets.md").write_text(md)
+    outputs["comparison_md"] = str(d / "feature_sets.md")
+    numbers: dict[str, Any] = {f"best_{w['target']}": f"{w['winner']} ({w['method']} {_round(w['value'])})"
+                               for _, w in winners.iterrows()}
+    if "importance" in outputs:
+        import pandas as pd
+
+        imp = pd.read_csv(outputs["importance"])
+        g = group_importance(imp, "gain").dropna(subset=["gain"])
+        if not g.empty:
+            share = g.groupby("group")["gain"].mean()
+            share = share / share.sum()
+            numbers["gain_share"] = ", ".join(f"{k} {v:.2f}" for k, v in share.sort_values(ascending=False).items())
+    return {"outputs": outputs, "numbers": numbers}
+
+
+def _evaluate_config(ctx: Context) -> Any:
+    body = OmegaConf.merge(OmegaConf.create(_entry_body("evaluate")), _plain(ctx.cfg.pipeline.get("evaluate")) or {})
+    return {"evaluate": _plain(body), "saliency": _plain(ctx.cfg.pipeline.get("saliency")),
+            "lines": _plain((ctx.cfg.features.get("indices") or {}).get("windows"))}
+
+
+def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.data.shards import load_manifest
+    from stellarnet.eval.figures import save_figure
+    from stellarnet.eval.importance import (
+        line_saliency,
+        load_line_centres,
+        network_saliency,
+        saliency_figure,
+        saliency_frame,
+    )
+    from stellarnet.eval.network import load_split
+    from stellarnet.evaluate import evaluate
+    from stellarnet.export import write_table
+    from stellarnet.models.inference import load_model
+
+    ckpt = ctx.out("train", "checkpoint")
+    dataset = ctx.out("shards", "dataset_dir")
+    c = ctx.entry_cfg("evaluate", d, ctx.cfg.pipeline.get("evaluate"), ckpt_path=ckpt, dataset_dir=dataset,
+                      output_dir=str(d))
+    report, paths = evaluate(c)
+    outputs = {k: str(v) for k, v in paths.items() if k in ("json", "markdown")}
+    numbers: dict[str, Any] = {}
+    for lab, m in ((report.get("regression") or {}).get("overall") or {}).items():
+        numbers[f"mae_{lab}"] = _round(m.get("mae"))
+    for task, m in (report.get("classification") or {}).items():
+        numbers[f"acc_{task}"] = _round(m.get("accuracy"))
+    scfg = _plain(ctx.cfg.pipeline.get("saliency")) or {}
+    if scfg.get("enabled", True):
+        predictor = load_model(ckpt)
+        data = load_split(dataset, str(c.split))
+        sal = network_saliency(predictor, data["flux"], data["flux_err"], data["photometry"], data["pix_mask"],
+                               max_stars=scfg.get("max_stars", 512), batch_size=int(scfg.get("batch_size", 64)),
+                               seed=int(ctx.cfg.seed))
+        lam = predictor.data_spec.get("wavelength") or load_manifest(dataset)["wavelength"]
+        frame = saliency_frame(sal, lam, predictor.label_names)
+        lines = load_line_centres(_plain(ctx.cfg.features.get("indices")))
+        per_line = line_saliency(frame, lines)
+        outputs["saliency"] = str(write_table(frame, d / "saliency.csv"))
+        outputs["saliency_lines"] = str(write_table(per_line, d / "saliency_lines.csv"))
+        fig = saliency_figure(frame, lines, units=dict(zip(predictor.label_names, predictor.label_units)))
+        outputs["saliency_figure"] = str(save_figure(fig, d / "figures" / "saliency.png"))
+        for lab in predictor.label_names:
+            if lab in per_line and per_line[lab].notna().any():
+                top = per_line.sort_values(lab, ascending=False).iloc[0]
+                numbers[f"top_line_{lab}"] = f"{top['name']} ({top[lab]:.1f}x)"
+    return {"outputs": outputs, "numbers": numbers}
+
+
+def _predict_config(ctx: Context) -> Any:
+    return _plain(OmegaConf.merge(OmegaConf.create(_entry_body("predict")), _plain(ctx.cfg.pipeline.get("predict")) or {}))
+
+
+def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.predict import predict
+
+    c = ctx.entry_cfg("predict", d, ctx.cfg.pipeline.get("predict"), ckpt_path=ctx.out("train", "checkpoint"),
+                      input=ctx.out("shards", "dataset_dir"), output_dir=str(d))
+    table, paths = predict(c)
+    n_err = int((table["READ_ERROR"].astype(str) != "").sum()) if "READ_ERROR" in table.columns else 0
+    return {"outputs": {"csv": str(paths["csv"]), "fits": str(paths["fits"])},
+            "numbers": {"stars": len(table), "read_errors": n_err}}
+
+
+def _crossval_config(ctx: Context) -> Any:
+    cc = _plain(ctx.cfg.pipeline.crossval)
+    body = _plain(OmegaConf.merge(OmegaConf.create(_entry_body("crossval")), cc.get("overrides") or {}))
+    for k in ("survey_root", "apogee_catalog", "predictions", "output_dir"):
+        body.pop(k, None)  # set from the other stages
+    specs = {s: _plain(OmegaConf.load(CONF_DIR / "survey" / f"{s}.yaml")) for s in cc.get("surveys") or []}
+    return {"crossval": body, "surveys": specs}
+
+
+def _run_crossval(ctx: Context, d: Path) -> dict[str, Any]:
+    from stellarnet.crossval import run_crossval
+    from stellarnet.data.surveys import survey_spec
+
+    cfgs = _crossval_config(ctx)
+    allstar = Path(ctx.out("survey", "allstar"))
+    root = Path(ctx.out("survey", "spectra_root"))
+    overrides = _plain(ctx.cfg.pipeline.crossval.get("overrides")) or {}
+    outputs: dict[str, str] = {}
+    numbers: dict[str, Any] = {}
+    for name, spec in cfgs["surveys"].items():
+        c = {**cfgs["crossval"], "survey": spec, "survey_root": str(overrides.get("survey_root") or root),
+             "apogee_catalog": str(overrides.get("apogee_catalog") or allstar),
+             "predictions": ctx.out("predict", "csv")}
+        catalog = Path(c.get("survey_catalog") or Path(c["survey_root"]) / survey_spec(spec).path)
+        if not catalog.exists():
+            log.warning("crossval: no %s catalogue at %s; skipped", name, catalog)
+            numbers[name] = "skipped (no catalogue)"
+            continue
+        report = run_crossval(c, d / name)
+        outputs[f"report_{name}"] = str(d / name / "crossval_report.md")
+        for ref, res in report["references"].items():
+            cal = res.get("calibration")
+            if cal:
+                outputs[f"calibration_{name}_{ref}"] = str(d / name / cal["file"])
+        sn = report["references"].get("stellarnet") or {}
+        m = sn.get("match") or {}
+        off = {r["label"]: r for r in (sn.get("comparison") or {}).get("offsets", [])}
+        t = off.get("teff") or {}
+        numbers[name] = (f"{m.get('n_matched', 0)} matched, ΔTeff {_round(t.get('median'))} ± "
+                         f"{_round(t.get('median_err'))} K (scatter {_round(t.get('scatter'))})")
+    return {"outputs": outputs, "numbers": numbers}
+
+
+def _export_config(ctx: Context) -> Any:
+    return _plain(ctx.cfg.pipeline.export)
+
+
+def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    from stellarnet.export import build_catalogue, write_catalogue
+    from stellarnet.features.tabular import read_features
+
+    ecfg = _plain(ctx.cfg.pipeline.export)
+    pred = pd.read_csv(ctx.out("predict", "csv"), dtype={"APOGEE_ID": str, "READ_ERROR": str, "SPLIT": str},
+                       keep_default_na=False, na_values=[""])
+    ref = ecfg.get("calibration_reference", "stellarnet")
+    calibs = {}
+    if ctx.has("crossval"):
+        for key, path in ctx.records["crossval"]["outputs"].items():
+            if key.startswith("calibration_") and key.endswith(f"_{ref}"):
+                calibs[key[len("calibration_"):-len(ref) - 1]] = path
+    feats = read_features(ctx.out("features", "features")) if ctx.has("features") else None
+    cat = build_catalogue(pred, calibs, feats)
+    paths = write_catalogue(cat, d, stem=str(ecfg.get("stem", "stellarnet_catalogue")),
+                            formats=list(ecfg.get("formats") or ("fits", "csv")))
+    n_flag = int(cat["FLAG_FEATURE_OUTLIER"].sum()) if "FLAG_FEATURE_OUTLIER" in cat.columns else 0
+    return {"outputs": {f: str(p) for f, p in paths.items()},
+            "numbers": {"stars": len(cat), "columns": cat.shape[1], "calibrations": ",".join(calibs) or "none",
+                        "feature_outlier_stars": n_flag, "read_errors": int(cat["FLAG_READ_ERROR"].sum())}}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("survey", (), _survey_config, _run_survey, clean=False),
+    Stage("cuts", ("survey",), lambda ctx: ctx.data()["cuts"], _run_cuts),
+    Stage("shards", ("survey", "cuts"), _shards_config, _run_shards, clean=False),
+    Stage("features", ("shards",), _features_config, _run_features, clean=False),
+    Stage("train", ("shards",), _train_config, _run_train),
+    Stage("baselines", ("shards",), _baselines_config, _run_baselines, optional=_baselines_optional),
+    Stage("evaluate", ("train", "shards"), _evaluate_config, _run_evaluate),
+    Stage("predict", ("train", "shards"), _predict_config, _run_predict),
+    Stage("crossval", ("survey", "predict"), _crossval_config, _run_crossval),
+    Stage("export", ("predict",), _export_config, _run_export, optional=("crossval", "features")),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def _numbers_text(numbers: Mapping[str, Any], limit: int = 6) -> str:
+    items = [f"{k}={v}" for k, v in numbers.items()]
+    return "; ".join(items[:limit]) + (f"; … (+{len(items) - limit})" if len(items) > limit else "")
+
+
+def _clean_dir(d: Path) -> None:
+    if d.exists():
+        for p in d.iterdir():
+            if p.name == STAGE_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def run_pipeline(cfg: DictConfig, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or skip) every stage of ``pipeline.stages`` in order; returns one summary row per stage
+    (stage, status ran / skipped / disabled, seconds, hash, numbers) and writes
+    ``<pipeline_dir>/summary.md`` and ``summary.json``."""
+    import lightning as L
+
+    root = Path(str(cfg.pipeline_dir)).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    enabled = list(cfg.pipeline.get("stages") or STAGE_NAMES)
+    unknown = sorted(set(enabled) - set(STAGE_NAMES))
+    force = set(cfg.pipeline.get("force") or [])
+    unknown += sorted(force - set(STAGE_NAMES) - {"all"})
+    if unknown:
+        raise ValueError(f"unknown pipeline stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
+    if "baselines" in enabled and any(fs != "spectra_pca" for fs in cfg.pipeline.baselines.feature_sets):
+        if "features" not in enabled and not (root / "features" / STAGE_FILE).exists():
+            raise ValueError("baselines with tabular features need the features stage")
+    ctx = Context(cfg=cfg, root=root, records={})
+    rows: list[dict[str, Any]] = []
+    n = len(STAGES)
+    for i, stage in enumerate(STAGES, 1):
+        d = root / stage.name
+        prev = _read_record(d)
+        if stage.name not in enabled:
+            if prev is not None and prev.get("status") == "complete":
+                ctx.records[stage.name] = prev
+            row = {"stage": stage.name, "status": "disabled", "seconds": 0.0, "hash": (prev or {}).get("hash"),
+                   "numbers": (prev or {}).get("numbers", {}), "ran_seconds": (prev or {}).get("duration_s")}
+            rows.append(row)
+            echo(f"[{i:2d}/{n}] {stage.name:<9} disabled")
+            continue
+        t0 = time.perf_counter()
+        deps = {}
+        optional = stage.optional_deps(ctx)
+        for dep in stage.deps + optional:
+            rec = ctx.records.get(dep)
+            if rec is None or rec.get("status") != "complete":
+                if dep in optional:
+                    continue
+                raise RuntimeError(f"stage {stage.name!r} needs stage {dep!r}, which has no complete outputs "
+                                   f"(enable it in pipeline.stages)")
+            deps[dep] = rec["hash"]
+        conf = stage.config(ctx)
+        h = stage_hash({"stage": stage.name, "version": PIPELINE_VERSION, "config": conf, "deps": deps})
+        current = (prev is not None and prev.get("status") == "complete" and prev.get("hash") == h
+                   and _outputs_exist(prev.get("outputs") or {}))
+        if current and stage.name not in force and "all" not in force:
+            ctx.records[stage.name] = prev  # type: ignore[assignment]
+            secs = time.perf_counter() - t0
+            row = {"stage": stage.name, "status": "skipped", "seconds": secs, "hash": h,
+                   "numbers": prev.get("numbers", {}), "ran_seconds": prev.get("duration_s")}  # type: ignore[union-attr]
+            rows.append(row)
+            echo(f"[{i:2d}/{n}] {stage.name:<9} skipped {secs:8.1f} s  (current; ran in "
+                 f"{prev.get('duration_s', 0):.1f} s)  {_numbers_text(row['numbers'])}")  # type: ignore[union-attr]
+            continue
+        if stage.clean:
+            _clean_dir(d)
+        d.mkdir(parents=True, exist_ok=True)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record: dict[str, Any] = {"stage": stage.name, "hash": h, "status": "running", "deps": deps,
+                                  "config": conf, "started": started, "outputs": {}, "numbers": {}}
+        _write_json(d / STAGE_FILE, record)
+        log.info("stage %s: running (hash %s)", stage.name, h)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        try:
+            result = stage.run(ctx, d)
+        except BaseException as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          duration_s=time.perf_counter() - t0)
+            _write_json(d / STAGE_FILE, record)
+            echo(f"[{i:2d}/{n}] {stage.name:<9} FAILED  {time.perf_counter() - t0:8.1f} s  {type(exc).__name__}: {exc}")
+            raise
+        secs = time.perf_counter() - t0
+        outputs = {k: str(Path(v).resolve()) for k, v in (result.get("outputs") or {}).items()}
+        record.update(status="complete", outputs=outputs, numbers=result.get("numbers", {}),
+                      duration_s=secs, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        _write_json(d / STAGE_FILE, record)
+        ctx.records[stage.name] = record
+        rows.append({"stage": stage.name, "status": "ran", "seconds": secs, "hash": h, "numbers": record["numbers"]})
+        echo(f"[{i:2d}/{n}] {stage.name:<9} ran     {secs:8.1f} s  {_numbers_text(record['numbers'])}")
+    _write_summary(root, rows, ctx)
+    return rows
+
+
+def summary_markdown(rows: list[dict[str, Any]], ctx: Context | None = None) -> str:
+    """The summary table (+ the feature-set comparison when the baselines stage has one)."""
+    lines = ["# stellarnet pipeline summary", "",
+             "`seconds`: this run; `stage run [s]`: the run that produced the current outputs.", "",
+             "| stage | status | seconds | stage run [s] | key numbers |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        nums = "; ".join(f"{k}={v}" for k, v in (r.get("numbers") or {}).items())
+        produced = r["seconds"] if r["status"] == "ran" else r.get("ran_seconds")
+        produced_s = "—" if produced is None else f"{produced:.1f}"
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {produced_s} | {nums} |")
+    total = sum(r["seconds"] for r in rows)
+    lines += ["", f"Total: {total:.1f} s."]
+    if ctx is not None and ctx.has("baselines"):
+        md = ctx.records["baselines"]["outputs"].get("comparison_md")
+        if md and Path(md).exists():
+            lines += ["", Path(md).read_text().replace("# Tree baselines", "## Tree baselines")]
+        if ctx.has("evaluate"):
+            nums = ctx.records["evaluate"].get("numbers") or {}
+            net = ", ".join(f"{k[4:]} {v}" for k, v in nums.items() if k.startswith("mae_"))
+            if net:
+                lines += [f"Network (same test split) MAE: {net}."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_summary(root: Path, rows: list[dict[str, Any]], ctx: Context) -> None:
+    (root / ".summary.md.tmp").write_text(summary_markdown(rows, ctx))
+    os.replace(root / ".summary.md.tmp", root / "summary.md")
+    _write_json(root / "summary.json", {"stages": rows})
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    run_pipeline(cfg)
+    print()
+    print((Path(str(cfg.pipeline_dir)).resolve() / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
