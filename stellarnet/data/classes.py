@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from stellarnet.data.bitmasks import PARAM_ORDER, PARAMFLAG
+from stellarnet.utils import to_plain
 
 __all__ = [
     "SPECTRAL_TYPES",
@@ -85,15 +86,6 @@ _SPEC_RC = 1 << PARAMFLAG.bit("SPEC_RC")
 _SPEC_RGB = 1 << PARAMFLAG.bit("SPEC_RGB")
 
 
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return obj
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
-
 
 def load_class_config(path: str | None = None) -> dict[str, Any]:
     """The class-threshold mapping from ``conf/data/classes/default.yaml`` (or ``path``)."""
@@ -111,7 +103,7 @@ def load_class_config(path: str | None = None) -> dict[str, Any]:
 def _intervals(
     thresholds: Mapping[str, Interval] | None, default: Mapping[str, Interval], what: str
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    th = _plain(thresholds) if thresholds is not None else default
+    th = to_plain(thresholds) if thresholds is not None else default
     if not isinstance(th, Mapping) or not th:
         raise ValueError(f"{what} thresholds must be a non-empty mapping name -> [lo, hi]")
     names, lo, hi = [], [], []
@@ -148,7 +140,7 @@ def _scalar_or_array(out: np.ndarray) -> np.ndarray | int:
 
 def class_names(cfg: Mapping[str, Any] | None = None) -> dict[str, tuple[str, ...]]:
     """Names of the codes of each class task under ``cfg`` (default: the shipped config)."""
-    cfg = load_class_config() if cfg is None else _plain(cfg)
+    cfg = load_class_config() if cfg is None else to_plain(cfg)
     st = cfg.get("spectral_type")
     lc = cfg.get("luminosity_class")
     return {
@@ -179,7 +171,7 @@ def luminosity_class(
 def _stage_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     c = dict(DEFAULT_STAGE_CONFIG)
     if cfg is not None:
-        cfg = _plain(cfg)
+        cfg = to_plain(cfg)
         unknown = set(cfg) - set(DEFAULT_STAGE_CONFIG)
         if unknown:
             raise ValueError(
@@ -278,7 +270,7 @@ def derive_classes(df: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd
     missing = [c for c in ("TEFF", "LOGG", "FE_H") if c not in df.columns]
     if missing:
         raise MissingColumnError(missing, "the catalogue passed to derive_classes")
-    cfg = load_class_config() if cfg is None else _plain(cfg)
+    cfg = load_class_config() if cfg is None else to_plain(cfg)
     if not isinstance(cfg, Mapping):
         raise TypeError(f"cfg must be a mapping (data.classes config), got {type(cfg).__name__}")
     unknown = set(cfg) - set(CLASS_TASKS)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import pandas as pd
 
 from stellarnet.data.bitmasks import BITMASKS, Bitmask
 from stellarnet.data.catalogs import MissingColumnError
+from stellarnet.utils import atomic_write_text, to_plain
 
 __all__ = [
     "CutSpecError",
@@ -153,41 +153,14 @@ class CutReport:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         csv_path, md_path = d / "cut_report.csv", d / "cut_report.md"
-        _atomic_write(csv_path, self.to_frame().to_csv(index=False))
-        _atomic_write(md_path, self.to_markdown())
+        atomic_write_text(csv_path, self.to_frame().to_csv(index=False))
+        atomic_write_text(md_path, self.to_markdown())
         return csv_path, md_path
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------- spec handling
 
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers → plain Python (no-op for plain objects)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        return obj
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _kind(name: str, spec: Mapping[str, Any]) -> str:
@@ -380,7 +353,7 @@ def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None) -> tuple[pd.Dat
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"apply_cuts needs a pandas DataFrame, got {type(df).__name__}")
-    cuts = _plain(cuts) if cuts is not None else {}
+    cuts = to_plain(cuts) if cuts is not None else {}
     if not isinstance(cuts, Mapping):
         raise CutSpecError(
             f"cuts must be a mapping name -> spec (e.g. a data/cuts YAML), got {type(cuts).__name__}"
@@ -424,7 +397,7 @@ def physical_range_cuts(
     ``physical_<COLUMN>``; each reason names the range, e.g. "TEFF outside the physical range
     [2000, 50000]".
     """
-    ranges = PHYSICAL_LABEL_RANGES if ranges is None else _plain(ranges)
+    ranges = PHYSICAL_LABEL_RANGES if ranges is None else to_plain(ranges)
     out: dict[str, dict[str, Any]] = {}
     for col in dict.fromkeys(columns):
         if col not in ranges:

@@ -46,6 +46,7 @@ import pandas as pd
 
 from stellarnet.data import grids
 from stellarnet.data.splits import SPLITS, assign_splits
+from stellarnet.utils import atomic_write_text, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +74,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _plain(obj: Any) -> Any:
-    """Convert OmegaConf / numpy containers to plain JSON-able python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
-
 
 def _stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(_plain(obj), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True).encode()).hexdigest()[:16]
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apogee_id: str) -> Path:
@@ -246,8 +221,8 @@ def build_shards(
     spectra_root = Path(spectra_root) if spectra_root else allstar.parent
     grid = grids.grid_name(grid)
     label_columns = dict(label_columns or DEFAULT_LABEL_COLUMNS)
-    split = _plain(split or {"by": "FIELD", "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 42})
-    cuts = _plain(cuts)
+    split = to_plain(split or {"by": "FIELD", "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 42})
+    cuts = to_plain(cuts)
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be >= 1")
 
@@ -306,7 +281,7 @@ def build_shards(
         "field": kept["FIELD"].astype(str).to_numpy().astype("S"),
     }
     build_cfg = {"allstar_sha256": allstar_sha, "cuts": cuts, "label_ranges": range_cuts,
-                 "classes": _plain(classes_cfg), "grid": grid, "rows_per_shard": rows_per_shard,
+                 "classes": to_plain(classes_cfg), "grid": grid, "rows_per_shard": rows_per_shard,
                  "split": split, "labels": label_columns,
                  "spectra_kind": spectra_kind, "schema_version": SCHEMA_VERSION}
     build_hash = _stable_hash(build_cfg)

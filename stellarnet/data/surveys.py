@@ -51,6 +51,7 @@ from stellarnet.data.catalogs import (
     allstar_columns,
     read_allstar,
 )
+from stellarnet.utils import to_plain
 
 __all__ = [
     "COMMON_COLUMNS",
@@ -105,7 +106,7 @@ class SurveySpec:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SurveySpec":
         """Build from a plain mapping / OmegaConf node with keys name, path, columns, cuts, hdu."""
-        cfg = _plain(cfg)
+        cfg = to_plain(cfg)
         return cls(
             name=str(cfg["name"]),
             path=str(cfg["path"]),
@@ -184,17 +185,6 @@ class SurveyCatalog:
     path: Path
     n_read: int
 
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf node → plain Python containers (no-op for plain data)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        pass
-    return cfg
 
 
 def survey_spec(survey: str | SurveySpec | Mapping[str, Any]) -> SurveySpec:

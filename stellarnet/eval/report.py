@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from stellarnet.eval.metrics import (
     default_class_names,
     regression_report,
 )
+from stellarnet.utils import atomic_write_text
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -232,20 +232,6 @@ def report_to_markdown(report: Mapping[str, Any], name: str = "report") -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, name: str = "report",
                  markdown: str | None = None) -> dict[str, Path]:
@@ -258,8 +244,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, name: st
     js = json.dumps(to_jsonable(report), indent=2, allow_nan=False)
     md = markdown if markdown is not None else report_to_markdown(to_jsonable(report), name)
     pj, pm = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write_text(pj, js + "\n")
-    _atomic_write_text(pm, md)
+    atomic_write_text(pj, js + "\n")
+    atomic_write_text(pm, md)
     return {"json": pj, "markdown": pm}
 
 

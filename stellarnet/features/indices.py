@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from stellarnet.utils import to_plain
 
 __all__ = [
     "KINDS",
@@ -167,16 +168,6 @@ class IndexWindow:
         )
 
 
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
 
 def default_windows(path: str | Path | None = None) -> list[IndexWindow]:
     """The window table of ``conf/features/default.yaml`` (or the features config at ``path``)."""
@@ -194,7 +185,7 @@ def default_windows(path: str | Path | None = None) -> list[IndexWindow]:
 def load_windows(spec: Any = None) -> list[IndexWindow]:
     """Windows from ``None`` (the default table), an ``indices`` config mapping with ``windows``,
     or a sequence of mappings / :class:`IndexWindow`. Names must be unique."""
-    spec = _plain(spec)
+    spec = to_plain(spec)
     if spec is None:
         return default_windows()
     if isinstance(spec, Mapping):

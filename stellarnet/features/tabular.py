@@ -41,6 +41,7 @@ from stellarnet.data.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photomet
 from stellarnet.data.shards import ShardError, load_manifest, verify_dataset
 from stellarnet.data.splits import SPLITS
 from stellarnet.features.indices import IndexMeasurer, load_windows
+from stellarnet.utils import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,6 @@ def _default_config_path() -> Path:
 
 DEFAULT_CONFIG_PATH: Path = _default_config_path()
 
-
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 def load_features_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -168,7 +159,7 @@ def abundance_ratios(df: pd.DataFrame, ratios: Mapping[str, Sequence[str]]) -> p
     ``C_N: [C_FE, N_FE]`` gives [C/N] = [C/Fe] − [N/Fe]). Absent columns give NaN.
     """
     out = {}
-    for name, cols in _plain(ratios).items():
+    for name, cols in to_plain(ratios).items():
         cols = [cols] if isinstance(cols, str) else list(cols)
         if len(cols) == 1:
             out[str(name)] = _num(df, cols[0])
@@ -192,7 +183,7 @@ def resolve_missing_policies(
     feature column nor in ``known`` (features switched off in this run) is an error (catches
     typos); ``*_ERR`` columns are always ``nan``.
     """
-    spec = dict(_plain(spec) or {})
+    spec = dict(to_plain(spec) or {})
     default = str(spec.get("default", "nan"))
     rules = {str(k): str(v) for k, v in dict(spec.get("features") or {}).items()}
     for key, pol in [("default", default), *rules.items()]:
@@ -358,7 +349,7 @@ def build_feature_table(
     features). ``None`` skips the catalogue features. ``cfg``: the ``features`` config group
     (``conf/features/default.yaml`` if None). ``verify``: check shard SHA-256 sums first.
     """
-    cfg = dict(_plain(cfg) if cfg is not None else load_features_config())
+    cfg = dict(to_plain(cfg) if cfg is not None else load_features_config())
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     if verify:
