@@ -67,7 +67,8 @@ def gap_delete(spectra: np.ndarray, grid: str | int = "dr17") -> np.ndarray:
             f"gap_delete expects spectra on the {N_PIX_FULL}-pixel combined grid, got last axis "
             f"of length {spectra.shape[-1]}"
         )
-    return spectra[..., grid_indices(grid)]
+    ranges = CHIP_RANGES[grid_name(grid)]
+    return np.concatenate([spectra[..., a:b] for a, b in ranges], axis=-1)  # slices: no index array
 
 
 def gap_insert(spectra: np.ndarray, grid: str | int = "dr17", fill: float = 0.0) -> np.ndarray:
@@ -76,6 +77,12 @@ def gap_insert(spectra: np.ndarray, grid: str | int = "dr17", fill: float = 0.0)
     n = n_pixels(grid)
     if spectra.shape[-1] != n:
         raise ValueError(f"expected last axis {n} for grid {grid!r}, got {spectra.shape[-1]}")
-    out = np.full(spectra.shape[:-1] + (N_PIX_FULL,), fill, dtype=spectra.dtype)
-    out[..., grid_indices(grid)] = spectra
+    out = np.empty(spectra.shape[:-1] + (N_PIX_FULL,), dtype=spectra.dtype)
+    prev = start = 0
+    for a, b in CHIP_RANGES[grid_name(grid)]:  # contiguous slice copies, gaps filled once
+        out[..., prev:a] = fill
+        out[..., a:b] = spectra[..., start:start + b - a]
+        start += b - a
+        prev = b
+    out[..., prev:] = fill
     return out
