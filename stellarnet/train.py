@@ -95,6 +95,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.trainer.get("accelerator") == "cpu":
         n = configure_cpu_threads(int(cfg.data.datamodule.get("num_workers", 0)), cfg.get("cpu_threads", "auto"))
         trainer_kwargs["precision"] = resolve_cpu_precision(cfg.trainer.get("precision", "32-true"))
+        if cfg.trainer.get("sync_batchnorm"):  # SyncBatchNorm needs GPUs
+            log.warning("trainer.sync_batchnorm is GPU-only: disabled for CPU training")
+            trainer_kwargs["sync_batchnorm"] = False
         log.info("CPU training: %d torch threads, precision %s", n, trainer_kwargs["precision"])
 
     datamodule = hydra.utils.instantiate(cfg.data.datamodule)

@@ -1,0 +1,281 @@
+"""Prediction over a DR17-size catalogue (733,901 stars) in bounded memory, with RSS sampled.
+
+Usage:
+    python scripts/bench_predict_stream.py [--ckpt ...] [--dataset data/shards/sim_dr12]
+        [--n 733901] [--chunk-size 1024] [--batch-size 128] [--mc-samples 0] [--threads 2]
+        [--modes stream,accumulate] [--out outputs/bench/predict_stream.json]
+
+Spectra: chunks of already preprocessed shard spectra (``stellarnet.data.sources.iter_shards``),
+cycled until ``--n`` stars (reading 733,901 FITS files is measured per star in
+``bench_inference.py``/``bench_shards.py`` instead; here the question is memory). Each mode runs
+in a fresh child process, with its RSS sampled every 0.2 s and after every chunk:
+
+* ``stream``: ``Predictor.predict`` → ``stellarnet.results.predictions_frame`` per chunk, each
+  chunk appended to the CSV and to a FITS binary table whose header (NAXIS2 = n) is written first
+  and whose rows are written as big-endian records as they come (:class:`StreamingFitsWriter`).
+  Memory is bounded by one chunk. The FITS file is re-read (memmap) at the end and checked
+  against the CSV row count and the first chunk.
+* ``accumulate``: what ``stellarnet/predict.py`` does today: keep every chunk's frame, then
+  ``pd.concat`` and ``results.write_predictions`` (CSV + ``Table.from_pandas`` FITS). Here the
+  model is run on the first chunk only and its predictions reused for every chunk (memory, not
+  speed, is measured: the frames are the same size), so this mode is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench_common import (  # noqa: E402
+    ROOT,
+    ForeignCPU,
+    RSSSampler,
+    busy_warning,
+    find_checkpoint,
+    machine_info,
+    rss_mb,
+    run_child,
+    vmhwm_mb,
+    write_result,
+)
+
+#: widths of string columns in the FITS table (longer values are truncated)
+STR_WIDTHS = {"APOGEE_ID": 30, "SPLIT": 8, "READ_ERROR": 120}
+DEFAULT_STR_WIDTH = 16
+
+
+class StreamingFitsWriter:
+    """Write a FITS binary table chunk by chunk when the total row count is known up front.
+
+    The primary HDU and the table header (with ``NAXIS2 = n_rows``) are written from the first
+    chunk's columns; each chunk is then appended as big-endian records; ``close`` pads the data to
+    a multiple of 2,880 bytes. Numeric columns keep their dtype (float32 → ``E``, float64 → ``D``,
+    int64 → ``K``, int32 → ``J``), strings become fixed-width ``A`` columns (``STR_WIDTHS``).
+    """
+
+    def __init__(self, path: str | Path, first: Any, n_rows: int):
+        import numpy as np
+        from astropy.io import fits
+
+        self.path = Path(path)
+        self.n_rows = n_rows
+        self.written = 0
+        fields, cols = [], []
+        for name in first.columns:
+            dt = first[name].dtype
+            if dt.kind in "fiu" and dt.itemsize in (4, 8):
+                code = {("f", 4): "E", ("f", 8): "D", ("i", 8): "K", ("i", 4): "J", ("u", 4): "K", ("u", 8): "K"}
+                fmt = code[(dt.kind, dt.itemsize)]
+                npdt = {"E": ">f4", "D": ">f8", "K": ">i8", "J": ">i4"}[fmt]
+            else:
+                w = STR_WIDTHS.get(name, DEFAULT_STR_WIDTH)
+                fmt, npdt = f"{w}A", f"S{w}"
+            fields.append((name, npdt))
+            cols.append(fits.Column(name=name, format=fmt))
+        self.dtype = np.dtype(fields)
+        hdu = fits.BinTableHDU.from_columns(cols, nrows=0)
+        hdu.header["NAXIS2"] = n_rows
+        hdu.header["EXTNAME"] = "PREDICTIONS"
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.f.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        self.f.write(hdu.header.tostring().encode("ascii"))
+
+    def write(self, df: Any) -> None:
+        import numpy as np
+
+        rec = np.empty(len(df), self.dtype)
+        for name in self.dtype.names:
+            col = df[name].to_numpy()
+            if self.dtype[name].kind == "S":
+                w = self.dtype[name].itemsize
+                rec[name] = np.char.encode(col.astype(str), "ascii", errors="replace").astype(f"S{w}")
+            else:
+                rec[name] = col
+        if self.written + len(rec) > self.n_rows:
+            raise ValueError(f"more rows than the {self.n_rows} announced")
+        self.f.write(rec.tobytes())
+        self.written += len(rec)
+
+    def close(self) -> Path:
+        if self.written != self.n_rows:
+            raise ValueError(f"wrote {self.written} rows, header says {self.n_rows}")
+        pad = (-self.f.tell()) % 2880
+        self.f.write(b"\0" * pad)
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
+def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
+    """Shard chunks, cycled over the dataset until ``n`` stars were yielded."""
+    from stellarnet.data.sources import iter_shards
+
+    done = 0
+    while done < n:
+        for chunk in iter_shards(dataset, chunk_size=chunk_size):
+            take = min(len(chunk["flux"]), n - done)
+            if take < len(chunk["flux"]):
+                chunk = {k: v[:take] for k, v in chunk.items()}
+            yield chunk
+            done += take
+            if done >= n:
+                return
+
+
+def child(a: dict) -> dict:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from stellarnet.models.inference import load_model
+    from stellarnet.results import predictions_frame, write_predictions
+
+    torch.set_num_threads(a["threads"])
+    predictor = load_model(a["ckpt"])
+    out_dir = Path(a["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace: list[tuple[int, float]] = []
+    timers = {"model_s": 0.0, "frame_s": 0.0, "write_s": 0.0}
+    n = a["n"]
+    t_all = time.perf_counter()
+    with RSSSampler(0.2) as sampler:
+        done = 0
+        if a["mode"] == "stream":
+            csv_path, fits_path = out_dir / "predictions.csv", out_dir / "predictions.fits"
+            csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
+            fw = None
+            with open(csv_tmp, "w") as fcsv:
+                for chunk in cycled_chunks(a["dataset"], n, a["chunk_size"]):
+                    t = time.perf_counter()
+                    pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
+                                             pix_mask=chunk["pix_mask"], mc_samples=a["mc_samples"],
+                                             batch_size=a["batch_size"])
+                    t1 = time.perf_counter()
+                    df = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
+                    t2 = time.perf_counter()
+                    if fw is None:
+                        fw = StreamingFitsWriter(fits_path, df, n)
+                        first = df.copy()
+                    df.to_csv(fcsv, header=(done == 0), index=False)
+                    fw.write(df)
+                    t3 = time.perf_counter()
+                    timers["model_s"] += t1 - t
+                    timers["frame_s"] += t2 - t1
+                    timers["write_s"] += t3 - t2
+                    done += len(df)
+                    trace.append((done, rss_mb()))
+            os.replace(csv_tmp, csv_path)
+            fw.close()
+            paths = {"csv": csv_path, "fits": fits_path}
+        else:
+            frames = []
+            pred0 = None
+            for chunk in cycled_chunks(a["dataset"], n, a["chunk_size"]):
+                m = len(chunk["flux"])
+                t = time.perf_counter()
+                if pred0 is None:
+                    pred0 = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
+                                              pix_mask=chunk["pix_mask"], mc_samples=a["mc_samples"],
+                                              batch_size=a["batch_size"])
+                pred = {k: ({t_: v_[:m] for t_, v_ in v.items()} if isinstance(v, dict) else v[:m])
+                        for k, v in pred0.items()}
+                t1 = time.perf_counter()
+                frames.append(predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks))
+                t2 = time.perf_counter()
+                timers["model_s"] += t1 - t
+                timers["frame_s"] += t2 - t1
+                done += m
+                trace.append((done, rss_mb()))
+            t = time.perf_counter()
+            table = pd.concat(frames, ignore_index=True)
+            del frames
+            trace.append((done, rss_mb()))
+            paths = write_predictions(table, out_dir)
+            timers["write_s"] += time.perf_counter() - t
+            first = table.iloc[: a["chunk_size"]].copy()
+            del table
+    total = time.perf_counter() - t_all
+    peak_run = vmhwm_mb()  # before the check below (its memmap reads count as RSS)
+
+    # check the output: row counts and the first chunk round trip
+    from astropy.io import fits
+
+    with fits.open(paths["fits"], memmap=True) as h:
+        data = h[1].data
+        n_fits = len(data)
+        ok_ids = bool(np.all(np.char.strip(data["APOGEE_ID"][: len(first)].astype(str)) == first["APOGEE_ID"].to_numpy().astype(str)))
+        ok_teff = bool(np.allclose(data["TEFF"][: len(first)], first["TEFF"].to_numpy(), equal_nan=True))
+    with open(paths["csv"]) as f:
+        n_csv = sum(1 for _ in f) - 1
+    step = max(1, len(trace) // 60)
+    return {"mode": a["mode"], "stars": done, "total_s": total,
+            "spectra_per_s": done / total if a["mode"] == "stream" else None, **timers,
+            "peak_rss_mb": peak_run, "peak_rss_incl_check_mb": vmhwm_mb(), "sampled_max_rss_mb": sampler.max_mb,
+            "rss_first_chunk_mb": trace[0][1] if trace else None,
+            "rss_at_25pct_mb": trace[len(trace) // 4][1] if trace else None,
+            "rss_at_end_mb": trace[-1][1] if trace else None,
+            "rss_trace": trace[::step] + ([trace[-1]] if trace and (len(trace) - 1) % step else []),
+            "fits_rows": n_fits, "csv_rows": n_csv, "first_chunk_matches": ok_ids and ok_teff,
+            "csv_mb": paths["csv"].stat().st_size / 2**20, "fits_mb": paths["fits"].stat().st_size / 2**20,
+            "chunk_size": a["chunk_size"], "batch_size": a["batch_size"], "mc_samples": a["mc_samples"],
+            "threads": a["threads"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--dataset", default=str(ROOT / "data/shards/sim_dr12"))
+    ap.add_argument("--n", type=int, default=733_901)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--mc-samples", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="stream,accumulate")
+    ap.add_argument("--workdir", default=None, help="where the prediction files go (default: a temp dir)")
+    ap.add_argument("--out", default=str(ROOT / "outputs/bench/predict_stream.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    import shutil
+    import tempfile
+
+    ckpt = find_checkpoint(args.ckpt)
+    if ckpt is None or not ckpt.exists():
+        raise SystemExit("no checkpoint: pass --ckpt (see scripts/bench_inference.py)")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_stream_"))
+    res: dict = {"machine": machine_info(), "warning": busy_warning(), "checkpoint": str(ckpt), "runs": []}
+    _fc = ForeignCPU().__enter__()  # CPU used by other processes meanwhile
+    try:
+        for mode in args.modes.split(","):
+            a = {"mode": mode, "ckpt": str(ckpt), "dataset": args.dataset, "n": args.n,
+                 "chunk_size": args.chunk_size, "batch_size": args.batch_size, "mc_samples": args.mc_samples,
+                 "threads": args.threads, "out_dir": str(work / mode)}
+            with ForeignCPU() as fc:
+                r = run_child([str(Path(__file__).resolve()), "--child", json.dumps(a)])
+            r["foreign_cpu_fraction"] = fc.result()["foreign_cpu_fraction"]
+            print(json.dumps({k: v for k, v in r.items() if k != "rss_trace"}), flush=True)
+            res["runs"].append(r)
+            shutil.rmtree(work / mode, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    _fc.__exit__(None, None, None)
+    res["other_processes"] = _fc.result()
+    res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_result(args.out, res)
+
+
+if __name__ == "__main__":
+    main()
