@@ -295,7 +295,7 @@ def load_line_centres(windows: Any = None) -> pd.DataFrame:
     The centre is the entry's ``vacuum`` wavelength (the line / bandhead position), else the
     middle of its central band. Columns ``name``, ``species``, ``wavelength``, ``band_lo``,
     ``band_hi``."""
-    from stellarnet.features.indices import _plain as plain
+    from stellarnet.utils import to_plain as plain
     from stellarnet.features.tabular import load_features_config
 
     spec = plain(windows) if windows is not None else load_features_config()
