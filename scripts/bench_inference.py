@@ -57,7 +57,7 @@ with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
     cfg = compose(config_name="predict", overrides=[f"ckpt_path={a['ckpt']}", f"input={a['input']}",
                                                      f"output_dir={a['out_dir']}", *a["overrides"]])
 timers = {"model_s": 0.0, "write_s": 0.0}
-_load, _write = P.load_model, P.write_predictions
+_load, _Writer = P.load_model, P.PredictionWriter
 def load_model(path):
     pred = _load(path)
     inner = pred.predict
@@ -65,22 +65,25 @@ def load_model(path):
         t = time.perf_counter(); r = inner(*args, **kw); timers["model_s"] += time.perf_counter() - t; return r
     pred.predict = timed
     return pred
-def write_predictions(*args, **kw):
-    t = time.perf_counter(); r = _write(*args, **kw); timers["write_s"] += time.perf_counter() - t; return r
-P.load_model, P.write_predictions = load_model, write_predictions
+class TimedWriter(_Writer):
+    def write(self, df):
+        t = time.perf_counter(); super().write(df); timers["write_s"] += time.perf_counter() - t
+    def close(self):
+        t = time.perf_counter(); r = super().close(); timers["write_s"] += time.perf_counter() - t; return r
+P.load_model, P.PredictionWriter = load_model, TimedWriter
 with open_dict(cfg):
     cfg.paths.output_dir = a["out_dir"]
 t = time.perf_counter()
-table, paths = P.predict(cfg)
+summary, paths = P.predict(cfg)
 total = time.perf_counter() - t
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-n = len(table)
+n = summary["stars"]
 print(json.dumps({"stars": n, "total_s": total, "spectra_per_s": n / total, **timers,
                   "read_preprocess_s": total - timers["model_s"] - timers["write_s"],
-                  "read_errors": int((table["READ_ERROR"] != "").sum()),
+                  "read_errors": summary["read_errors"],
                   "peak_rss_mb": hwm(), "batch_size": int(cfg.batch_size), "chunk_size": int(cfg.chunk_size),
                   "mc_samples": int(cfg.mc_samples), "threads": a["threads"],
                   "csv_mb": Path(paths["csv"]).stat().st_size / 2**20,

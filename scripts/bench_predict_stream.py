@@ -12,7 +12,7 @@ in a fresh child process, with its RSS sampled every 0.2 s and after every chunk
 
 * ``stream``: ``Predictor.predict`` → ``stellarnet.results.predictions_frame`` per chunk, each
   chunk appended to the CSV and to a FITS binary table whose header (NAXIS2 = n) is written first
-  and whose rows are written as big-endian records as they come (:class:`StreamingFitsWriter`).
+  and whose rows are written as big-endian records as they come (:class:`stellarnet.results.PredictionWriter`).
   Memory is bounded by one chunk. The FITS file is re-read (memmap) at the end and checked
   against the CSV row count and the first chunk.
 * ``accumulate``: what ``stellarnet/predict.py`` does today: keep every chunk's frame, then
@@ -48,71 +48,6 @@ from _bench_common import (  # noqa: E402
 )
 
 #: widths of string columns in the FITS table (longer values are truncated)
-STR_WIDTHS = {"APOGEE_ID": 30, "SPLIT": 8, "READ_ERROR": 120}
-DEFAULT_STR_WIDTH = 16
-
-
-class StreamingFitsWriter:
-    """Write a FITS binary table chunk by chunk when the total row count is known up front.
-
-    The primary HDU and the table header (with ``NAXIS2 = n_rows``) are written from the first
-    chunk's columns; each chunk is then appended as big-endian records; ``close`` pads the data to
-    a multiple of 2,880 bytes. Numeric columns keep their dtype (float32 → ``E``, float64 → ``D``,
-    int64 → ``K``, int32 → ``J``), strings become fixed-width ``A`` columns (``STR_WIDTHS``).
-    """
-
-    def __init__(self, path: str | Path, first: Any, n_rows: int):
-        import numpy as np
-        from astropy.io import fits
-
-        self.path = Path(path)
-        self.n_rows = n_rows
-        self.written = 0
-        fields, cols = [], []
-        for name in first.columns:
-            dt = first[name].dtype
-            if dt.kind in "fiu" and dt.itemsize in (4, 8):
-                code = {("f", 4): "E", ("f", 8): "D", ("i", 8): "K", ("i", 4): "J", ("u", 4): "K", ("u", 8): "K"}
-                fmt = code[(dt.kind, dt.itemsize)]
-                npdt = {"E": ">f4", "D": ">f8", "K": ">i8", "J": ">i4"}[fmt]
-            else:
-                w = STR_WIDTHS.get(name, DEFAULT_STR_WIDTH)
-                fmt, npdt = f"{w}A", f"S{w}"
-            fields.append((name, npdt))
-            cols.append(fits.Column(name=name, format=fmt))
-        self.dtype = np.dtype(fields)
-        hdu = fits.BinTableHDU.from_columns(cols, nrows=0)
-        hdu.header["NAXIS2"] = n_rows
-        hdu.header["EXTNAME"] = "PREDICTIONS"
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.f = open(self.tmp, "wb")
-        self.f.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
-        self.f.write(hdu.header.tostring().encode("ascii"))
-
-    def write(self, df: Any) -> None:
-        import numpy as np
-
-        rec = np.empty(len(df), self.dtype)
-        for name in self.dtype.names:
-            col = df[name].to_numpy()
-            if self.dtype[name].kind == "S":
-                w = self.dtype[name].itemsize
-                rec[name] = np.char.encode(col.astype(str), "ascii", errors="replace").astype(f"S{w}")
-            else:
-                rec[name] = col
-        if self.written + len(rec) > self.n_rows:
-            raise ValueError(f"more rows than the {self.n_rows} announced")
-        self.f.write(rec.tobytes())
-        self.written += len(rec)
-
-    def close(self) -> Path:
-        if self.written != self.n_rows:
-            raise ValueError(f"wrote {self.written} rows, header says {self.n_rows}")
-        pad = (-self.f.tell()) % 2880
-        self.f.write(b"\0" * pad)
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
 
 
 def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
@@ -137,7 +72,7 @@ def child(a: dict) -> dict:
     import torch
 
     from stellarnet.models.inference import load_model
-    from stellarnet.results import predictions_frame, write_predictions
+    from stellarnet.results import PredictionWriter, predictions_frame, write_predictions
 
     torch.set_num_threads(a["threads"])
     predictor = load_model(a["ckpt"])
@@ -150,32 +85,26 @@ def child(a: dict) -> dict:
     with RSSSampler(0.2) as sampler:
         done = 0
         if a["mode"] == "stream":
-            csv_path, fits_path = out_dir / "predictions.csv", out_dir / "predictions.fits"
-            csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
-            fw = None
-            with open(csv_tmp, "w") as fcsv:
-                for chunk in cycled_chunks(a["dataset"], n, a["chunk_size"]):
-                    t = time.perf_counter()
-                    pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
-                                             pix_mask=chunk["pix_mask"], mc_samples=a["mc_samples"],
-                                             batch_size=a["batch_size"])
-                    t1 = time.perf_counter()
-                    df = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
-                    t2 = time.perf_counter()
-                    if fw is None:
-                        fw = StreamingFitsWriter(fits_path, df, n)
-                        first = df.copy()
-                    df.to_csv(fcsv, header=(done == 0), index=False)
-                    fw.write(df)
-                    t3 = time.perf_counter()
-                    timers["model_s"] += t1 - t
-                    timers["frame_s"] += t2 - t1
-                    timers["write_s"] += t3 - t2
-                    done += len(df)
-                    trace.append((done, rss_mb()))
-            os.replace(csv_tmp, csv_path)
-            fw.close()
-            paths = {"csv": csv_path, "fits": fits_path}
+            writer = PredictionWriter(out_dir, n)  # what stellarnet.predict uses
+            first = None
+            for chunk in cycled_chunks(a["dataset"], n, a["chunk_size"]):
+                t = time.perf_counter()
+                pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
+                                         pix_mask=chunk["pix_mask"], mc_samples=a["mc_samples"],
+                                         batch_size=a["batch_size"])
+                t1 = time.perf_counter()
+                df = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
+                t2 = time.perf_counter()
+                if first is None:
+                    first = df.copy()
+                writer.write(df)
+                t3 = time.perf_counter()
+                timers["model_s"] += t1 - t
+                timers["frame_s"] += t2 - t1
+                timers["write_s"] += t3 - t2
+                done += len(df)
+                trace.append((done, rss_mb()))
+            paths = writer.close()
         else:
             frames = []
             pred0 = None

@@ -404,10 +404,9 @@ def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
 
     c = ctx.entry_cfg("predict", d, ctx.cfg.pipeline.get("predict"), ckpt_path=ctx.out("train", "checkpoint"),
                       input=ctx.out("shards", "dataset_dir"), output_dir=str(d))
-    table, paths = predict(c)
-    n_err = int((table["READ_ERROR"].astype(str) != "").sum()) if "READ_ERROR" in table.columns else 0
+    summary, paths = predict(c)
     return {"outputs": {"csv": str(paths["csv"]), "fits": str(paths["fits"])},
-            "numbers": {"stars": len(table), "read_errors": n_err}}
+            "numbers": {"stars": summary["stars"], "read_errors": summary["read_errors"]}}
 
 
 def _crossval_config(ctx: Context) -> Any:

@@ -51,3 +51,92 @@ def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predic
     Table.from_pandas(df).write(tmp, format="fits", overwrite=True)
     os.replace(tmp, paths["fits"])
     return paths
+
+
+#: Fixed widths (characters) of string columns in streamed FITS output; others get DEFAULT_STR_WIDTH.
+STR_WIDTHS = {"APOGEE_ID": 30, "SPLIT": 8, "READ_ERROR": 120}
+DEFAULT_STR_WIDTH = 16
+_FITS_CODES = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 8): ("K", ">i8"), ("i", 4): ("J", ">i4")}
+
+
+class PredictionWriter:
+    """Stream prediction chunks to CSV and FITS in bounded memory (the row count is known up front).
+
+    The FITS binary table header (``NAXIS2 = n_rows``) is written from the first chunk's columns,
+    then each chunk is appended as big-endian records; strings are fixed width (``STR_WIDTHS``,
+    longer text is cut). Both files are written under temporary names and renamed by ``close``,
+    so a killed run never leaves a truncated catalogue behind.
+    """
+
+    def __init__(self, out_dir: str | Path, n_rows: int, stem: str = "predictions"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.n_rows = int(n_rows)
+        self.paths = {"csv": self.out_dir / f"{stem}.csv", "fits": self.out_dir / f"{stem}.fits"}
+        self._tmp = {k: p.with_name(p.name + ".tmp") for k, p in self.paths.items()}
+        self._csv = open(self._tmp["csv"], "w", newline="")
+        self._fits = None
+        self._dtype: np.dtype | None = None
+        self.written = 0
+
+    def _open_fits(self, first: pd.DataFrame) -> None:
+        from astropy.io import fits
+
+        fields, cols = [], []
+        for name in first.columns:
+            dt = first[name].dtype
+            code = _FITS_CODES.get((dt.kind, dt.itemsize)) if dt.kind in "fi" else None
+            if code is None and dt.kind in "fi":  # e.g. int16, float16
+                code = ("D", ">f8") if dt.kind == "f" else ("K", ">i8")
+            if code is None:
+                w = STR_WIDTHS.get(name, DEFAULT_STR_WIDTH)
+                code = (f"{w}A", f"S{w}")
+            fields.append((name, code[1]))
+            cols.append(fits.Column(name=name, format=code[0]))
+        self._dtype = np.dtype(fields)
+        hdu = fits.BinTableHDU.from_columns(cols, nrows=0)
+        hdu.header["NAXIS2"] = self.n_rows
+        hdu.header["EXTNAME"] = "PREDICTIONS"
+        self._fits = open(self._tmp["fits"], "wb")
+        self._fits.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        self._fits.write(hdu.header.tostring().encode("ascii"))
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Append one chunk (same columns every time)."""
+        if self.written + len(df) > self.n_rows:
+            raise ValueError(f"more rows than the {self.n_rows} announced")
+        if self._fits is None:
+            self._open_fits(df)
+        df.to_csv(self._csv, index=False, header=self.written == 0)
+        rec = np.empty(len(df), self._dtype)
+        for name in self._dtype.names:
+            col = df[name].to_numpy()
+            if self._dtype[name].kind == "S":
+                width = self._dtype[name].itemsize
+                rec[name] = np.char.encode(col.astype(str), "ascii", errors="replace").astype(f"S{width}")
+            else:
+                rec[name] = col
+        self._fits.write(rec.tobytes())
+        self.written += len(df)
+
+    def close(self) -> dict[str, Path]:
+        """Finish both files (FITS padded to 2,880 bytes) and rename them into place."""
+        if self.written != self.n_rows:
+            self.abort()
+            raise ValueError(f"wrote {self.written} rows, expected {self.n_rows}")
+        self._csv.close()
+        pad = (-self._fits.tell()) % 2880
+        self._fits.write(b"\0" * pad)
+        self._fits.close()
+        for k, p in self.paths.items():
+            os.replace(self._tmp[k], p)
+        return dict(self.paths)
+
+    def abort(self) -> None:
+        """Close and delete the temporary files."""
+        for fh in (self._csv, self._fits):
+            if fh is not None and not fh.closed:
+                fh.close()
+        for p in self._tmp.values():
+            if p.exists():
+                p.unlink()
