@@ -222,3 +222,19 @@ def _busy_seconds() -> float:
 def _own_seconds() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def run_child_measured(args: list[str], **kw: Any) -> dict[str, Any]:
+    """:func:`run_child` plus the share of CPU other processes used meanwhile."""
+    with ForeignCPU() as fc:
+        r = run_child(args, **kw)
+    r["foreign_cpu_fraction"] = fc.result()["foreign_cpu_fraction"]
+    return r
+
+
+def finish(res: dict[str, Any], session: ForeignCPU, out: str | Path) -> None:
+    """Close the whole-run ForeignCPU measurement, record it and the load average, write the JSON."""
+    session.__exit__(None, None, None)
+    res["other_processes"] = session.result()
+    res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_result(out, res)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import write_result  # noqa: E402
 
 from stellarnet.simulate.allstar import ALLSTAR_NAME  # noqa: E402
 
@@ -102,10 +104,7 @@ def main() -> None:
         raise AssertionError(f"read {res['read_selected']['rows']} rows, expected {args.rows}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

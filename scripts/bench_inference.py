@@ -37,10 +37,10 @@ from _bench_common import (  # noqa: E402
     ForeignCPU,
     busy_warning,
     find_checkpoint,
+    finish,
     machine_info,
     run_child,
     vmhwm_mb,
-    write_result,
 )
 
 _E2E_CHILD = r"""
@@ -241,10 +241,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 e2e.append(r)
         res["end_to_end"] = e2e
-    _fc.__exit__(None, None, None)
-    res["other_processes"] = _fc.result()
-    res["machine"]["loadavg_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    write_result(args.out, res)
+    finish(res, _fc, args.out)
 
 
 if __name__ == "__main__":

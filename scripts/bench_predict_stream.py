@@ -40,11 +40,11 @@ from _bench_common import (  # noqa: E402
     RSSSampler,
     busy_warning,
     find_checkpoint,
+    finish,
     machine_info,
     rss_mb,
-    run_child,
+    run_child_measured,
     vmhwm_mb,
-    write_result,
 )
 
 #: widths of string columns in the FITS table (longer values are truncated)
@@ -191,19 +191,14 @@ def main() -> None:
             a = {"mode": mode, "ckpt": str(ckpt), "dataset": args.dataset, "n": args.n,
                  "chunk_size": args.chunk_size, "batch_size": args.batch_size, "mc_samples": args.mc_samples,
                  "threads": args.threads, "out_dir": str(work / mode)}
-            with ForeignCPU() as fc:
-                r = run_child([str(Path(__file__).resolve()), "--child", json.dumps(a)])
-            r["foreign_cpu_fraction"] = fc.result()["foreign_cpu_fraction"]
+            r = run_child_measured([str(Path(__file__).resolve()), "--child", json.dumps(a)])
             print(json.dumps({k: v for k, v in r.items() if k != "rss_trace"}), flush=True)
             res["runs"].append(r)
             shutil.rmtree(work / mode, ignore_errors=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    _fc.__exit__(None, None, None)
-    res["other_processes"] = _fc.result()
-    res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    write_result(args.out, res)
+    finish(res, _fc, args.out)
 
 
 if __name__ == "__main__":

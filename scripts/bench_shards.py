@@ -34,7 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_common import ROOT, ForeignCPU, busy_warning, machine_info, run_child, write_result  # noqa: E402
+from _bench_common import (  # noqa: E402
+    ROOT,
+    ForeignCPU,
+    busy_warning,
+    finish,
+    machine_info,
+    run_child,
+)
 
 _CUTS = ROOT / "stellarnet/conf/data/cuts/dr17_science.yaml"
 
@@ -192,10 +199,7 @@ def main() -> None:
             work.rmdir()
         except OSError:
             pass
-    _fc.__exit__(None, None, None)
-    res["other_processes"] = _fc.result()
-    res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    write_result(args.out, res)
+    finish(res, _fc, args.out)
 
 
 if __name__ == "__main__":

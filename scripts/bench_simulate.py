@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import write_result  # noqa: E402
 
 from stellarnet.simulate.emulator import load_emulator  # noqa: E402
 from stellarnet.simulate.instrument import iter_spectra  # noqa: E402
@@ -86,10 +88,7 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     res["machine"]["loadavg_after"] = os.getloadavg()  # type: ignore[index]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_common import ROOT, ForeignCPU, busy_warning, machine_info, run_child, write_result  # noqa: E402
+from _bench_common import (  # noqa: E402
+    ROOT,
+    ForeignCPU,
+    busy_warning,
+    finish,
+    machine_info,
+    run_child_measured,
+)
 
 _CHILD = r"""
 import json, sys, time, tempfile, os
@@ -106,15 +113,10 @@ def main() -> None:
         prec, workers = item.split(":")
         child = {"data_dir": args.dataset_dir, "workers": int(workers), "precision": prec, "batches": args.batches,
                  "warmup": args.warmup, "overrides": [o for o in args.overrides.split(",") if o]}
-        with ForeignCPU() as fc:
-            r = run_child(["-c", _CHILD, json.dumps(child)])
-        r["foreign_cpu_fraction"] = fc.result()["foreign_cpu_fraction"]
+        r = run_child_measured(["-c", _CHILD, json.dumps(child)])
         print(json.dumps(r), flush=True)
         res["runs"].append(r)
-    _fc.__exit__(None, None, None)
-    res["other_processes"] = _fc.result()
-    res["machine"]["loadavg_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    write_result(args.out, res)
+    finish(res, _fc, args.out)
 
 
 if __name__ == "__main__":

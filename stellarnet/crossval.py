@@ -41,6 +41,7 @@ from stellarnet.eval.offsets import (
     fit_calibration,
 )
 from stellarnet.paths import CONF_DIR
+from stellarnet.utils import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,13 @@ _APOGEE_LABEL_COLUMNS = ("TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FE_H", "FE_H_E
                          "ALPHA_M_ERR", "M_H", "M_H_ERR")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def load_apogee(path: str | Path, cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Read the APOGEE allStar for the comparison.
 
     Returns (positions: one row per APOGEE_ID, highest ``unique_by`` kept, no label cuts;
     reference: positions after ``exclude_aspcapflag`` and ``cuts``; cut report DataFrame).
     """
-    cfg = dict(_plain(cfg) or {})
+    cfg = dict(to_plain(cfg) or {})
     available = {c.upper() for c in allstar_columns(path)}
     cols = list(APOGEE_REQUIRED) + [c for c in APOGEE_OPTIONAL if c in available]
     df = read_allstar(path, columns=cols, required=APOGEE_REQUIRED).reset_index(drop=True)
@@ -270,7 +267,7 @@ def run_crossval(cfg: DictConfig | Mapping[str, Any], output_dir: str | Path | N
     """Run the whole comparison for one survey; writes the outputs and returns the JSON report."""
     # Convert key by key: `paths`/`hydra` hold ${hydra:...} interpolations that only resolve
     # inside a Hydra run, and are not needed here.
-    c = {k: _plain(cfg[k]) for k in cfg if k not in ("paths", "hydra")}
+    c = {k: to_plain(cfg[k]) for k in cfg if k not in ("paths", "hydra")}
     spec = survey_spec(c["survey"])
     root = Path(c["survey_root"])
     survey_path = Path(c.get("survey_catalog") or root / spec.path)

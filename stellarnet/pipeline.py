@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +42,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stellarnet.paths import CONF_DIR
+from stellarnet.utils import atomic_write_text, to_plain, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ STAGE_FILE = "stage.json"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
 
 
 def _json_default(o: Any) -> Any:
@@ -69,24 +65,6 @@ def stage_hash(obj: Any) -> str:
     """sha256 (16 hex digits) of a JSON-serializable object (sorted keys)."""
     text = json.dumps(obj, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (non-finite floats → null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_nan_to_none(obj), indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 def _read_record(stage_dir: Path) -> dict[str, Any] | None:
@@ -129,7 +107,7 @@ class Context:
         return rec is not None and rec.get("status") == "complete"
 
     def data(self) -> dict[str, Any]:
-        return _plain(self.cfg.data)
+        return to_plain(self.cfg.data)
 
     def paths(self, output_dir: Path) -> dict[str, Any]:
         return {"data_dir": str(self.cfg.paths.data_dir), "log_dir": str(self.cfg.paths.log_dir),
@@ -139,7 +117,7 @@ class Context:
         """An entry point's config: its own keys + the shared data / paths / seed + overrides."""
         c = OmegaConf.create(_entry_body(name))
         c = OmegaConf.merge(c, {"data": self.data(), "paths": self.paths(stage_dir), "seed": int(self.cfg.seed)},
-                            _plain(overrides) or {}, extra)
+                            to_plain(overrides) or {}, extra)
         return c  # type: ignore[return-value]
 
 
@@ -165,7 +143,7 @@ class Stage:
 
 
 def _survey_config(ctx: Context) -> Any:
-    s = _plain(ctx.cfg.data.survey)
+    s = to_plain(ctx.cfg.data.survey)
     if s.get("allstar"):
         p = Path(s["allstar"])
         st = p.stat() if p.exists() else None
@@ -221,13 +199,13 @@ def _run_shards(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _features_config(ctx: Context) -> Any:
-    return {"features": _plain(ctx.cfg.features), "path": str(ctx.cfg.features_path)}
+    return {"features": to_plain(ctx.cfg.features), "path": str(ctx.cfg.features_path)}
 
 
 def _run_features(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.build_features import build_features
 
-    c = OmegaConf.create({"data": ctx.data(), "features": _plain(ctx.cfg.features), "paths": ctx.paths(d),
+    c = OmegaConf.create({"data": ctx.data(), "features": to_plain(ctx.cfg.features), "paths": ctx.paths(d),
                           "seed": int(ctx.cfg.seed), "features_path": str(ctx.cfg.features_path),
                           "dataset_dir": ctx.out("shards", "dataset_dir")})
     table, path = build_features(c)
@@ -247,8 +225,8 @@ def _train_cfg(ctx: Context, d: Path) -> DictConfig:
 def _train_config(ctx: Context) -> Any:
     c = _train_cfg(ctx, ctx.root / "train")
     keys = ("model", "trainer", "callbacks", "seed", "cpu_threads", "train", "test", "ckpt_path")
-    out = {k: _plain(c.get(k)) for k in keys}
-    out["datamodule"] = _plain(c.data.datamodule)
+    out = {k: to_plain(c.get(k)) for k in keys}
+    out["datamodule"] = to_plain(c.data.datamodule)
     out["trainer"].pop("enable_progress_bar", None)
     return out
 
@@ -295,7 +273,7 @@ def _baselines_optional(ctx: Context) -> tuple[str, ...]:
 
 
 def _baselines_config(ctx: Context) -> Any:
-    return {"baselines": _plain(ctx.cfg.baselines), "pipeline": _plain(ctx.cfg.pipeline.baselines)}
+    return {"baselines": to_plain(ctx.cfg.baselines), "pipeline": to_plain(ctx.cfg.pipeline.baselines)}
 
 
 def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
@@ -309,7 +287,7 @@ def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
     by_set: dict[str, Any] = {}
     outputs: dict[str, str] = {}
     for fs in sets:
-        bcfg = _plain(ctx.cfg.baselines)
+        bcfg = to_plain(ctx.cfg.baselines)
         bcfg["features"] = fs
         bcfg.setdefault("importance", {})["enabled"] = fs == imp_set
         c = ctx.entry_cfg("baselines", d / fs, None, baselines=bcfg, output_dir=str(d / fs), ckpt_path=None,
@@ -342,9 +320,9 @@ def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _evaluate_config(ctx: Context) -> Any:
-    body = OmegaConf.merge(OmegaConf.create(_entry_body("evaluate")), _plain(ctx.cfg.pipeline.get("evaluate")) or {})
-    return {"evaluate": _plain(body), "saliency": _plain(ctx.cfg.pipeline.get("saliency")),
-            "lines": _plain((ctx.cfg.features.get("indices") or {}).get("windows"))}
+    body = OmegaConf.merge(OmegaConf.create(_entry_body("evaluate")), to_plain(ctx.cfg.pipeline.get("evaluate")) or {})
+    return {"evaluate": to_plain(body), "saliency": to_plain(ctx.cfg.pipeline.get("saliency")),
+            "lines": to_plain((ctx.cfg.features.get("indices") or {}).get("windows"))}
 
 
 def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
@@ -373,7 +351,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
         numbers[f"mae_{lab}"] = _round(m.get("mae"))
     for task, m in (report.get("classification") or {}).items():
         numbers[f"acc_{task}"] = _round(m.get("accuracy"))
-    scfg = _plain(ctx.cfg.pipeline.get("saliency")) or {}
+    scfg = to_plain(ctx.cfg.pipeline.get("saliency")) or {}
     if scfg.get("enabled", True):
         predictor = load_model(ckpt)
         data = load_split(dataset, str(c.split))
@@ -382,7 +360,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
                                seed=int(ctx.cfg.seed))
         lam = predictor.data_spec.get("wavelength") or load_manifest(dataset)["wavelength"]
         frame = saliency_frame(sal, lam, predictor.label_names)
-        lines = load_line_centres(_plain(ctx.cfg.features.get("indices")))
+        lines = load_line_centres(to_plain(ctx.cfg.features.get("indices")))
         per_line = line_saliency(frame, lines)
         outputs["saliency"] = str(write_table(frame, d / "saliency.csv"))
         outputs["saliency_lines"] = str(write_table(per_line, d / "saliency_lines.csv"))
@@ -396,7 +374,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _predict_config(ctx: Context) -> Any:
-    return _plain(OmegaConf.merge(OmegaConf.create(_entry_body("predict")), _plain(ctx.cfg.pipeline.get("predict")) or {}))
+    return to_plain(OmegaConf.merge(OmegaConf.create(_entry_body("predict")), to_plain(ctx.cfg.pipeline.get("predict")) or {}))
 
 
 def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
@@ -410,11 +388,11 @@ def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _crossval_config(ctx: Context) -> Any:
-    cc = _plain(ctx.cfg.pipeline.crossval)
-    body = _plain(OmegaConf.merge(OmegaConf.create(_entry_body("crossval")), cc.get("overrides") or {}))
+    cc = to_plain(ctx.cfg.pipeline.crossval)
+    body = to_plain(OmegaConf.merge(OmegaConf.create(_entry_body("crossval")), cc.get("overrides") or {}))
     for k in ("survey_root", "apogee_catalog", "predictions", "output_dir"):
         body.pop(k, None)  # set from the other stages
-    specs = {s: _plain(OmegaConf.load(CONF_DIR / "survey" / f"{s}.yaml")) for s in cc.get("surveys") or []}
+    specs = {s: to_plain(OmegaConf.load(CONF_DIR / "survey" / f"{s}.yaml")) for s in cc.get("surveys") or []}
     return {"crossval": body, "surveys": specs}
 
 
@@ -425,7 +403,7 @@ def _run_crossval(ctx: Context, d: Path) -> dict[str, Any]:
     cfgs = _crossval_config(ctx)
     allstar = Path(ctx.out("survey", "allstar"))
     root = Path(ctx.out("survey", "spectra_root"))
-    overrides = _plain(ctx.cfg.pipeline.crossval.get("overrides")) or {}
+    overrides = to_plain(ctx.cfg.pipeline.crossval.get("overrides")) or {}
     outputs: dict[str, str] = {}
     numbers: dict[str, Any] = {}
     for name, spec in cfgs["surveys"].items():
@@ -453,7 +431,7 @@ def _run_crossval(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _export_config(ctx: Context) -> Any:
-    return _plain(ctx.cfg.pipeline.export)
+    return to_plain(ctx.cfg.pipeline.export)
 
 
 def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
@@ -462,7 +440,7 @@ def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.export import build_catalogue, write_catalogue
     from stellarnet.features.tabular import read_features
 
-    ecfg = _plain(ctx.cfg.pipeline.export)
+    ecfg = to_plain(ctx.cfg.pipeline.export)
     pred = pd.read_csv(ctx.out("predict", "csv"), dtype={"APOGEE_ID": str, "READ_ERROR": str, "SPLIT": str},
                        keep_default_na=False, na_values=[""])
     ref = ecfg.get("calibration_reference", "stellarnet")
@@ -577,7 +555,7 @@ def run_pipeline(cfg: DictConfig, echo: Callable[[str], None] = print) -> list[d
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record: dict[str, Any] = {"stage": stage.name, "hash": h, "status": "running", "deps": deps,
                                   "config": conf, "started": started, "outputs": {}, "numbers": {}}
-        _write_json(d / STAGE_FILE, record)
+        write_json(d / STAGE_FILE, record)
         log.info("stage %s: running (hash %s)", stage.name, h)
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         try:
@@ -585,14 +563,14 @@ def run_pipeline(cfg: DictConfig, echo: Callable[[str], None] = print) -> list[d
         except BaseException as exc:
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                           duration_s=time.perf_counter() - t0)
-            _write_json(d / STAGE_FILE, record)
+            write_json(d / STAGE_FILE, record)
             echo(f"[{i:2d}/{n}] {stage.name:<9} FAILED  {time.perf_counter() - t0:8.1f} s  {type(exc).__name__}: {exc}")
             raise
         secs = time.perf_counter() - t0
         outputs = {k: str(Path(v).resolve()) for k, v in (result.get("outputs") or {}).items()}
         record.update(status="complete", outputs=outputs, numbers=result.get("numbers", {}),
                       duration_s=secs, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        _write_json(d / STAGE_FILE, record)
+        write_json(d / STAGE_FILE, record)
         ctx.records[stage.name] = record
         rows.append({"stage": stage.name, "status": "ran", "seconds": secs, "hash": h, "numbers": record["numbers"]})
         echo(f"[{i:2d}/{n}] {stage.name:<9} ran     {secs:8.1f} s  {_numbers_text(record['numbers'])}")
@@ -625,9 +603,8 @@ def summary_markdown(rows: list[dict[str, Any]], ctx: Context | None = None) -> 
 
 
 def _write_summary(root: Path, rows: list[dict[str, Any]], ctx: Context) -> None:
-    (root / ".summary.md.tmp").write_text(summary_markdown(rows, ctx))
-    os.replace(root / ".summary.md.tmp", root / "summary.md")
-    _write_json(root / "summary.json", {"stages": rows})
+    atomic_write_text(root / "summary.md", summary_markdown(rows, ctx))
+    write_json(root / "summary.json", {"stages": rows})
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")

@@ -6,9 +6,7 @@ real allStar is configured it simulates the embedded survey and builds its shard
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from stellarnet.hardware import configure_cpu_threads, resolve_cpu_precision
 from stellarnet.paths import CONF_DIR
+from stellarnet.utils import to_jsonable, to_plain, write_json
 from stellarnet.workflow import ensure_shards
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_to_jsonable(obj), indent=1))
-    os.replace(tmp, path)
 
 
 def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path) -> Path:
@@ -89,7 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and test) the model described by ``cfg``; returns (metrics, objects)."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ensure_shards(_plain(cfg.data))
+    ensure_shards(to_plain(cfg.data))
 
     trainer_kwargs: dict[str, Any] = {}
     if cfg.trainer.get("accelerator") == "cpu":
@@ -129,7 +104,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("best checkpoint: %s; calibrated model folder: %s", best, objects["model_dir"])
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
-    return {k: _to_jsonable(v) for k, v in metrics.items()}, objects
+    return {k: to_jsonable(v) for k, v in metrics.items()}, objects
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -224,6 +224,17 @@ def _resolve_grid(grid: str | int | None, n_pix: int) -> str:
     return g
 
 
+def _flux_pair(flux: Any, flux_err: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays of one spectrum (P,) or a batch (N, P) with matching error shape, else ValueError."""
+    flux = np.asarray(flux)
+    flux_err = np.asarray(flux_err)
+    if flux.ndim not in (1, 2):
+        raise ValueError(f"flux must be (P,) or (N, P), got shape {flux.shape}")
+    if flux_err.shape != flux.shape:
+        raise ValueError(f"flux_err shape {flux_err.shape} != flux shape {flux.shape}")
+    return flux, flux_err
+
+
 def continuum_normalize(
     flux: np.ndarray,
     flux_err: np.ndarray,
@@ -248,12 +259,7 @@ def continuum_normalize(
     fit and divide by it instead. Outputs are float32 for float32 input, else float64; for
     float32 input only the small fit runs in float64, the continuum and divisions in float32.
     """
-    flux = np.asarray(flux)
-    flux_err = np.asarray(flux_err)
-    if flux.ndim not in (1, 2):
-        raise ValueError(f"flux must be (P,) or (N, P), got shape {flux.shape}")
-    if flux_err.shape != flux.shape:
-        raise ValueError(f"flux_err shape {flux_err.shape} != flux shape {flux.shape}")
+    flux, flux_err = _flux_pair(flux, flux_err)
     g = _resolve_grid(grid, flux.shape[-1])
     out_dtype = np.float32 if flux.dtype == np.float32 else np.float64
     # float32 input: the (small) least-squares fit runs in float64, the full-length continuum and
@@ -347,12 +353,7 @@ def prepare_spectrum(
     Raises :class:`SpectrumQualityError` naming the spectra with no good pixel, unless
     ``allow_empty`` (then such rows are all-bad).
     """
-    flux = np.asarray(flux)
-    flux_err = np.asarray(flux_err)
-    if flux.ndim not in (1, 2):
-        raise ValueError(f"flux must be (P,) or (N, P), got shape {flux.shape}")
-    if flux_err.shape != flux.shape:
-        raise ValueError(f"flux_err shape {flux_err.shape} != flux shape {flux.shape}")
+    flux, flux_err = _flux_pair(flux, flux_err)
     g = grids.grid_name(grid)
     n_pix = flux.shape[-1]
     if n_pix == grids.N_PIX_FULL:

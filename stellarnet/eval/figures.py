@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from stellarnet.eval.metrics import (
     row_normalize,
     snr_bin_index,
 )
+from stellarnet.utils import atomic_open
 
 LABEL_TEX: dict[str, str] = {
     "TEFF": r"$T_\mathrm{eff}$",
@@ -61,16 +61,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     return path
 
 

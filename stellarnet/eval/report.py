@@ -30,30 +30,7 @@ from stellarnet.eval.metrics import (
     default_class_names,
     regression_report,
 )
-from stellarnet.utils import atomic_write_text
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert to JSON-safe plain Python (NaN/inf → None, numpy → Python,
-    tuples → lists, keys starting with ``_`` dropped, other keys → str)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return str(obj)
+from stellarnet.utils import atomic_write_text, to_jsonable
 
 
 def build_report(
