@@ -6,6 +6,13 @@ Sub-networks are described by ``_target_`` dicts (Hydra style) and built inside 
 ``hydra.utils.instantiate``; their size arguments (``n_pixels``, ``n_features``, ``in_dim``,
 ``n_labels``, ``n_classes``) are filled in from ``data_spec``, so configs never repeat them.
 
+Multi-device (DDP) runs: validation and test outputs are gathered from every rank at the end of the
+epoch (``torch.distributed.all_gather_object``), the duplicates ``DistributedSampler`` pads the
+last ranks with are dropped by the batch ``index`` (row index in the split), and the metrics are
+computed once on the whole split, identically on every rank. Every rank therefore logs the same
+metric names in the same order (a collective ``sync_dist`` reduction would hang otherwise), and a
+non-finite training loss is a collective decision (all ranks skip, or all raise, together).
+
 Inputs are the batch dict of ``docs/architecture.md``; the network works in standardized label
 units, and everything it reports (logged metrics, ``test_outputs``, :meth:`predict_batch`) is in
 physical units (K for TEFF, dex for LOGG / FE_H / ALPHA_FE) using ``data_spec["label_mean"/"label_std"]``.
@@ -23,6 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from torch import nn
 
@@ -197,8 +205,9 @@ class StellarNetModule(pl.LightningModule):
             epistemic σ (0: none).
         nan_policy: ``"skip"`` (warn and skip the optimizer step on a non-finite training loss) or
             ``"raise"`` (``FloatingPointError``). A skipped batch leaves the weights and the batch-norm
-            statistics untouched (Lightning still counts the optimizer step; with DDP every rank must
-            skip the same batch, so prefer "raise" there).
+            statistics untouched (Lightning still counts the optimizer step). With DDP the decision is
+            collective: when the loss is non-finite on any rank, every rank skips that batch (or
+            raises), so the ranks never disagree about the gradient all-reduce or the logged metrics.
         log_figures: log pred-vs-true and confusion-matrix figures to TensorBoard at the end of
             validation epochs (~0.3 s per epoch; only with a TensorBoardLogger, only on rank 0).
         figure_every_n_epochs: log the figures every n-th epoch (and always on the last one).
@@ -453,16 +462,21 @@ class StellarNetModule(pl.LightningModule):
         saved = {n: b.clone() for n, b in self._norm_buffers().items()} if self.nan_policy == "skip" else {}
         out = self._forward_batch(batch)
         total, parts, _ = self.compute_loss(out, batch)
-        if not bool(torch.isfinite(total)):
-            bad_heads = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
-            bad_out = [k for k in ("mean", "log_var") if not bool(torch.isfinite(out[k]).all())]
-            bad_in = [k for k in ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_err")
-                      if k in batch and not bool(torch.isfinite(batch[k]).all())]
-            msg = (
-                f"non-finite training loss at batch_idx={batch_idx} (epoch {self.current_epoch}, global step "
-                f"{self.global_step}); non-finite heads: {bad_heads or ['total']}; non-finite outputs: {bad_out}; "
-                f"non-finite inputs: {bad_in}"
-            )
+        finite_here = bool(torch.isfinite(total))
+        if not self._all_ranks_agree(finite_here):  # with DDP: all ranks skip (or raise) together
+            if finite_here:
+                msg = (f"non-finite training loss on another rank at batch_idx={batch_idx} (epoch "
+                       f"{self.current_epoch}, global step {self.global_step})")
+            else:
+                bad_heads = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+                bad_out = [k for k in ("mean", "log_var") if not bool(torch.isfinite(out[k]).all())]
+                bad_in = [k for k in ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_err")
+                          if k in batch and not bool(torch.isfinite(batch[k]).all())]
+                msg = (
+                    f"non-finite training loss at batch_idx={batch_idx} (epoch {self.current_epoch}, global step "
+                    f"{self.global_step}); non-finite heads: {bad_heads or ['total']}; non-finite outputs: {bad_out}; "
+                    f"non-finite inputs: {bad_in}"
+                )
             if self.nan_policy == "raise":
                 raise FloatingPointError(msg)
             self.n_skipped_batches += 1
@@ -474,6 +488,18 @@ class StellarNetModule(pl.LightningModule):
         bs = batch["flux"].shape[0]
         self._log_losses("train", total, parts, bs)
         return total
+
+    def _distributed(self) -> bool:
+        """True inside a multi-process run with an initialized process group."""
+        tr = self._trainer
+        return (tr is not None and tr.world_size > 1 and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    def _all_ranks_agree(self, decision: bool) -> bool:
+        """``decision`` AND-ed over all ranks (one small all-reduce; ``decision`` itself when single-process)."""
+        if not self._distributed():
+            return decision
+        return bool(self.trainer.strategy.reduce_boolean_decision(decision, all=True))
 
     # ------------------------------------------------------------------------------------------
     # validation / test
@@ -502,17 +528,52 @@ class StellarNetModule(pl.LightningModule):
         return item
 
     @staticmethod
-    def _concat(store: list[dict[str, Any]]) -> dict[str, Any]:
-        if not store:
+    def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Concatenate per-batch (or per-rank) output dicts along the sample axis (``{}`` if none)."""
+        parts = [p for p in parts if p]
+        if not parts:
             return {}
         out: dict[str, Any] = {}
-        for k, v in store[0].items():
+        for k, v in parts[0].items():
             if isinstance(v, dict):
-                out[k] = {t: np.concatenate([s[k][t] for s in store]) for t in v}
+                out[k] = {t: np.concatenate([p[k][t] for p in parts]) for t in v}
             else:
-                out[k] = np.concatenate([s[k] for s in store])
-        out["labels_pred"] = out.pop("labels")
+                out[k] = np.concatenate([p[k] for p in parts])
         return out
+
+    @staticmethod
+    def _take(outputs: dict[str, Any], sel: np.ndarray) -> dict[str, Any]:
+        return {k: ({t: a[sel] for t, a in v.items()} if isinstance(v, dict) else v[sel]) for k, v in outputs.items()}
+
+    @classmethod
+    def _concat(cls, store: list[dict[str, Any]]) -> dict[str, Any]:
+        out = cls._merge(store)
+        if out:
+            out["labels_pred"] = out.pop("labels")
+        return out
+
+    def _gather_outputs(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """This epoch's outputs of *all* ranks: padding duplicates dropped, rows sorted by ``index``.
+
+        ``DistributedSampler`` gives each rank an equal share and pads the split with repeats of its
+        first rows; a row is kept once per ``index`` (the row index in the split, see the batch
+        dict). Collective: every rank calls it from the same epoch-end hook, and every rank gets
+        the same result. Single-process: ``outputs`` unchanged.
+        """
+        if not self._distributed():
+            return outputs
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, outputs)
+        merged = self._merge(parts)
+        if not merged:
+            return merged
+        index = merged["index"]
+        if (index < 0).any():
+            log.warning("batches without 'index': cannot drop DistributedSampler padding duplicates; "
+                        "metrics of this epoch may count up to world_size-1 rows twice")
+            return merged
+        _, first = np.unique(index, return_index=True)
+        return self._take(merged, first)
 
     def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], mc_samples: int) -> torch.Tensor:
         out = self._forward_batch(batch)
@@ -539,15 +600,25 @@ class StellarNetModule(pl.LightningModule):
         }
 
     def _log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
-        for name, m in metrics["labels"].items():
-            if m["n"] == 0:
+        """Log epoch metrics computed on the gathered outputs (hence identical on every rank).
+
+        The names logged (and skipped: labels with n = 0, non-finite values) depend only on those
+        gathered metrics, so every rank makes the same ``self.log`` calls in the same order, which
+        the collective ``sync_dist`` reduction needs. ``reduce_fx="max"`` of equal values returns the
+        value exactly (a mean over ranks could differ from it in the last bit).
+        """
+        kw = {"sync_dist": True, "reduce_fx": "max"}
+        for name in self.label_names:
+            m = metrics["labels"].get(name)
+            if not m or m["n"] == 0:
                 continue
             for key in ("mae", "bias", "z_std", "coverage_68"):
                 if math.isfinite(m[key]):
-                    self.log(f"{stage}/{key}_{name}", m[key], sync_dist=True)
-        for task, m in metrics["classes"].items():
-            if m["n"]:
-                self.log(f"{stage}/acc_{task}", m["accuracy"], sync_dist=True)
+                    self.log(f"{stage}/{key}_{name}", m[key], **kw)
+        for task in self.class_tasks:
+            m = metrics["classes"].get(task)
+            if m and m["n"]:
+                self.log(f"{stage}/acc_{task}", m["accuracy"], **kw)
 
     def on_validation_epoch_start(self) -> None:
         self._val_store = []
@@ -556,7 +627,7 @@ class StellarNetModule(pl.LightningModule):
         return self._eval_step("val", batch, 0)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_outputs = self._concat(self._val_store)
+        self.val_outputs = self._gather_outputs(self._concat(self._val_store))
         self._val_store = []
         if not self.val_outputs:
             return
@@ -582,9 +653,10 @@ class StellarNetModule(pl.LightningModule):
         ``test_outputs`` keys: ``index`` (N,), ``labels_pred``, ``sigma_aleatoric``,
         ``sigma_epistemic``, ``sigma_total``, ``labels_true`` (NaN where missing), ``label_err``
         (NaN where missing), ``label_mask`` (bool) - all (N, L) - and ``class_probs`` {task: (N, K)},
-        ``class_true`` {task: (N,) int, −1 missing}. On multi-device runs each rank holds its own part.
+        ``class_true`` {task: (N,) int, −1 missing}. On multi-device runs both are gathered from all
+        ranks (every rank holds the whole split, each row once, sorted by ``index``).
         """
-        self.test_outputs = self._concat(self._test_store)
+        self.test_outputs = self._gather_outputs(self._concat(self._test_store))
         self._test_store = []
         if self.test_outputs:
             self.test_metrics = compute_metrics(self.test_outputs, self.data_spec)
