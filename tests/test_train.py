@@ -56,4 +56,8 @@ def test_train_resume_from_last(tmp_path, tiny_survey, loose_cuts):
     _, objs2 = train(cfg2)
     assert objs2["trainer"].global_step == 2 * steps_one
     ck = torch.load(last, map_location="cpu", weights_only=True)
-    assert ck["epoch"] == 1
+    assert ck["global_step"] == 2 * steps_one
+    # raising max_epochs on resume re-stretches the one-cycle schedule over the new length
+    assert ck["stellarnet_schedule_total"] == 2 * steps_one
+    assert ck["lr_schedulers"][0]["total_steps"] == 2 * steps_one
+    assert ck["lr_schedulers"][0]["last_epoch"] == 2 * steps_one

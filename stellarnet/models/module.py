@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -749,35 +750,26 @@ class StellarNetModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     # optimization
     # ------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        cfg = dict(self.optimizer_cfg)
-        name = str(cfg.pop("name", "adamw")).lower()
-        if name != "adamw":
-            raise ValueError(f"only the AdamW optimizer is supported, got {name!r}")
-        lr = float(cfg.pop("lr", 1e-3))
-        wd = float(cfg.pop("weight_decay", 1e-4))
-        betas = tuple(cfg.pop("betas", (0.9, 0.999)))
-        eps = float(cfg.pop("eps", 1e-8))
-        if cfg:
-            raise ValueError(f"unknown optimizer options {sorted(cfg)}")
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps
-        )
-        sch = dict(self.scheduler_cfg or {})
-        sname = str(sch.pop("name", "none")).lower()
+    def _schedule_steps(self) -> int:
+        """Optimizer steps the learning-rate schedule spans (``trainer.estimated_stepping_batches``)."""
+        sname = str((self.scheduler_cfg or {}).get("name", "none")).lower()
         if sname in ("none", "null", ""):
-            return opt
+            return 0
         total = int(self.trainer.estimated_stepping_batches)
         if total < 1 or total > 10**9:
             raise ValueError(f"cannot schedule over {total} steps; set trainer.max_epochs or max_steps")
+        return total
+
+    def _make_scheduler(self, opt: torch.optim.Optimizer, total: int) -> Any:
+        """The learning-rate scheduler of ``scheduler_cfg`` over ``total`` optimizer steps (None: constant lr)."""
+        sch = dict(self.scheduler_cfg or {})
+        sname = str(sch.pop("name", "none")).lower()
+        if sname in ("none", "null", ""):
+            return None
         if sname == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 opt,
-                max_lr=float(sch.pop("max_lr", lr)),
+                max_lr=float(sch.pop("max_lr", opt.defaults["lr"])),
                 total_steps=total,
                 pct_start=float(sch.pop("pct_start", 0.3)),
                 div_factor=float(sch.pop("div_factor", 25.0)),
@@ -796,4 +788,73 @@ class StellarNetModule(pl.LightningModule):
             raise ValueError(f"unknown scheduler {sname!r}; use 'onecycle', 'cosine' or 'none'")
         if sch:
             raise ValueError(f"unknown options {sorted(sch)} for scheduler {sname!r}")
+        return scheduler
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the schedule length, so a resumed run with another ``max_epochs`` can re-stretch it."""
+        total = getattr(self, "_schedule_total", None)
+        if total:
+            checkpoint["stellarnet_schedule_total"] = int(total)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_schedule_total = checkpoint.get("stellarnet_schedule_total")
+
+    def on_train_start(self) -> None:
+        """After a resume with a different run length (e.g. ``max_epochs`` raised to train longer),
+        rebuild the learning-rate schedule for the new length and advance it to the restored step.
+
+        The restored scheduler state keeps the old length: OneCycle would stop with "Tried to step
+        N times" and a cosine schedule would climb back up after its end.
+        """
+        restored = getattr(self, "_restored_schedule_total", None)
+        self._restored_schedule_total = None
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        if len(configs) != 1 or len(self.trainer.optimizers) != 1:
+            return
+        old = configs[0].scheduler
+        if restored is None:
+            restored = getattr(old, "total_steps", None)  # checkpoints written before the key existed
+        total = self._schedule_steps()
+        if restored is None or not total or int(restored) == total:
+            return
+        done = int(old.last_epoch)
+        if done >= total:
+            raise ValueError(
+                f"resumed at optimizer step {done}, but the new run spans only {total} steps; "
+                "raise trainer.max_epochs (or max_steps) above the checkpoint's"
+            )
+        opt = self.trainer.optimizers[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+            new = self._make_scheduler(opt, total)
+            for _ in range(done):
+                new.step()
+        configs[0].scheduler = new
+        self._schedule_total = total
+        log.warning("learning-rate schedule re-stretched from %d to %d optimizer steps on resume "
+                    "(continuing at step %d, lr %.3g)", int(restored), total, done, opt.param_groups[0]["lr"])
+
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optimizer_cfg)
+        name = str(cfg.pop("name", "adamw")).lower()
+        if name != "adamw":
+            raise ValueError(f"only the AdamW optimizer is supported, got {name!r}")
+        lr = float(cfg.pop("lr", 1e-3))
+        wd = float(cfg.pop("weight_decay", 1e-4))
+        betas = tuple(cfg.pop("betas", (0.9, 0.999)))
+        eps = float(cfg.pop("eps", 1e-8))
+        if cfg:
+            raise ValueError(f"unknown optimizer options {sorted(cfg)}")
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps
+        )
+        total = self._schedule_steps()
+        scheduler = self._make_scheduler(opt, total)
+        if scheduler is None:
+            return opt
+        self._schedule_total = total
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
