@@ -200,6 +200,36 @@ def test_spectral_encoder_ignores_masked_pixels_and_rejects_too_much_stride():
         SpectralConvEncoder(100, channels=[4, 4], kernel_sizes=[3, 3], strides=[4, 4], pool_size=16)
 
 
+
+def test_spectral_encoder_linear_branch_sees_single_pixels():
+    """The full-resolution linear branch keeps per-pixel weights: a change of one pixel that the
+    strided convolutions see only blurred reaches the features through its own weight."""
+    torch.manual_seed(0)
+    kw = dict(channels=[4, 8], kernel_sizes=[5, 3], strides=[2, 2], pool_size=8, out_dim=8, dropout=0.0)
+    enc = SpectralConvEncoder(P_SMALL, linear_dim=6, **kw).eval()
+    b = make_batch(2)
+    conv = enc.conv_features(b["flux"], b["flux_err"], b["pix_mask"])
+    assert conv.shape == (2, 8 * 8 + 6) and enc.fc.in_features == 8 * 8 + 6
+    with torch.no_grad():
+        enc.linear[0].weight.zero_()
+        enc.linear[0].weight[3, 17] = 2.0
+    flux2 = b["flux"].clone()
+    flux2[:, 17] -= 0.05  # a 5 % deeper line in one pixel
+    lin = enc.conv_features(flux2, b["flux_err"], b["pix_mask"])[:, 64:] - enc.conv_features(
+        b["flux"], b["flux_err"], b["pix_mask"])[:, 64:]
+    scale = 2.0 / torch.sqrt(enc.linear[1].running_var[3] + enc.linear[1].eps)
+    assert torch.allclose(lin[:, 3], torch.full((2,), -0.05) * scale, atol=1e-6)
+    assert torch.allclose(lin[:, [0, 1, 2, 4, 5]], torch.zeros(2, 5))
+    # a masked pixel contributes nothing, whatever its flux
+    mask2 = b["pix_mask"].clone()
+    mask2[:, 17] = 0.0
+    flux3 = b["flux"].clone()
+    flux3[:, 17] = 9.0
+    assert torch.allclose(enc.conv_features(flux3, b["flux_err"], mask2)[:, 64:],
+                          enc.conv_features(b["flux"], b["flux_err"], mask2)[:, 64:], atol=1e-6)
+    with pytest.raises(ValueError, match="linear_dim"):
+        SpectralConvEncoder(P_SMALL, linear_dim=-1, **kw)
+
 def test_photometry_mlp_shapes_and_feature_dropout():
     torch.manual_seed(0)
     mlp = PhotometryMLP(6, hidden=[16], out_dim=8, dropout=0.0, feature_dropout=0.0, drop_all_prob=1.0)

@@ -51,6 +51,13 @@ class SpectralConvEncoder(nn.Module):
     ``AdaptiveAvgPool1d(pool_size)`` (keeps coarse wavelength position, which matters because line
     identity is positional), flatten, dropout and ``Linear -> ReLU`` to ``out_dim`` features.
 
+    With ``linear_dim > 0`` a full-resolution linear branch runs beside the convolutions: a
+    bias-free ``Linear(n_pixels -> linear_dim)`` on input channel 0 (masked ``flux - 1``) followed
+    by ``BatchNorm1d``. Every pixel keeps its own weights, like the per-pixel coefficients of The
+    Cannon, so narrow and weak lines that the strided convolutions average away still reach the
+    trunk; near a given star the best estimator of a label is a weighted sum of pixels, and this
+    branch learns such sums. Its features are concatenated with the pooled conv features.
+
     Args:
         n_pixels: number of spectral pixels P (7,514 for ``dr17``, 7,214 for ``dr12``).
         in_channels: number of input channels; must be 3 (see :func:`spectral_input_channels`).
@@ -61,6 +68,7 @@ class SpectralConvEncoder(nn.Module):
         dropout: dropout probability before the final linear layer (also used for MC dropout).
         out_dim: size of the output feature vector.
         err_scale: error-weight scale of input channel 1 (1 / normalized-flux units).
+        linear_dim: width of the full-resolution linear branch (0 = none).
     """
 
     def __init__(
@@ -74,8 +82,11 @@ class SpectralConvEncoder(nn.Module):
         dropout: float = 0.1,
         out_dim: int = 128,
         err_scale: float = 50.0,
+        linear_dim: int = 0,
     ) -> None:
         super().__init__()
+        if linear_dim < 0:
+            raise ValueError(f"linear_dim must be >= 0, got {linear_dim}")
         channels, kernel_sizes, strides = list(channels), list(kernel_sizes), list(strides)
         if in_channels != 3:
             raise ValueError(f"SpectralConvEncoder builds 3 input channels, got in_channels={in_channels}")
@@ -105,8 +116,14 @@ class SpectralConvEncoder(nn.Module):
         self.conv_length = length
         self.convs = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool1d(pool_size)
+        self.linear_dim = int(linear_dim)
+        self.linear = (
+            nn.Sequential(nn.Linear(self.n_pixels, self.linear_dim, bias=False), nn.BatchNorm1d(self.linear_dim))
+            if self.linear_dim
+            else None
+        )
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(c_in * pool_size, self.out_dim)
+        self.fc = nn.Linear(c_in * pool_size + self.linear_dim, self.out_dim)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, flux: torch.Tensor, flux_err: torch.Tensor, pix_mask: torch.Tensor) -> torch.Tensor:
@@ -121,11 +138,15 @@ class SpectralConvEncoder(nn.Module):
         return self.project(self.conv_features(flux, flux_err, pix_mask))
 
     def conv_features(self, flux: torch.Tensor, flux_err: torch.Tensor, pix_mask: torch.Tensor) -> torch.Tensor:
-        """Deterministic part (convs + pool), (B, channels[-1] * pool_size); the expensive part."""
+        """Deterministic part (convs + pool, and the linear branch if any),
+        (B, channels[-1] * pool_size + linear_dim); the expensive part."""
         if flux.shape[-1] != self.n_pixels:
             raise ValueError(f"expected spectra with {self.n_pixels} pixels, got {flux.shape[-1]}")
         x = spectral_input_channels(flux, flux_err, pix_mask, self.err_scale)
-        return self.pool(self.convs(x)).flatten(1)
+        conv = self.pool(self.convs(x)).flatten(1)
+        if self.linear is None:
+            return conv
+        return torch.cat((conv, self.linear(x[:, 0])), dim=1)
 
     def project(self, conv: torch.Tensor) -> torch.Tensor:
         """Stochastic part (dropout + linear) on :meth:`conv_features`, -> (B, out_dim).
