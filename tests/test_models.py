@@ -656,3 +656,23 @@ def test_wrong_grid_length_raises_value_error_naming_both_grids(tmp_path):
         pred.predict(x, np.full_like(x, 0.01))
     ok = pred.predict(np.ones(7214, np.float32), np.full(7214, 0.01, np.float32))  # a single spectrum
     assert ok["labels"].shape == (1, 4)
+
+
+def test_mc_dropout_is_skipped_for_a_dropout_free_model():
+    """With every dropout p = 0 there is nothing to sample: σ_epistemic is 0 and no extra passes run."""
+    import copy
+
+    net = copy.deepcopy(TINY_NET)
+    net["spectral_encoder"]["dropout"] = 0.0
+    net["trunk"]["dropout"] = 0.0
+    net["photometry"]["dropout"] = 0.0
+    free = StellarNetModule(net=net, data_spec=make_spec(), log_figures=False).eval()
+    assert not free.has_mc_dropout and make_module().has_mc_dropout
+    b = make_batch(4)
+    calls = []
+    free._heads = (lambda orig: (lambda *a, **k: calls.append(1) or orig(*a, **k)))(free._heads)
+    with torch.no_grad():
+        out = free.predict_batch(b["flux"], b["flux_err"], b["pix_mask"], b["photometry"], b["phot_mask"], mc_samples=20)
+    assert len(calls) == 1
+    assert torch.equal(out["sigma_epistemic"], torch.zeros_like(out["sigma_epistemic"]))
+    assert torch.allclose(out["sigma_total"], out["sigma_aleatoric"])

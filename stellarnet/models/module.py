@@ -374,6 +374,11 @@ class StellarNetModule(pl.LightningModule):
             for m, s in zip(drops, states):
                 m.train(s)
 
+    @property
+    def has_mc_dropout(self) -> bool:
+        """Whether MC dropout can sample anything: some ``nn.Dropout`` layer has ``p > 0``."""
+        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
     def predict_batch(
         self,
         flux: torch.Tensor,
@@ -387,7 +392,8 @@ class StellarNetModule(pl.LightningModule):
 
         ``labels`` and ``sigma_aleatoric`` come from the deterministic (eval-mode) pass, so they do
         not depend on ``mc_samples``; ``sigma_epistemic`` is the standard deviation of the predicted
-        means over ``mc_samples`` passes with dropout on (zeros if ``mc_samples`` < 2);
+        means over ``mc_samples`` passes with dropout on (zeros if ``mc_samples`` < 2, or if the model
+        has no dropout to sample: :attr:`has_mc_dropout`, and then the passes are skipped);
         ``sigma_total = sqrt(ale² + epi²)``. Units: those of ``data_spec["label_units"]``.
 
         Returns:
@@ -400,7 +406,7 @@ class StellarNetModule(pl.LightningModule):
         labels = out["mean"] * std + self.label_mean
         ale = torch.exp(0.5 * out["log_var"]) * std
         epi = torch.zeros_like(ale)
-        if mc_samples >= 2:
+        if mc_samples >= 2 and self.has_mc_dropout:
             with self.mc_dropout():
                 means = torch.stack([self._heads(stage1, photometry, phot_mask)["mean"] for _ in range(mc_samples)])
             epi = means.std(dim=0, unbiased=True) * std
