@@ -4,10 +4,12 @@
         [--max-stars 2000] [--predictions predictions.csv] [--truth auto|<truth.fits>] \
         [--per-star crlb_per_star.csv]
 
-The spectral model is the Kurucz emulator followed by the same continuum normalization the survey
-files carry (``continuum_normalize(..., grid="dr12")`` on the Cannon continuum pixels, unit
-weights — see ``stellarnet.simulate.instrument``; the smooth per-chip instrument throughput of
-the simulation is a nuisance the normalization removes and is not modelled). Its Jacobian
+The spectral model (``stellarnet.spectral_model.emulator_model``, shared with
+``python -m stellarnet.evaluate``) is the Kurucz emulator followed by the same continuum
+normalization the survey files carry (``continuum_normalize(..., grid="dr12")`` on the Cannon
+continuum pixels, unit weights — see ``stellarnet.simulate.instrument``; the smooth per-chip
+instrument throughput of the simulation is a nuisance the normalization removes and is not
+modelled). Its Jacobian
 (central differences, 10 K / 0.02 / 0.01 / 0.01 dex) and two noise models give the per-star
 CRLB (:mod:`stellarnet.eval.crlb`):
 
@@ -28,68 +30,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stellarnet.data import grids
 from stellarnet.data.shards import ShardReader, load_manifest
-from stellarnet.data.spectra import continuum_normalize
 from stellarnet.eval.crlb import (
     DEFAULT_STEPS,
     GAUSS_MAE_FACTOR,
+    GIANT_STAGES,
+    GOAL_SNR,
+    NOISE_DESCRIPTIONS,
+    NOISE_MODELS,
+    RATIO_DEFINITION,
+    box_selection,
+    compute_crlb,
     crlb_by_bin,
-    crlb_sigma,
+    crlb_goal,
     crlb_table_markdown,
-    fisher_matrix,
-    jacobian,
     mae_over_crlb,
+    subset_rows,
+    to_model_grid,
 )
 from stellarnet.eval.metrics import DEFAULT_SNR_EDGES
 from stellarnet.eval.report import to_jsonable
-from stellarnet.simulate.emulator import LABEL_NAMES, KuruczEmulator, load_emulator
+from stellarnet.simulate.emulator import LABEL_NAMES
+from stellarnet.spectral_model import MODEL_GRID, emulator_model
 
-MODEL_GRID = "dr12"  # the emulator's 7,214-pixel grid
 STAGE_NAMES = ("MS", "SG", "RGB", "RC")
-GIANT_CODES = (2, 3)  # RGB, RC
-NOISE_MODELS = ("flux_err", "snr")
-GOAL_SNR = 100.0
-GOAL_RATIO = 2.0
-
-
-def make_model_fn(emu: KuruczEmulator) -> Any:
-    """``labels (N, 4) [K, dex, dex, dex] -> continuum-normalized model flux (N, 7214)`` float64:
-    emulator spectrum divided by its per-chip quadratic Chebyshev continuum fitted on the dr12
-    continuum pixels (unit weights), as the simulated survey files are normalized."""
-
-    def model_fn(labels: np.ndarray) -> np.ndarray:
-        raw = emu(np.asarray(labels, np.float64), check_box=False).astype(np.float64)
-        norm, _, _ = continuum_normalize(raw, np.ones_like(raw), None, grid=MODEL_GRID)
-        return norm
-
-    return model_fn
-
-
-def to_model_grid(arr: np.ndarray, grid: str, fill: float) -> np.ndarray:
-    """(N, P_grid) shard array → (N, 7214) on the emulator grid; pixels the shard grid lacks get
-    ``fill``."""
-    g = grids.grid_name(grid)
-    if g == MODEL_GRID:
-        return arr
-    src = grids.grid_indices(g)
-    dst = grids.grid_indices(MODEL_GRID)
-    pos = np.searchsorted(src, dst)
-    pos = np.clip(pos, 0, src.size - 1)
-    have = src[pos] == dst
-    out = np.full((arr.shape[0], dst.size), fill, dtype=arr.dtype)
-    out[:, have] = arr[:, pos[have]]
-    return out
+GIANT_CODES = tuple(STAGE_NAMES.index(s) for s in GIANT_STAGES)  # RGB, RC
 
 
 def read_truth(path: Path, ids: np.ndarray) -> np.ndarray:
@@ -112,22 +85,6 @@ def read_predictions(path: Path, ids: np.ndarray) -> np.ndarray:
     df["APOGEE_ID"] = df["APOGEE_ID"].astype(str).str.strip()
     df = df.drop_duplicates("APOGEE_ID").set_index("APOGEE_ID")
     return df.reindex(ids)[list(LABEL_NAMES)].to_numpy(np.float64)
-
-
-def compute_crlb(model_fn: Any, labels: np.ndarray, snr: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-                 bounds: tuple[np.ndarray, np.ndarray], chunk: int = 128) -> dict[str, np.ndarray]:
-    """Per-star CRLB σ (N, 4) for each noise model, from one Jacobian per chunk."""
-    n = labels.shape[0]
-    out = {k: np.empty((n, len(LABEL_NAMES))) for k in NOISE_MODELS}
-    steps = [DEFAULT_STEPS[name] for name in LABEL_NAMES]
-    t0 = time.time()
-    for s in range(0, n, chunk):
-        sl = slice(s, min(s + chunk, n))
-        J = jacobian(model_fn, labels[sl], steps, bounds=bounds, chunk=chunk)
-        out["flux_err"][sl] = crlb_sigma(fisher_matrix(J, flux_err[sl], good[sl]))
-        out["snr"][sl] = crlb_sigma(fisher_matrix(J, 1.0 / snr[sl, None], good[sl]))
-        print(f"  CRLB {sl.stop}/{n} stars ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     d = reader.read_all(("labels", "snr", "pix_mask", "flux_err", "classes", "apogee_id"))
     reader.close()
     n_split = int(d["snr"].shape[0])
-    rows = np.arange(n_split)
-    if args.max_stars is not None and args.max_stars < n_split:
-        rows = np.sort(np.random.default_rng(args.seed).choice(n_split, args.max_stars, replace=False))
+    rows = subset_rows(n_split, args.max_stars, args.seed)
     ids = np.char.strip(d["apogee_id"][rows].astype(str))
     cat = d["labels"][rows, : len(LABEL_NAMES)].astype(np.float64)
     snr = d["snr"][rows].astype(np.float64)
@@ -176,19 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     truth = read_truth(truth_path, ids) if truth_path is not None else None
     at = truth if truth is not None else cat  # labels at which the bound is evaluated
 
-    emu = load_emulator()
-    finite = np.all(np.isfinite(at), axis=1) & np.isfinite(snr) & (snr > 0)
-    inside = finite & emu.in_box(np.where(np.isfinite(at), at, -1e30))
+    model = emulator_model()
+    if tuple(model.label_names) != tuple(LABEL_NAMES):
+        raise SystemExit(f"spectral model labels {model.label_names} differ from {LABEL_NAMES}")
+    inside, _ = box_selection(at, snr, model.lower, model.upper)
     sel = np.flatnonzero(inside)
     print(f"{args.dataset} [{args.split}]: {n_split} stars, {rows.size} selected, {sel.size} inside the "
           f"emulator box (labels from {'truth' if truth is not None else 'catalogue'})", file=sys.stderr)
     if sel.size == 0:
         raise SystemExit("no star inside the emulator label box")
 
-    good = to_model_grid(d["pix_mask"][rows[sel]].astype(bool), grid, False)
-    ferr = to_model_grid(d["flux_err"][rows[sel]].astype(np.float64), grid, np.inf)
-    model_fn = make_model_fn(emu)
-    crlb = compute_crlb(model_fn, at[sel], snr[sel], ferr, good, (emu.x_min, emu.x_max), chunk=args.chunk)
+    good = to_model_grid(d["pix_mask"][rows[sel]].astype(bool), grid, MODEL_GRID, False)
+    ferr = to_model_grid(d["flux_err"][rows[sel]].astype(np.float64), grid, MODEL_GRID, np.inf)
+    crlb = compute_crlb(model.fn, at[sel], snr[sel], ferr, good, model.bounds, chunk=args.chunk,
+                        steps=[DEFAULT_STEPS[n] for n in LABEL_NAMES],
+                        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     snr_s = snr[sel]
     stage_s = stage[sel] if stage is not None else None
     giant = np.isin(stage_s, GIANT_CODES) if stage_s is not None else None
@@ -201,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "truth_file": str(truth_path) if truth_path else None,
         "label_names": list(LABEL_NAMES), "label_units": ["K", "dex", "dex", "dex"],
         "snr_edges": edges, "steps": [DEFAULT_STEPS[n] for n in LABEL_NAMES],
-        "emulator_box": {n: [float(a), float(b)] for n, a, b in zip(LABEL_NAMES, emu.x_min, emu.x_max)},
-        "noise_models": {"flux_err": "shard per-pixel normalized errors, masked pixels excluded",
-                         "snr": "1/SNR per pixel, masked pixels excluded"},
+        "emulator_box": {n: [float(a), float(b)] for n, a, b in zip(LABEL_NAMES, model.lower, model.upper)},
+        "noise_models": {k: NOISE_DESCRIPTIONS[k] for k in NOISE_MODELS},
         "crlb": {},
     }
     groups: dict[str, np.ndarray] = {"all": np.ones(sel.size, bool)}
@@ -228,11 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         refs = {"catalogue": cat[sel]}
         if truth is not None:
             refs["truth"] = truth[sel]
-        goal_edges = [0.0, GOAL_SNR, math.inf]
-        comp: dict[str, Any] = {"n_matched": n_matched, "definition": (
-            "ratio = MAE / (median CRLB · sqrt(2/pi)) = achieved Gaussian sigma over the bound; "
-            "ratio_per_star = mean(|residual| / CRLB) / sqrt(2/pi); noise model flux_err"),
-            "gauss_mae_factor": GAUSS_MAE_FACTOR}
+        comp: dict[str, Any] = {"n_matched": n_matched, "definition": RATIO_DEFINITION + "; noise model flux_err",
+                                "gauss_mae_factor": GAUSS_MAE_FACTOR}
         for ref_name, ref in refs.items():
             res = pred - ref
             block: dict[str, Any] = {}
@@ -243,12 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(crlb_table_markdown(block[g], "ratio", title=f"MAE/CRLB (σ_achieved/σ_CRLB) — {g} vs {ref_name}"))
                 print()
             if "giants" in groups:
-                goal = mae_over_crlb(res, crlb["flux_err"], snr_s, edges=goal_edges, mask=groups["giants"])
-                block["goal_giants_snr_ge_100"] = {
-                    n: {**goal[n][f">={GOAL_SNR:g}"], "within_2x": bool(goal[n][f">={GOAL_SNR:g}"]["ratio"] <= GOAL_RATIO)}
-                    for n in LABEL_NAMES}
+                block["goal_giants_snr_ge_100"] = crlb_goal(res, crlb["flux_err"], snr_s, groups["giants"],
+                                                            label_names=LABEL_NAMES)
                 print(f"goal (giants, SNR >= {GOAL_SNR:g}, vs {ref_name}): " + ", ".join(
-                    f"{n} {v['ratio']:.2f}{' ok' if v['within_2x'] else ' >2x'}"
+                    f"{n} {v['ratio']:.2f}" + {True: " ok", False: " >2x", None: " (no stars)"}[v["within_2x"]]
                     for n, v in block["goal_giants_snr_ge_100"].items()))
             comp[ref_name] = block
         result["mae_over_crlb"] = comp

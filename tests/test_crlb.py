@@ -16,14 +16,20 @@ import pytest
 from stellarnet.eval.crlb import (
     GAUSS_MAE_FACTOR,
     SingularFisherWarning,
+    box_selection,
+    compute_crlb,
     crlb_by_bin,
     crlb_covariance,
     crlb_for_stars,
+    crlb_goal,
+    crlb_report,
     crlb_sigma,
     crlb_table_markdown,
     fisher_matrix,
     jacobian,
     mae_over_crlb,
+    subset_rows,
+    to_model_grid,
 )
 from stellarnet.eval.report import to_jsonable
 
@@ -200,16 +206,143 @@ def test_mae_over_crlb_recovers_the_excess_factor():
 
 
 def _giant_model_fn():
+    from stellarnet.spectral_model import emulator_model
+
+    model = emulator_model()
+    return model.emulator, model.fn
+
+
+def test_spectral_model_is_the_normalized_emulator():
     from stellarnet.data.spectra import continuum_normalize
     from stellarnet.simulate.emulator import load_emulator
+    from stellarnet.spectral_model import MODEL_GRID, emulator_model
 
+    model = emulator_model()
     emu = load_emulator()
+    x = np.array([[4800.0, 2.5, 0.0, 0.1], [5600.0, 4.4, -0.3, 0.0]])
+    raw = emu(x).astype(np.float64)
+    np.testing.assert_allclose(model.fn(x), continuum_normalize(raw, np.ones_like(raw), None, grid="dr12")[0])
+    assert model.grid == MODEL_GRID == "dr12" and model.label_names == ("TEFF", "LOGG", "FE_H", "ALPHA_FE")
+    np.testing.assert_array_equal(model.bounds[0], emu.x_min)
+    np.testing.assert_array_equal(model.bounds[1], emu.x_max)
 
-    def model_fn(labels: np.ndarray) -> np.ndarray:
-        raw = emu(labels, check_box=False).astype(np.float64)
-        return continuum_normalize(raw, np.ones_like(raw), None, grid="dr12")[0]
 
-    return emu, model_fn
+def test_library_crlb_never_imports_the_simulator():
+    """stellarnet/eval (and data, models) take the spectral model as an argument."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stellarnet.eval.crlb, stellarnet.eval.report, stellarnet.eval.network; "
+            "bad = [m for m in sys.modules if m.startswith('stellarnet.simulate')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_to_model_grid_subset_rows_and_box_selection():
+    from stellarnet.data import grids
+
+    src, dst = grids.grid_indices("dr17"), grids.grid_indices("dr12")
+    arr = np.tile(src.astype(float), (2, 1))
+    out = to_model_grid(arr, "dr17", "dr12", np.inf)
+    assert out.shape == (2, dst.size)
+    np.testing.assert_array_equal(out[0][np.isin(dst, src)], dst[np.isin(dst, src)])
+    same = np.zeros((1, dst.size))
+    assert to_model_grid(same, "dr12", "dr12", 1.0) is same
+
+    np.testing.assert_array_equal(subset_rows(5), np.arange(5))
+    np.testing.assert_array_equal(subset_rows(5, 10), np.arange(5))
+    r = subset_rows(100, 10, seed=3)
+    assert r.size == 10 and np.all(np.diff(r) > 0)
+    np.testing.assert_array_equal(r, subset_rows(100, 10, seed=3))
+
+    labels = np.array([[5000.0, 2.0], [8000.0, 2.0], [np.nan, 2.0], [5000.0, 2.0], [5000.0, 9.0]])
+    snr = np.array([100.0, 100.0, 100.0, 0.0, 50.0])
+    sel, counts = box_selection(labels, snr, [4000.0, 0.0], [6000.0, 5.0])
+    np.testing.assert_array_equal(sel, [True, False, False, False, False])
+    assert counts == {"n": 5, "n_in_box": 1, "n_outside_box": 2, "n_no_labels": 2}
+
+
+def test_crlb_report_on_a_linear_model():
+    A, b, sigma, model_fn = _linear_problem(seed=4)
+    names = ["TEFF", "LOGG", "FE_H"]
+    rng = np.random.default_rng(5)
+    n = 3000
+    labels = np.column_stack([rng.uniform(4000, 6000, n), rng.uniform(1, 4, n), rng.uniform(-1, 0.5, n)])
+    labels[:50, 0] = 7000.0  # outside the box
+    labels[50:60, 2] = np.nan  # no label
+    snr = rng.uniform(40, 300, n)
+    flux_err = sigma[None, :] * (100.0 / snr[:, None])
+    pix_mask = np.ones((n, A.shape[0]), bool)
+    pix_mask[:, :20] = False
+    flux_err[:, :20] = 1e-6  # masked pixels are excluded however small their error
+    giants = rng.uniform(size=n) < 0.6
+    bounds = ([3500.0, 0.0, -2.0], [6500.0, 5.0, 1.0])
+    bound = crlb_for_stars(model_fn, np.nan_to_num(labels), flux_err=np.where(pix_mask, flux_err, np.inf),
+                           steps=[10.0, 0.02, 0.01])
+    k = 1.5
+    pred = labels + rng.normal(size=labels.shape) * bound * k
+    cat_err = np.full_like(labels, np.nan)
+    cat_err[:] = [20.0, 0.02, 0.01]
+    out = crlb_report(model_fn, bounds, labels_at=labels, snr=snr, flux_err=flux_err, pix_mask=pix_mask,
+                      grid="dr12", model_grid="dr12", label_names=names, pred=pred, reference_err=cat_err,
+                      groups={"giants": giants}, edges=[0, 100, 200, math.inf])
+    assert (out["n"], out["n_in_box"], out["n_outside_box"], out["n_no_labels"]) == (n, n - 60, 50, 10)
+    inside = np.ones(n, bool)
+    inside[:60] = False
+    assert out["n_by_group"] == {"giants": int((giants & inside).sum()), "all": n - 60}
+    assert list(out["crlb_by_bin"]) == ["giants", "all"]
+    np.testing.assert_allclose(out["crlb_by_bin"]["all"]["LOGG"]["all"]["median"], np.median(bound[inside, 1]),
+                               rtol=1e-6)
+    for j, name in enumerate(names):
+        for b in ("0-100", "100-200", ">=200", "all"):
+            assert abs(out["mae_over_crlb"]["all"][name][b]["ratio_per_star"] / k - 1) < 0.1
+    goal = out["goal"]
+    assert goal["met"] is True and goal["group"] == "giants"
+    rows = inside & giants & (snr >= 100)
+    for j, name in enumerate(names):
+        g = goal["labels"][name]
+        assert g["n"] == int(rows.sum()) and g["within_2x"] is True
+        assert g["median_reference_err"] == pytest.approx(cat_err[0, j])
+        expect = np.median(np.hypot(bound[rows, j], cat_err[0, j])) / np.median(bound[rows, j])
+        assert g["floor_ratio"] == pytest.approx(expect, rel=1e-6)
+    json.dumps(to_jsonable(out), allow_nan=False)
+
+    # k = 3 everywhere: the goal is not met; no giants at S/N >= 100: undetermined
+    far = labels + rng.normal(size=labels.shape) * bound * 3.0
+    out3 = crlb_report(model_fn, bounds, labels_at=labels, snr=snr, flux_err=flux_err, pix_mask=pix_mask,
+                       grid="dr12", model_grid="dr12", label_names=names, pred=far, groups={"giants": giants})
+    assert out3["goal"]["met"] is False and "floor_ratio" not in out3["goal"]["labels"]["TEFF"]
+    none = crlb_goal(far, bound, np.full(n, 50.0), giants, label_names=names)
+    assert all(v["within_2x"] is None and v["n"] == 0 for v in none.values())
+    empty = crlb_report(model_fn, ([0.0] * 3, [1.0] * 3), labels_at=labels, snr=snr, flux_err=flux_err,
+                        pix_mask=pix_mask, grid="dr12", model_grid="dr12", label_names=names, pred=pred,
+                        steps=[0.1, 0.1, 0.1])
+    assert empty["skipped"] is True and empty["n_in_box"] == 0 and "goal" not in empty
+    with pytest.raises(ValueError, match="noise"):
+        crlb_report(model_fn, bounds, labels_at=labels, snr=snr, flux_err=flux_err, pix_mask=pix_mask,
+                    grid="dr12", model_grid="dr12", label_names=names, noise="white")
+
+
+def test_compute_crlb_noise_models_share_one_jacobian():
+    A, b, sigma, model_fn = _linear_problem(seed=6)
+    labels = np.array([[5000.0, 2.0, 0.0], [5500.0, 3.0, -0.5]])
+    snr = np.array([50.0, 200.0])
+    good = np.ones((2, A.shape[0]), bool)
+    calls = []
+
+    def counted(x):
+        calls.append(len(x))
+        return model_fn(x)
+
+    lines: list[str] = []
+    out = compute_crlb(counted, labels, snr, np.tile(sigma, (2, 1)), good, steps=[10.0, 0.02, 0.01],
+                       progress=lines.append)
+    assert len(calls) == 1 and len(lines) == 1 and lines[0].startswith("CRLB 2/2")
+    np.testing.assert_allclose(out["flux_err"][0], np.sqrt(np.diag(_analytic_cov(A, sigma))), rtol=1e-6)
+    np.testing.assert_allclose(out["snr"][1], np.sqrt(np.diag(_analytic_cov(A, np.full_like(sigma, 1 / 200)))),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown noise"):
+        compute_crlb(model_fn, labels, snr, np.tile(sigma, (2, 1)), good, noise_models=("white",))
 
 
 def test_emulator_giant_bound_has_sensible_magnitudes():

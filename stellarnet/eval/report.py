@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from stellarnet.eval.calibration import apply_sigma_scale, calibration_report
+from stellarnet.eval.crlb import crlb_table_markdown
 from stellarnet.eval.metrics import (
     DEFAULT_CLASS_TASKS,
     DEFAULT_SNR_EDGES,
@@ -206,8 +207,61 @@ def report_to_markdown(report: Mapping[str, Any], name: str = "report") -> str:
                 rc = m["red_clump"]
                 out += [f"Red clump: purity {_fmt(rc['purity'])}, completeness {_fmt(rc['completeness'])} "
                         f"(true RC {rc['n_true_rc']}, predicted RC {rc['n_pred_rc']})", ""]
+    crlb = report.get("crlb")
+    if crlb:
+        out += [crlb_markdown(crlb), ""]
     return "\n".join(out).rstrip() + "\n"
 
+
+def crlb_markdown(block: Mapping[str, Any]) -> str:
+    """Markdown for the ``crlb`` block of an evaluation report (see
+    :func:`stellarnet.eval.crlb.crlb_report`): what the ratio is, the goal and whether it is met,
+    MAE/CRLB and the median bound per label per S/N bin for giants and all stars."""
+    out = ["## Accuracy vs the Cramér–Rao bound (MAE/CRLB)", ""]
+    n_sel, n_split = block.get("n_selected"), block.get("n_split")
+    of = (f"all {_fmt(n_split)}" if n_sel is None or n_sel == n_split
+          else f"a seeded random {_fmt(n_sel)} of {_fmt(n_split)}")
+    sel = (f"{_fmt(block.get('n_in_box'))} of {of} {block.get('split', '')} stars inside the model's label box "
+           f"({_fmt(block.get('n_outside_box'))} outside it and {_fmt(block.get('n_no_labels'))} without finite "
+           "labels excluded)")
+    if block.get("skipped"):
+        out += [f"Not computed: {block.get('reason', '')}." + (f" ({sel})" if "n_in_box" in block else "")]
+        return "\n".join(out)
+    out += [f"MAE/CRLB = achieved Gaussian σ (MAE / √(2/π)) over the median per-star bound: 1 is the best any "
+            f"unbiased method can do. Bound from {block.get('model', 'the spectral model')} with noise = "
+            f"{block.get('noise_description', block.get('noise', ''))}, at the {block.get('labels_at', 'catalogue')} "
+            f"labels; {sel}.", "",
+            str(block.get("note", "")), ""]
+    goal = block.get("goal")
+    if goal:
+        verdict = {True: "**met**", False: "**not met**", None: "undetermined (no stars)"}[goal.get("met")]
+        out += [f"Goal: MAE/CRLB ≤ {_fmt(goal.get('max_ratio'), digits=0)} for {goal.get('group')} at "
+                f"S/N ≥ {_fmt(goal.get('snr_min'), digits=0)}: {verdict}.", ""]
+        has_floor = any("floor_ratio" in v for v in goal["labels"].values())
+        header = ["label", "n", "MAE", "median CRLB", "MAE/CRLB", "≤ 2×"]
+        if has_floor:
+            header += ["catalogue σ (median)", "floor: bound + catalogue noise"]
+        rows = []
+        for lab, v in goal["labels"].items():
+            unit = LABEL_UNITS.get(lab, "")
+            row = [f"{lab} [{unit}]" if unit else lab, _fmt(v.get("n")), _fmt(v.get("mae"), lab, None if lab == "TEFF" else 4),
+                   _fmt(v.get("median_crlb"), lab, None if lab == "TEFF" else 4), _fmt(v.get("ratio"), digits=2),
+                   {True: "yes", False: "no", None: "—"}[v.get("within_2x")]]
+            if has_floor:
+                row += [_fmt(v.get("median_reference_err"), lab, None if lab == "TEFF" else 4),
+                        _fmt(v.get("floor_ratio"), digits=2)]
+            rows.append(row)
+        out += [_md_table(header, rows), ""]
+        if has_floor:
+            out += ["floor = median √(CRLB² + catalogue σ²) / median CRLB: the ratio a method at the bound would get "
+                    "against these catalogue labels (if the catalogue errors are right).", ""]
+    for g, summ in (block.get("mae_over_crlb") or {}).items():
+        out += [crlb_table_markdown(summ, "ratio", title=f"MAE/CRLB — {g}"), ""]
+    for g, summ in (block.get("crlb_by_bin") or {}).items():
+        out += [crlb_table_markdown(summ, "median", title=f"median CRLB σ — {g}"), ""]
+    if block.get("seconds") is not None:
+        out += [f"(CRLB computed in {_fmt(block['seconds'], digits=1)} s.)"]
+    return "\n".join(out).rstrip()
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, name: str = "report",
