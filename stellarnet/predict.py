@@ -3,6 +3,12 @@
 ``input`` is an allStar-format catalogue (spectra under ``spectra_root``), a shard dataset
 directory, or aspcapStar/apStar files (glob, comma list or a .txt list). Writes
 ``predictions.fits`` and ``predictions.csv`` to the run directory (or ``output_dir``).
+
+Spectrum files are read and preprocessed by ``num_workers`` worker processes (``auto``: ⌈2/3⌉ of
+the CPUs, see :func:`stellarnet.data.sources.default_num_workers`; 0: in this process) that read
+the next chunk while this process runs the model on the current one (``torch_threads: auto``: the
+CPUs the readers leave, at least 1); the catalogue keeps the input order and is streamed to disk
+chunk by chunk.
 """
 
 from __future__ import annotations
@@ -15,48 +21,108 @@ import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from stellarnet.data.sources import open_source
-from stellarnet.models.inference import load_model
+# torch, the model and the writers are imported inside predict(): spawned reader processes
+# re-import this module as their __main__ when it runs as ``python -m stellarnet.predict``
+from stellarnet.data.sources import SpectrumFileReader, open_source, resolve_num_workers, source_kind
 from stellarnet.paths import CONF_DIR
-from stellarnet.results import PredictionWriter, predictions_frame
 
 log = logging.getLogger(__name__)
 
+#: ``batch_size: auto``: the fastest batch sizes of the model-alone benchmark on 2 CPU cores
+#: (docs/performance.md: 128 for float32, 256 for bf16 autocast; 1,024 was ~2x slower).
+AUTO_BATCH_SIZE = {"32": 128, "bf16": 256}
 
-def predict(cfg: DictConfig) -> tuple[dict[str, int], dict[str, Any]]:
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def _check_count(cfg: DictConfig, key: str, minimum: int, default: Any = None, allow: tuple = ()) -> Any:
+    """``cfg[key]`` as an int >= ``minimum``, or one of the special values in ``allow`` ('auto', None)."""
+    value = cfg.get(key, default)
+    if ("auto" in allow and _is_auto(value)) or (None in allow and value is None):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        others = " or ".join("null" if a is None else repr(a) for a in allow)
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {key}={value!r}"
+                         + (f" (or {others})" if others else ""))
+    return value
+
+
+def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a checkpoint over the configured input, streaming the catalogue to disk chunk by chunk
-    (bounded memory for any catalogue size); returns ({stars, read_errors}, output paths)."""
+    (bounded memory for any catalogue size).
+
+    Returns ({stars, read_errors, num_workers, torch_threads, batch_size, precision}, output paths).
+    """
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.predict ckpt_path=<.ckpt or model folder> input=...")
     if not cfg.get("input"):
         raise ValueError("input is required: an allStar FITS, a shard dataset directory, or spectrum files")
-    for key, minimum in (("batch_size", 1), ("chunk_size", 1), ("mc_samples", 0)):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{key} must be an integer >= {minimum}, got {key}={value!r}")
-    predictor = load_model(cfg.ckpt_path)
+    batch_size = _check_count(cfg, "batch_size", 1, allow=("auto",))
+    chunk_size = int(_check_count(cfg, "chunk_size", 1))
+    mc_samples = int(_check_count(cfg, "mc_samples", 0))
+    torch_threads = _check_count(cfg, "torch_threads", 1, default="auto", allow=("auto", None))
+    num_workers = resolve_num_workers(cfg.get("num_workers", "auto"))
+    precision = str(cfg.get("precision", "32"))
+    seed = _check_count(cfg, "seed", 0, allow=(None,))
     inp = cfg.input if isinstance(cfg.input, str) else list(cfg.input)
-    kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
-                                  spectra_kind=cfg.spectra_kind, chunk_size=int(cfg.chunk_size))
-    log.info("predicting %d stars from %s input %s", n, kind, inp)
-    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
-    writer = PredictionWriter(out_dir, n)
-    read_errors = 0
+    kind = source_kind(inp)
+    if kind == "shards":  # already preprocessed: nothing for reader processes to do
+        num_workers = 0
+
+    import torch
+
+    from stellarnet.hardware import available_cpus
+    from stellarnet.models.inference import load_model, precision_name
+    from stellarnet.results import PredictionWriter, predictions_frame
+
+    precision_name(precision)  # a bad spelling fails before anything starts
+
+    # the workers start (and import the FITS reader) while this process loads the model
+    reader = SpectrumFileReader(num_workers).start()
+    threads_before = torch.get_num_threads()
+    chunks = None
+    writer = None
     try:
+        predictor = load_model(cfg.ckpt_path, precision=precision)
+        if _is_auto(batch_size):
+            batch_size = AUTO_BATCH_SIZE[predictor.precision]
+        if _is_auto(torch_threads):  # the CPUs the reader workers leave free (they are the busier side)
+            torch_threads = max(1, available_cpus() - num_workers)
+        if torch_threads is not None:
+            torch.set_num_threads(int(torch_threads))
+        kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
+                                      spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader)
+        log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",
+                 n, kind, inp, num_workers, torch.get_num_threads(), batch_size,
+                 "bf16 autocast" if predictor.precision == "bf16" else "float32")
+        out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
+        writer = PredictionWriter(out_dir, n)
+        read_errors = 0
         with tqdm(total=n, desc="predict", unit="star") as bar:
-            for chunk in chunks:
+            for k, chunk in enumerate(chunks):
                 pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
-                                         pix_mask=chunk["pix_mask"], mc_samples=int(cfg.mc_samples),
-                                         batch_size=int(cfg.batch_size))
+                                         pix_mask=chunk["pix_mask"], mc_samples=mc_samples,
+                                         batch_size=int(batch_size), seed=None if seed is None else seed + k)
                 frame = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
                 read_errors += int((frame["READ_ERROR"] != "").sum())
                 writer.write(frame)
                 bar.update(len(chunk["flux"]))
         paths = writer.close()
+        summary = {"stars": writer.written, "read_errors": read_errors, "num_workers": num_workers,
+                   "torch_threads": torch.get_num_threads(), "batch_size": int(batch_size),
+                   "precision": predictor.precision}
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
-    return {"stars": writer.written, "read_errors": read_errors}, paths
+    finally:
+        if chunks is not None:
+            chunks.close()
+        reader.close()
+        torch.set_num_threads(threads_before)
+    return summary, paths
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")

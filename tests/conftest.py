@@ -46,3 +46,28 @@ def tiny_shards(tiny_survey, loose_cuts, tmp_path_factory) -> Path:
                  rows_per_shard=64, n_workers=1, progress=False,
                  split={"by": "FIELD", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": 1})
     return out
+
+
+def copy_survey_slice(survey_root: Path, allstar: Path, root: Path, n_rows: int) -> tuple[Path, list, list[Path]]:
+    """Copy the first ``n_rows`` allStar rows of a simulated survey and their aspcapStar files to
+    ``root`` (real directory layout). Returns ``(allstar_path, apogee_ids, spectrum_paths)``."""
+    import shutil
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from stellarnet.data.catalogs import read_allstar
+    from stellarnet.data.shards import spectrum_path
+
+    table = Table.read(allstar, hdu=1)[:n_rows]
+    out = root / "allStar-dr17-synspec_rev1.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]).writeto(out)
+    df = read_allstar(out, columns=["APOGEE_ID", "TELESCOPE", "FIELD"])
+    files = []
+    for _, row in df.iterrows():
+        src = spectrum_path(survey_root, "aspcapStar", row["TELESCOPE"], row["FIELD"], row["APOGEE_ID"])
+        dst = spectrum_path(root, "aspcapStar", row["TELESCOPE"], row["FIELD"], row["APOGEE_ID"])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        files.append(dst)
+    return out, df["APOGEE_ID"].tolist(), files

@@ -1,0 +1,106 @@
+"""Predictor precision: float32 by default, bf16 autocast on request (only where bf16 is native)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import stellarnet.hardware as hardware
+from stellarnet.models import StellarNetModule, load_model, save_model_folder
+from stellarnet.models.inference import Predictor, precision_name, resolve_precision
+
+P = 256
+NET = {
+    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [8, 8],
+                         "kernel_sizes": [5, 3], "strides": [2, 2], "pool_size": 4, "dropout": 0.1, "out_dim": 16},
+    "photometry": None,
+    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [16], "dropout": 0.1},
+}
+SPEC = {"grid": None, "n_pixels": P, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
+        "label_mean": [4800.0, 2.5], "label_std": [600.0, 1.0], "phot_features": [],
+        "class_tasks": {"stage": ["MS", "SG", "RGB", "RC"]}}
+
+
+@pytest.fixture(scope="module")
+def module() -> StellarNetModule:
+    torch.manual_seed(0)
+    return StellarNetModule(net=NET, data_spec=SPEC, log_figures=False).eval()
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU has native bf16 (autocast works either way; emulated bf16 is only slow)."""
+    monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: True)
+
+
+def _spectra(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    return (1.0 + 0.05 * g.standard_normal((n, P))).astype(np.float32), np.full((n, P), 0.02, np.float32)
+
+
+@pytest.mark.parametrize("value,name", [("32", "32"), (32, "32"), ("fp32", "32"), ("32-true", "32"),
+                                        ("bf16", "bf16"), ("BF16-mixed", "bf16"), ("auto", "auto")])
+def test_precision_names(value, name):
+    assert precision_name(value) == name
+
+
+@pytest.mark.parametrize("value", ["16", "fp16", "half", None, "bf"])
+def test_unknown_precision_is_refused(value, module):
+    with pytest.raises(ValueError, match="precision must be one of '32', 'bf16' or 'auto'"):
+        resolve_precision(value)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(module, precision=value)
+
+
+def test_bf16_falls_back_to_float32_without_native_support(monkeypatch, module, caplog):
+    monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="stellarnet.models.inference"):
+        assert Predictor(module, precision="bf16").precision == "32"
+    assert "no native bf16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stellarnet.models.inference"):
+        assert Predictor(module, precision="auto").precision == "32"  # auto: quietly float32
+    assert caplog.text == ""
+
+
+def test_default_is_float32(module):
+    assert Predictor(module).precision == "32"
+
+
+def _conv_dtypes(predictor: Predictor) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    conv = next(m for m in predictor.net.modules() if isinstance(m, torch.nn.Conv1d))
+    conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_returns_float32(native_bf16, module):
+    flux, err = _spectra()
+    fp32 = Predictor(module)
+    bf16 = Predictor(module, precision="bf16")
+    assert bf16.precision == "bf16"
+    seen32, seen16 = _conv_dtypes(fp32), _conv_dtypes(bf16)
+    a = fp32.predict(flux, err, mc_samples=4, seed=1, batch_size=16)
+    b = bf16.predict(flux, err, mc_samples=4, seed=1, batch_size=16)
+    assert set(seen32) == {torch.float32} and set(seen16) == {torch.bfloat16}
+    for key in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
+        assert b[key].dtype == np.float32 and b[key].shape == a[key].shape
+    assert b["class_probs"]["stage"].dtype == np.float32
+    # bf16 keeps 8 mantissa bits: close to float32 on the label scale (std 600 K, 1 dex)
+    diff = np.abs(b["labels"] - a["labels"]) / np.array([600.0, 1.0])
+    assert diff.max() < 0.05
+    np.testing.assert_allclose(b["class_probs"]["stage"], a["class_probs"]["stage"], atol=0.05)
+    # a per-call override equals the constructor setting
+    c = fp32.predict(flux, err, mc_samples=4, seed=1, batch_size=16, precision="bf16")
+    np.testing.assert_array_equal(c["labels"], b["labels"])
+    assert fp32.precision == "32"
+
+
+def test_load_model_passes_precision(native_bf16, module, tmp_path):
+    folder = save_model_folder(module, tmp_path / "model")
+    assert load_model(folder).precision == "32"
+    assert load_model(folder, precision="bf16").precision == "bf16"
+    assert load_model(folder, precision="auto").precision == "bf16"
