@@ -16,7 +16,7 @@ from conftest import copy_survey_slice
 
 from stellarnet.data import sources as S
 from stellarnet.data.catalogs import read_allstar
-from stellarnet.data.spectra import read_aspcapstar, read_spectrum
+from stellarnet.data.spectra import _checked_grid, read_aspcapstar, read_spectrum
 
 GRID = "dr12"
 N_GOOD = 14
@@ -86,33 +86,35 @@ def _assert_same_chunk(a: dict, b: dict) -> None:
 def test_lean_aspcapstar_reader_matches_read_aspcapstar(survey):
     for f in survey["files"][:4]:
         spec = read_aspcapstar(f)
-        flux, err, apogee_id = S._read_aspcapstar_arrays(f)
-        np.testing.assert_array_equal(flux, spec.flux)
-        np.testing.assert_array_equal(err, spec.flux_err)
-        assert apogee_id == spec.apogee_id and flux.dtype == np.float64
-    assert S._GOOD_WAVELENGTH_KEYS  # the APOGEE grid is cached after the first file
+        lean = read_aspcapstar(f, header=False)
+        np.testing.assert_array_equal(lean.flux, spec.flux)
+        np.testing.assert_array_equal(lean.flux_err, spec.flux_err)
+        np.testing.assert_array_equal(lean.wavelength, spec.wavelength)
+        assert lean.apogee_id == spec.apogee_id and lean.flux.dtype == np.float64 and lean.header == {}
+    assert _checked_grid.cache_info().currsize  # the APOGEE grid is cached after the first file
 
 
 @pytest.mark.parametrize("case", ["truncated", "not_fits", "short_grid", "wrong_wavelength", "model_shape",
                                   "text_keyword"])
 def test_lean_reader_fails_like_read_aspcapstar(survey, case):
-    S._read_aspcapstar_arrays(survey["files"][0])  # cache filled: bad grids must still be caught
+    read_aspcapstar(survey["files"][0], header=False)  # cache filled: bad grids must still be caught
     path = survey["bad"][case]
     with pytest.raises(Exception) as ref:
         read_aspcapstar(path)
     with pytest.raises(type(ref.value)) as got:
-        S._read_aspcapstar_arrays(path)
+        read_aspcapstar(path, header=False)
     assert str(got.value) == str(ref.value)
 
 
 def test_wavelength_cache_only_keeps_passing_grids(survey):
-    S._read_aspcapstar_arrays(survey["files"][0])
-    before = set(S._GOOD_WAVELENGTH_KEYS)
+    read_aspcapstar(survey["files"][0], header=False)
+    good = read_aspcapstar(survey["files"][0], header=False).wavelength
     for case in ("wrong_wavelength", "text_keyword"):
         with pytest.raises(Exception, match="wavelength"):
-            S._read_aspcapstar_arrays(survey["bad"][case])
-    assert S._GOOD_WAVELENGTH_KEYS == before
-    assert all(k[0] == pytest.approx(4.179) for k in before)
+            read_aspcapstar(survey["bad"][case], header=False)
+    # the cached grid is never handed out for in-place edits
+    good[0] = 0.0
+    assert read_aspcapstar(survey["files"][0], header=False).wavelength[0] == pytest.approx(10 ** 4.179, rel=1e-6)
 
 
 def test_file_reader_matches_read_spectrum_then_prepare(survey):

@@ -28,8 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from stellarnet.data import grids
-from stellarnet.data import spectra as _spectra
-from stellarnet.data.spectra import SpectrumFormatError, prepare_spectrum, read_spectrum
+from stellarnet.data.spectra import prepare_spectrum, read_aspcapstar, read_spectrum
 
 # stellarnet.data.shards (h5py) and .photometry (pandas) are imported where they are used: reader
 # worker processes import this module and need only the FITS readers (a faster start)
@@ -48,66 +47,10 @@ class SpectrumReaderError(RuntimeError):
 
 # --------------------------------------------------------------------------- one file
 
-# Header values (CRVAL1, CDELT1, CRPIX1, NAXIS1, data pixels) whose wavelength grid has passed the
-# full check of ``spectra._wavelength``; per process, bounded. Only passes are cached: a file with
-# other values is checked in full, so it fails with the reader's own message.
-_GOOD_WAVELENGTH_KEYS: set[tuple[float, float, float, int, int]] = set()
-_MAX_WAVELENGTH_KEYS = 64
-
-
-def _check_wavelength(path: Path, hdus: Any, n_pix: int) -> None:
-    """``spectra._wavelength``'s grid check (same errors), skipped for header values already seen to pass.
-
-    The check depends only on (CRVAL1, CDELT1, CRPIX1, NAXIS1 or NWAVE) of the first of HDU1/HDU0
-    that has CRVAL1 and CDELT1, and on the data length; those values are the cache key.
-    """
-    src = None
-    for h in (hdus[1].header, hdus[0].header):
-        if "CRVAL1" in h and "CDELT1" in h:
-            src = h
-            break
-    if src is None:  # the documented fallback (standard grid): nothing to check
-        return
-    try:
-        key: tuple | None = (float(src["CRVAL1"]), float(src["CDELT1"]), float(src.get("CRPIX1", 1.0)),
-                             int(src.get("NAXIS1", src.get("NWAVE", n_pix))), int(n_pix))
-    except (TypeError, ValueError, OverflowError):
-        key = None  # let the full check raise its own error
-    if key is not None and key in _GOOD_WAVELENGTH_KEYS:
-        return
-    _spectra._wavelength(path, hdus, n_pix)  # raises SpectrumFormatError naming the file
-    if key is not None and len(_GOOD_WAVELENGTH_KEYS) < _MAX_WAVELENGTH_KEYS:
-        _GOOD_WAVELENGTH_KEYS.add(key)
-
-
-def _read_aspcapstar_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(flux, flux_err, apogee_id) of an aspcapStar file with the checks of
-    :func:`~stellarnet.data.spectra.read_aspcapstar` (same errors), minus what prediction does not
-    use: no header dictionary, and the wavelength-grid check cached per header values."""
-    path, hdus = _spectra._open(path)
-    with hdus:
-        flux = _spectra._image(path, hdus, 1, "flux")
-        err = _spectra._image(path, hdus, 2, "flux error")
-        if flux.ndim != 1 or err.shape != flux.shape:
-            raise SpectrumFormatError(
-                f"{path}: aspcapStar flux/error must be ({grids.N_PIX_FULL},), got {flux.shape} / {err.shape}"
-            )
-        if len(hdus) > 3 and hdus[3].is_image:
-            m = _spectra._image(path, hdus, 3, "model")
-            if m.shape != flux.shape:
-                raise SpectrumFormatError(f"{path}: HDU3 model shape {m.shape} != flux shape {flux.shape}")
-        out_flux = np.array(flux, dtype=np.float64)
-        out_err = np.array(err, dtype=np.float64)
-        _check_wavelength(path, hdus, grids.N_PIX_FULL)
-        return out_flux, out_err, _spectra._apogee_id(path, hdus[0].header)
-
-
 def _read_file_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(flux, flux_err, pixmask, apogee_id) of any spectrum file, as :func:`read_spectrum` reads it."""
-    if Path(path).name.startswith("aspcapStar"):
-        flux, err, apogee_id = _read_aspcapstar_arrays(path)
-        return flux, err, np.zeros(flux.shape, dtype=np.int64), apogee_id
-    spec = read_spectrum(path)
+    # aspcapStar: skip the header dictionary prediction never uses (the grid check is cached in spectra)
+    spec = read_aspcapstar(path, header=False) if Path(path).name.startswith("aspcapStar") else read_spectrum(path)
     return spec.flux, spec.flux_err, spec.pixmask, spec.apogee_id
 
 

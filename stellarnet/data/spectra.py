@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -453,14 +454,25 @@ def _wavelength(path: Path, hdus: Any, n_pix: int) -> np.ndarray:
         raise SpectrumFormatError(f"{path}: unreadable wavelength keywords ({exc})") from None
     if naxis1 != n_pix:
         raise SpectrumFormatError(f"{path}: header NAXIS1={naxis1} but data have {n_pix} pixels")
-    wave = 10.0 ** (crval + cdelt * (np.arange(naxis1) + 1.0 - crpix))
-    ref = grids.wavelength_full()
-    if wave.shape != ref.shape or not np.allclose(wave, ref, rtol=1e-7, atol=0):
+    wave = _checked_grid(crval, cdelt, crpix, naxis1)
+    if wave is None:
         raise SpectrumFormatError(
             f"{path}: wavelength grid CRVAL1={crval}, CDELT1={cdelt}, CRPIX1={crpix}, "
             f"NAXIS1={naxis1} is not the APOGEE {grids.N_PIX_FULL}-pixel combined grid "
             f"(CRVAL1={grids.LOGLAM0}, CDELT1={grids.DLOGLAM})"
         )
+    return wave.copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_grid(crval: float, cdelt: float, crpix: float, naxis1: int) -> np.ndarray | None:
+    """λ (Å) of a log-linear header grid if it is the APOGEE combined grid, else None. Cached:
+    every file of a survey carries the same keywords, so the grid is computed and compared once."""
+    wave = 10.0 ** (crval + cdelt * (np.arange(naxis1) + 1.0 - crpix))
+    ref = grids.wavelength_full()
+    if wave.shape != ref.shape or not np.allclose(wave, ref, rtol=1e-7, atol=0):
+        return None
+    wave.flags.writeable = False
     return wave
 
 
@@ -559,9 +571,11 @@ def read_apstar(path: str | Path, row: str | int = "combined") -> Spectrum:
         )
 
 
-def read_aspcapstar(path: str | Path) -> Spectrum:
+def read_aspcapstar(path: str | Path, header: bool = True) -> Spectrum:
     """Read an aspcapStar file: HDU1 normalized flux, HDU2 error, HDU3 ASPCAP model (optional),
-    all (8575,). ``pixmask`` is zeros (the file has none); ``normalized`` is True."""
+    all (8575,). ``pixmask`` is zeros (the file has none); ``normalized`` is True. With
+    ``header=False`` the primary header is not converted to ``Spectrum.header`` (left empty), which
+    saves time when only the arrays are needed (prediction)."""
     path, hdus = _open(path)
     with hdus:
         flux = _image(path, hdus, 1, "flux")
@@ -576,14 +590,14 @@ def read_aspcapstar(path: str | Path) -> Spectrum:
             if m.shape != flux.shape:
                 raise SpectrumFormatError(f"{path}: HDU3 model shape {m.shape} != flux shape {flux.shape}")
             model = np.array(m, dtype=np.float64)
-        header = hdus[0].header
+        primary = hdus[0].header
         return Spectrum(
             flux=np.array(flux, dtype=np.float64),
             flux_err=np.array(err, dtype=np.float64),
             pixmask=np.zeros(flux.shape, dtype=np.int64),
             wavelength=_wavelength(path, hdus, grids.N_PIX_FULL),
-            apogee_id=_apogee_id(path, header),
-            header=_header_dict(header),
+            apogee_id=_apogee_id(path, primary),
+            header=_header_dict(primary) if header else {},
             model=model,
             kind="aspcapStar",
             path=str(path),
