@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.dataset_dir`` (default: the configured shards)."""
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.evaluate ckpt_path=<.ckpt or model folder>")
-    predictor = load_model(cfg.ckpt_path)
+    predictor = load_model(cfg.ckpt_path, refine=bool(cfg.get("refine", True)))
     dataset = cfg.get("dataset_dir") or cfg.data.shards.out_dir
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     report, pred, data = network_report(predictor, dataset, split=cfg.split, calib_split=cfg.get("calib_split"),

@@ -224,7 +224,7 @@ def _train_cfg(ctx: Context, d: Path) -> DictConfig:
 
 def _train_config(ctx: Context) -> Any:
     c = _train_cfg(ctx, ctx.root / "train")
-    keys = ("model", "trainer", "callbacks", "seed", "cpu_threads", "train", "test", "ckpt_path")
+    keys = ("model", "trainer", "callbacks", "seed", "cpu_threads", "train", "test", "ckpt_path", "refine")
     out = {k: to_plain(c.get(k)) for k in keys}
     out["datamodule"] = to_plain(c.data.datamodule)
     out["trainer"].pop("enable_progress_bar", None)
@@ -241,7 +241,8 @@ def _run_train(ctx: Context, d: Path) -> dict[str, Any]:
     ckpt = (cb.best_model_path or cb.last_model_path) if cb is not None else ""
     if not ckpt:
         raise RuntimeError("training wrote no checkpoint (is the ModelCheckpoint callback configured?)")
-    folder = save_model_folder(load_module(ckpt), d / "model")
+    # train() wrote the calibrated model folder (σ scale, refinement stage); a bare copy only if it could not
+    folder = objects.get("model_dir") or save_model_folder(load_module(ckpt), d / "model")
     numbers: dict[str, Any] = {"epochs": int(trainer.current_epoch)}
     if cb is not None and cb.best_model_score is not None:
         numbers["best_val_loss"] = round(float(cb.best_model_score), 4)

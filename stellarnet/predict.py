@@ -53,7 +53,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a checkpoint over the configured input, streaming the catalogue to disk chunk by chunk
     (bounded memory for any catalogue size).
 
-    Returns ({stars, read_errors, num_workers, torch_threads, batch_size, precision}, output paths).
+    Returns ({stars, read_errors, num_workers, torch_threads, batch_size, precision, refined}, output paths).
     """
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.predict ckpt_path=<.ckpt or model folder> input=...")
@@ -85,7 +85,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     chunks = None
     writer = None
     try:
-        predictor = load_model(cfg.ckpt_path, precision=precision)
+        predictor = load_model(cfg.ckpt_path, precision=precision, refine=bool(cfg.get("refine", True)))
         if _is_auto(batch_size):
             batch_size = AUTO_BATCH_SIZE[predictor.precision]
         if _is_auto(torch_threads):  # the CPUs the reader workers leave free (they are the busier side)
@@ -112,7 +112,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         paths = writer.close()
         summary = {"stars": writer.written, "read_errors": read_errors, "num_workers": num_workers,
                    "torch_threads": torch.get_num_threads(), "batch_size": int(batch_size),
-                   "precision": predictor.precision}
+                   "precision": predictor.precision, "refined": predictor.emulator is not None}
     except BaseException:
         if writer is not None:
             writer.abort()

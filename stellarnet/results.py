@@ -1,4 +1,9 @@
-"""Prediction catalogues: one row per star with labels, σ (aleatoric, epistemic, total) and classes."""
+"""Prediction catalogues: one row per star with labels, σ (aleatoric, epistemic, total) and classes.
+
+With a χ²-refined model (an ``emulator.pt`` in the model folder) the label columns hold the refined
+labels and also ``<LABEL>_NET`` / ``<LABEL>_NET_SIGMA`` (the network's estimate), ``REFINE_CHI2``
+(reduced χ² of the fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
         out[f"{name}_SIGMA_ALEATORIC"] = pred["sigma_aleatoric"][:, j]
         out[f"{name}_SIGMA_EPISTEMIC"] = pred["sigma_epistemic"][:, j]
         out[f"{name}_SIGMA"] = pred["sigma_total"][:, j]
+        if "labels_network" in pred:  # χ²-refined: the network's own estimate too
+            out[f"{name}_NET"] = pred["labels_network"][:, j]
+            out[f"{name}_NET_SIGMA"] = pred["sigma_network"][:, j]
+    if "refine_flag" in pred:
+        out["REFINE_CHI2"] = pred["refine_chi2"]
+        out["REFINE_FLAG"] = np.asarray(pred["refine_flag"]).astype(np.int16)
     for task, probs in pred["class_probs"].items():
         names = (class_tasks or {}).get(task)
         for k in range(probs.shape[1]):
@@ -56,7 +67,8 @@ def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predic
 #: Fixed widths (characters) of string columns in streamed FITS output; others get DEFAULT_STR_WIDTH.
 STR_WIDTHS = {"APOGEE_ID": 30, "SPLIT": 8, "READ_ERROR": 120}
 DEFAULT_STR_WIDTH = 16
-_FITS_CODES = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 8): ("K", ">i8"), ("i", 4): ("J", ">i4")}
+_FITS_CODES = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 8): ("K", ">i8"), ("i", 4): ("J", ">i4"),
+               ("i", 2): ("I", ">i2")}
 
 
 class PredictionWriter:

@@ -283,6 +283,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             # (each star once, the exported predictor's own precision), not a rank's share
             objects["model_dir"] = export_calibrated_model(best, datamodule.dataset_dir, output_dir / "model")
             log.info("best checkpoint: %s; calibrated model folder: %s", best, objects["model_dir"])
+            refine_cfg = cfg.get("refine")
+            if refine_cfg is not None and refine_cfg.get("enabled", False):
+                from stellarnet.refinement import build_refinement
+
+                objects["refinement"] = build_refinement(objects["model_dir"], datamodule.dataset_dir, refine_cfg,
+                                                         tensorboard_dir=output_dir / "tensorboard" / "refinement")
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
     return {k: to_jsonable(v) for k, v in metrics.items()}, objects

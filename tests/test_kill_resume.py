@@ -107,7 +107,7 @@ def _train_cmd(survey: dict, shards: Path, run_dir: Path, *extra: str) -> list[s
         "data.cuts.teff_range=null", "data.cuts.logg_range=null",
         "data.datamodule.batch_size=32", "data.datamodule.num_workers=0",
         "trainer.enable_progress_bar=false", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
-        "~callbacks.early_stopping", "test=false", *extra,
+        "~callbacks.early_stopping", "test=false", "refine.enabled=false", *extra,
     ]
 
 

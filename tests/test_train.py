@@ -28,7 +28,8 @@ def make_cfg(tmp_path: Path, survey: dict, loose_cuts: dict, overrides=()):
                                  "data.shards.split.fractions.val=0.2",
                                  "data.shards.split.fractions.test=0.2",
                                  "data.datamodule.batch_size=16", "data.datamodule.num_workers=0",
-                                 "trainer.enable_progress_bar=false", *overrides])
+                                 "trainer.enable_progress_bar=false", "refine.epochs=2", "refine.hidden=16",
+                                 *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.data.cuts = loose_cuts

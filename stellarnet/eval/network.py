@@ -48,6 +48,16 @@ def validation_sigma_scale(predictor: Any, dataset_dir: str | Path, split: str =
     return fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"])
 
 
+def _refine_meta(pred: Mapping[str, Any]) -> dict[str, Any]:
+    """Report metadata on the χ² refinement stage (labels = refined ones where ``refine_flag`` is 0)."""
+    if "refine_flag" not in pred:
+        return {"labels": "network"}
+    flag = np.asarray(pred["refine_flag"])
+    return {"labels": "network + χ² refinement (spectrum emulator)",
+            "refined_fraction": float((flag == 0).mean()) if flag.size else 0.0,
+            "median_refine_chi2": float(np.nanmedian(pred["refine_chi2"])) if flag.size else float("nan")}
+
+
 def network_report(predictor: Any, dataset_dir: str | Path, split: str = "test", calib_split: str | None = "val",
                    mc_samples: int = 0, batch_size: int = 1024, eval_cfg: Mapping[str, Any] | None = None,
                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
@@ -72,6 +82,7 @@ def network_report(predictor: Any, dataset_dir: str | Path, split: str = "test",
         true_classes=data["classes"], class_tasks=tasks, class_names=spec["class_tasks"],
         snr=data["snr"], snr_edges=eval_cfg.get("snr_edges", (0, 50, 100, 200, float("inf"))),
         outlier_k=eval_cfg.get("outlier_k", 3.0), outlier_abs=eval_cfg.get("outlier_abs"),
-        predict_rate=rate, meta={"split": split, "n": int(len(data["flux"])), "mc_samples": mc_samples},
+        predict_rate=rate, meta={"split": split, "n": int(len(data["flux"])), "mc_samples": mc_samples,
+                                 **_refine_meta(pred)},
     )
     return report, pred, data

@@ -6,7 +6,10 @@ unpickling is refused (:class:`CheckpointError`), and the module is rebuilt from
 strict: missing or unexpected weights raise :class:`CheckpointError` listing them.
 
 A *model folder* (astroNN style) holds ``model.pt`` (``{"state_dict", "hyper_parameters"}``),
-``data_spec.json`` and ``config.yaml`` (human-readable copies of the data spec and settings).
+``data_spec.json`` and ``config.yaml`` (human-readable copies of the data spec and settings), and
+optionally ``emulator.pt``: the data-driven spectrum emulator of the χ² refinement stage
+(:mod:`stellarnet.models.forward`; written by :mod:`stellarnet.refinement`). When it is there the
+:class:`Predictor` refines the network's labels by default.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from stellarnet.models.forward import RefineResult, SpectrumEmulator, emulator_from_state, refine_labels
 from stellarnet.models.module import StellarNetModule
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
-           "precision_name", "resolve_precision", "MODEL_FILE"]
+           "precision_name", "resolve_precision", "load_emulator_file", "MODEL_FILE", "EMULATOR_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
+EMULATOR_FILE = "emulator.pt"
+EMULATOR_FORMAT = "stellarnet-emulator/1"
+#: refined labels further than this many (network) σ from the network's estimate are not trusted
+REFINE_MAX_SHIFT = 5.0
 FOLDER_FORMAT = "stellarnet-model-folder/1"
 # normalized error given to bad / non-finite pixels (same value as stellarnet.data.spectra.BAD_PIXEL_ERR;
 # the network ignores it anyway because such pixels get pix_mask = 0)
@@ -41,23 +49,41 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model folder cannot be (safely) loaded."""
 
 
-def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+def _torch_load_safe(path: Path, map_location: str | torch.device, what: str = "checkpoint") -> Any:
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip format / legacy pickle
         raise CheckpointError(
-            f"cannot read checkpoint {path}: not a torch checkpoint (neither a zip archive nor a pickle "
+            f"cannot read {what} {path}: not a torch {what} (neither a zip archive nor a pickle "
             f"stream; starts with {head!r}): corrupt, empty or a different kind of file"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to unpickle {path}: it contains objects other than tensors and plain containers, "
             f"and only torch.load(weights_only=True) is used. Details: {err}"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot read {what} {path}: {err}") from err
+
+
+def load_emulator_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SpectrumEmulator, dict[str, Any]]:
+    """``(emulator, extras)`` from an ``emulator.pt`` (weights-only loading; ``extras`` holds the
+    plain entries saved with it: ``sigma_scale``, ``training``, ``refine`` settings)."""
+    path = Path(path)
+    state = _torch_load_safe(path, map_location, "spectrum emulator")
+    if not isinstance(state, dict) or state.get("format") != EMULATOR_FORMAT:
+        raise CheckpointError(f"{path} is not a stellarnet spectrum emulator (format {EMULATOR_FORMAT!r})")
+    try:
+        emu = emulator_from_state(state)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild the spectrum emulator: {err}") from err
+    return emu.to(map_location), {k: v for k, v in state.items() if k not in ("config", "state_dict")}
+
+
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    ckpt = _torch_load_safe(path, map_location)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in ckpt]
@@ -103,10 +129,23 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> S
     return module.to(map_location).eval()
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", precision: str = "32") -> Predictor:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", precision: str = "32",
+               refine: bool = True) -> Predictor:
     """Load a Lightning ``.ckpt`` file or a saved model folder as a :class:`Predictor` (see
-    :func:`load_module`; ``precision`` as in :class:`Predictor`)."""
-    return Predictor(load_module(path, map_location), precision=precision)
+    :func:`load_module`; ``precision`` as in :class:`Predictor`). With ``refine`` and a model folder
+    holding ``emulator.pt``, the predictor refines labels with it (:mod:`stellarnet.models.forward`)."""
+    module = load_module(path, map_location)
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    emulator, extras = None, {}
+    if refine and (folder / EMULATOR_FILE).is_file() and (path.is_dir() or path.name == MODEL_FILE):
+        emulator, extras = load_emulator_file(folder / EMULATOR_FILE, map_location)
+        if emulator.label_names != list(module.label_names) or emulator.n_pixels != module.n_pixels:
+            raise CheckpointError(
+                f"{folder / EMULATOR_FILE} does not match the network: labels {emulator.label_names} vs "
+                f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
+    return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
+                     refine_settings=extras.get("refine"))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
@@ -224,9 +263,12 @@ class Predictor:
         phot_features: photometric feature names, in the column order ``predict`` expects.
         class_tasks: ``{task: [class names]}``.
         precision: the resolved precision, ``"32"`` or ``"bf16"``.
+        emulator: the refinement stage's :class:`~stellarnet.models.forward.SpectrumEmulator`, or None.
     """
 
-    def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32") -> None:
+    def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
+                 emulator: SpectrumEmulator | None = None, refine_sigma_scale: Any = None,
+                 refine_settings: dict[str, Any] | None = None) -> None:
         self.module = module.eval()
         self.net = fuse_for_inference(module) if fuse else self.module
         self.precision: str = resolve_precision(precision, self.device)
@@ -243,6 +285,12 @@ class Predictor:
         self.sigma_scale = None if scale is None else np.asarray(scale, dtype=np.float32)
         if self.sigma_scale is not None and self.sigma_scale.shape != (len(self.label_names),):
             raise CheckpointError(f"data_spec sigma_scale has shape {self.sigma_scale.shape}, expected one per label")
+        self.emulator = None if emulator is None else emulator.eval()
+        self.refine_sigma_scale = (None if refine_sigma_scale is None
+                                   else np.asarray(refine_sigma_scale, dtype=np.float32).reshape(-1))
+        if self.refine_sigma_scale is not None and self.refine_sigma_scale.shape != (len(self.label_names),):
+            raise CheckpointError(f"emulator sigma_scale has shape {self.refine_sigma_scale.shape}, expected one per label")
+        self.refine_settings: dict[str, Any] = dict(refine_settings or {})
 
     @property
     def device(self) -> torch.device:
@@ -291,6 +339,7 @@ class Predictor:
         batch_size: int = 128,
         seed: int | None = None,
         precision: str | None = None,
+        refine: bool | None = None,
     ) -> dict[str, Any]:
         """Predict labels (with σ) and classes.
 
@@ -306,12 +355,22 @@ class Predictor:
                 2 CPU cores; 1024 falls out of cache and was ~2x slower).
             seed: seed for the MC-dropout masks (None: torch's global RNG).
             precision: this call's precision (see :func:`resolve_precision`); None: ``self.precision``.
+            refine: χ²-refine the labels with the emulator; None: when the predictor has one.
 
         Returns:
             dict of numpy arrays in physical units (``label_units``): ``labels``, ``sigma_aleatoric``,
             ``sigma_epistemic``, ``sigma_total`` (N, L) float32; ``class_probs`` {task: (N, K)};
-            ``classes`` {task: (N,) class names}.
+            ``classes`` {task: (N,) class names}. When refined, also ``labels_network`` and
+            ``sigma_network`` (the network's estimate and calibrated σ), ``refine_chi2`` (N,) the
+            reduced χ² of the fit, and ``refine_flag`` (N,) int: 0 refined, 1 kept the network's
+            labels (the fit failed or moved more than :data:`REFINE_MAX_SHIFT` network σ), 2 not
+            tried (non-finite network labels). ``labels`` / ``sigma_aleatoric`` are then the refined
+            labels and their calibrated σ (formal σ × √max(1, χ²) × the validation scale).
         """
+        if refine and self.emulator is None:
+            raise ValueError("refine=True but this predictor has no spectrum emulator (model folder without "
+                             f"{EMULATOR_FILE}; build one with python -m stellarnet.refinement)")
+        refine = self.emulator is not None if refine is None else bool(refine)
         batch_size = _count("batch_size", batch_size, minimum=1)
         mc_samples = _count("mc_samples", mc_samples, minimum=0)
         prec = self.precision if precision is None else resolve_precision(precision, self.device)
@@ -368,4 +427,32 @@ class Predictor:
             for t, names in self.class_tasks.items()
         }
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
+        if refine and n:
+            self._refine(res, flux, flux_err, mask, batch_size)
         return res
+
+    def _refine(self, res: dict[str, Any], flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray,
+                batch_size: int) -> None:
+        """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place)."""
+        assert self.emulator is not None
+        settings = {k: v for k, v in self.refine_settings.items()
+                    if k in ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound")}
+        with torch.random.fork_rng(devices=[]):
+            r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
+                                            batch_size=max(1, min(batch_size, 256)), **settings)
+        sigma = r.sigma * np.sqrt(np.maximum(1.0, r.chi2))[:, None]
+        if self.refine_sigma_scale is not None:
+            sigma = sigma * self.refine_sigma_scale
+        net_labels, net_sigma = res["labels"], res["sigma_total"]
+        tried = np.isfinite(net_labels).all(1)
+        shift = np.abs(r.labels - net_labels) / np.maximum(net_sigma, 1e-12)
+        ok = tried & np.isfinite(r.labels).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
+        flag = np.where(ok, 0, np.where(tried, 1, 2)).astype(np.int8)
+        res["labels_network"] = net_labels
+        res["sigma_network"] = net_sigma
+        res["labels"] = np.where(ok[:, None], r.labels, net_labels).astype(np.float32)
+        res["sigma_aleatoric"] = np.where(ok[:, None], sigma, res["sigma_aleatoric"]).astype(np.float32)
+        res["sigma_total"] = np.where(ok[:, None], np.sqrt(sigma**2 + res["sigma_epistemic"] ** 2),
+                                      net_sigma).astype(np.float32)
+        res["refine_chi2"] = r.chi2.astype(np.float32)
+        res["refine_flag"] = flag

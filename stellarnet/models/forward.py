@@ -1,0 +1,325 @@
+"""Data-driven forward model and χ² label refinement (The Payne, Ting et al. 2019, learned from data).
+
+The network (:class:`stellarnet.models.module.StellarNetModule`) maps a spectrum to labels. Its
+errors have a floor that does not shrink with S/N (an amortized estimator), so at high S/N it stays
+several times above the Cramér–Rao bound. The refinement stage adds the generative direction:
+
+* :class:`SpectrumEmulator` — an MLP ``labels (Teff [K], logg, [Fe/H], [α/Fe] [dex]) ->
+  continuum-normalized flux`` on the training grid (4 → H → H → P, SiLU), trained on the
+  training split's *observed* spectra (inverse-variance weighted, bad pixels excluded).
+* :func:`train_emulator` — its inputs are the network's predictions for the training stars, not the
+  catalogue labels: catalogue label noise in the *inputs* of a regression biases it (errors in
+  variables), the network's labels are 3–4× less noisy and carry the catalogue's calibration.
+  Chip segments with anomalous χ² in a star (persistence, artefacts) are dropped after a first pass.
+* :func:`refine_labels` — per star, Gauss–Newton / Levenberg–Marquardt minimization of
+  χ² = Σ w (f − model(θ))² from the network's estimate, with segment clipping, the formal σ from
+  (JᵀWJ)⁻¹ and the reduced χ² of the fit (a per-star quality figure).
+
+Nothing here knows where the spectra come from; the grid's chips come from
+:mod:`stellarnet.data.grids`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from stellarnet.data import grids
+
+__all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "train_emulator", "refine_labels",
+           "emulator_state", "emulator_from_state"]
+
+log = logging.getLogger(__name__)
+
+MAX_WEIGHT = 1.0 / 0.002**2  # inverse-variance cap: no pixel counts as better than S/N 500
+SEGMENTS_PER_CHIP = 4
+
+
+class SpectrumEmulator(nn.Module):
+    """MLP ``labels [K, dex, dex, dex] -> continuum-normalized flux (P,)``.
+
+    Args:
+        label_names: the labels, in input order.
+        n_pixels: output pixels (the training grid, gaps removed).
+        hidden: width of the two hidden layers.
+        label_mean, label_std: input standardization (physical units).
+        grid: the grid name (``"dr12"`` / ``"dr17"``), for segment clipping; None = one segment.
+    """
+
+    def __init__(self, label_names: Sequence[str], n_pixels: int, hidden: int = 256,
+                 label_mean: Sequence[float] | None = None, label_std: Sequence[float] | None = None,
+                 grid: str | None = None) -> None:
+        super().__init__()
+        self.label_names = list(label_names)
+        self.n_pixels = int(n_pixels)
+        self.hidden = int(hidden)
+        self.grid = grid
+        n = len(self.label_names)
+        mean = torch.zeros(n) if label_mean is None else torch.as_tensor(label_mean, dtype=torch.float32)
+        std = torch.ones(n) if label_std is None else torch.as_tensor(label_std, dtype=torch.float32)
+        if mean.shape != (n,) or std.shape != (n,) or not torch.all(std > 0):
+            raise ValueError(f"label_mean/label_std must be {n} values with std > 0")
+        self.register_buffer("label_mean", mean.clone())
+        self.register_buffer("label_std", std.clone())
+        self.net = nn.Sequential(nn.Linear(n, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, self.n_pixels))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Flux for *standardized* labels ``z`` (N, L)."""
+        return self.net(z)
+
+    def standardize(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels - self.label_mean) / self.label_std
+
+    def flux(self, labels: np.ndarray) -> np.ndarray:
+        """Model flux (N, P) float32 for labels in physical units (N, L)."""
+        with torch.no_grad():
+            x = torch.as_tensor(np.atleast_2d(labels), dtype=torch.float32, device=self.label_mean.device)
+            return self(self.standardize(x)).cpu().numpy()
+
+    def config(self) -> dict[str, Any]:
+        """Plain constructor arguments (for a weights-only checkpoint)."""
+        return {"label_names": self.label_names, "n_pixels": self.n_pixels, "hidden": self.hidden,
+                "label_mean": self.label_mean.tolist(), "label_std": self.label_std.tolist(), "grid": self.grid}
+
+
+def emulator_state(model: SpectrumEmulator, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"config", "state_dict", **extra}`` with tensors and plain containers only (weights_only-safe)."""
+    return {"config": model.config(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            **(extra or {})}
+
+
+def emulator_from_state(state: dict[str, Any]) -> SpectrumEmulator:
+    """Rebuild a :class:`SpectrumEmulator` (eval mode) from :func:`emulator_state`'s dict (strict)."""
+    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
+        raise ValueError("not a spectrum-emulator state: expected a dict with 'config' and 'state_dict'")
+    model = SpectrumEmulator(**state["config"])
+    model.load_state_dict(state["state_dict"], strict=True)
+    return model.eval()
+
+
+def chip_segments(n_pixels: int, grid: str | None, per_chip: int = SEGMENTS_PER_CHIP) -> torch.Tensor:
+    """(P, K) float32 one-hot matrix of the pixels' segment: each chip cut into ``per_chip`` equal
+    parts (one segment for the whole spectrum if the grid is unknown)."""
+    seg = np.zeros(n_pixels, np.int64)
+    k = 0
+    slices = grids.chip_slices(grid) if grid is not None else [slice(0, n_pixels)]
+    if slices[-1].stop != n_pixels:
+        raise ValueError(f"grid {grid!r} has {slices[-1].stop} pixels, spectra have {n_pixels}")
+    for sl in slices:
+        edges = np.linspace(sl.start, sl.stop, per_chip + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            seg[a:b] = k
+            k += 1
+    return torch.from_numpy(np.eye(k, dtype=np.float32)[seg])
+
+
+def fit_weights(flux: np.ndarray, flux_err: np.ndarray, pix_mask: np.ndarray | None) -> np.ndarray:
+    """Inverse-variance pixel weights (N, P) float32: 1/σ² capped at :data:`MAX_WEIGHT`, 0 for bad,
+    masked or non-finite pixels."""
+    flux = np.asarray(flux, np.float32)
+    err = np.asarray(flux_err, np.float32)
+    good = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    if pix_mask is not None:
+        good &= np.asarray(pix_mask).astype(bool)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        w = np.where(good, np.minimum(1.0 / (err.astype(np.float64) ** 2), MAX_WEIGHT), 0.0)
+    return w.astype(np.float32)
+
+
+def _segment_clip(resid2_w: torch.Tensor, w: torch.Tensor, seg: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Weights with the anomalous segments of each star set to 0: reduced χ² of a segment above
+    ``max(threshold, 2 × the star's median segment χ²)``; at most half of a star's segments go."""
+    n_seg = (w > 0).float() @ seg
+    chi_seg = (resid2_w @ seg) / n_seg.clamp_min(1.0)
+    med = chi_seg.masked_fill(n_seg == 0, float("nan")).nanmedian(dim=1, keepdim=True).values.nan_to_num(1.0)
+    bad = (chi_seg > torch.clamp(2.0 * med, min=threshold)) & (n_seg > 0)
+    too_many = bad.sum(1) > (n_seg > 0).sum(1) // 2
+    bad[too_many] = False
+    return w * (1.0 - bad.float() @ seg.T)
+
+
+def train_emulator(
+    labels: np.ndarray,
+    flux: np.ndarray,
+    flux_err: np.ndarray,
+    pix_mask: np.ndarray | None,
+    label_names: Sequence[str],
+    grid: str | None,
+    hidden: int = 256,
+    epochs: int = 150,
+    clip_after: float = 0.3,
+    clip_threshold: float = 2.0,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+    init_model: SpectrumEmulator | None = None,
+) -> tuple[SpectrumEmulator, dict[str, Any]]:
+    """Fit a :class:`SpectrumEmulator` to observed spectra by inverse-variance weighted least squares.
+
+    Args:
+        labels: (N, L) input labels in physical units (rows with non-finite labels are skipped).
+        flux, flux_err, pix_mask: (N, P) continuum-normalized spectra, errors, 1 = good pixel.
+        label_names, grid: see :class:`SpectrumEmulator`.
+        hidden, epochs, batch_size, lr, seed: MLP width and Adam/one-cycle schedule.
+        clip_after: after this fraction of the epochs, segments with anomalous χ² are masked
+            (see :func:`_segment_clip`) for the rest of training; 0 or ≥ 1 = never.
+        clip_threshold: reduced-χ² threshold of the segment clipping.
+        progress: called as ``progress(epoch, chi2_per_pixel)`` after every epoch.
+        init_model: continue training this model (a copy; its label standardization is kept).
+
+    Returns:
+        The model (eval mode, CPU) and a summary dict (stars, epochs, final χ²/pixel, masked segment
+        fraction, seconds).
+    """
+    labels = np.asarray(labels, np.float64)
+    ok = np.isfinite(labels).all(1)
+    if ok.sum() < 10:
+        raise ValueError(f"train_emulator needs at least 10 stars with finite labels, got {int(ok.sum())}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x_phys = labels[ok]
+    if init_model is not None:
+        model = emulator_from_state(emulator_state(init_model))
+        if model.n_pixels != flux.shape[1] or model.label_names != list(label_names):
+            raise ValueError("init_model does not match the spectra's pixels or the label names")
+        hidden = model.hidden
+    else:
+        model = SpectrumEmulator(label_names, flux.shape[1], hidden, x_phys.mean(0), x_phys.std(0) + 1e-12, grid)
+    x = model.standardize(torch.as_tensor(x_phys, dtype=torch.float32))
+    f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0, neginf=1.0))
+    w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok]))
+    if init_model is None:
+        with torch.no_grad():  # start at the weighted mean spectrum
+            model.net[-1].bias.copy_((f * w).sum(0) / w.sum(0).clamp_min(1e-12))
+    seg = chip_segments(f.shape[1], grid)
+    n = len(x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.05)
+    clip_epoch = int(round(clip_after * epochs)) if 0 < clip_after < 1 else -1
+    chi2 = float("nan")
+    masked_fraction = 0.0
+    model.train()
+    for epoch in range(epochs):
+        if epoch == clip_epoch:
+            with torch.no_grad():
+                resid2 = torch.cat([(f[s:s + 1024] - model(x[s:s + 1024])) ** 2 * w[s:s + 1024]
+                                    for s in range(0, n, 1024)])
+                w_new = _segment_clip(resid2, w, seg, clip_threshold)
+                masked_fraction = float(((w > 0) & (w_new == 0)).sum() / (w > 0).sum().clamp_min(1))
+                w = w_new
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for s in range(0, n, batch_size):
+            j = perm[s:s + batch_size]
+            loss = ((model(x[j]) - f[j]) ** 2 * w[j]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(j)
+        chi2 = total / n * f.shape[1] / float((w > 0).float().mean(1).mean() * f.shape[1])
+        if not math.isfinite(chi2):
+            raise FloatingPointError(f"spectrum emulator training diverged at epoch {epoch} (χ² = {chi2})")
+        if progress is not None:
+            progress(epoch, chi2)
+    model.eval()
+    return model, {"stars": int(n), "epochs": int(epochs), "hidden": int(hidden), "chi2_per_pixel": chi2,
+                   "masked_pixel_fraction": masked_fraction, "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class RefineResult:
+    """Refined labels (N, L) in physical units, their formal σ (from (JᵀWJ)⁻¹, physical units),
+    the reduced χ² of the fit (N,), the number of masked segments (N,) and the fraction of good
+    pixels used (N,)."""
+
+    labels: np.ndarray
+    sigma: np.ndarray
+    chi2: np.ndarray
+    masked_segments: np.ndarray
+    pixel_fraction: np.ndarray
+
+
+def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, f: torch.Tensor, w: torch.Tensor, iters: int,
+                  damping: float, bound: float) -> torch.Tensor:
+    jac = torch.func.vmap(torch.func.jacfwd(model))
+    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    for _ in range(iters):
+        J = jac(z)  # (n, P, L)
+        r = f - model(z)
+        JtW = J.transpose(1, 2) * w[:, None, :]
+        A = JtW @ J
+        A = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
+        z = (z + torch.linalg.solve(A, (JtW @ r[..., None])[..., 0])).clamp(-bound, bound)
+    return z
+
+
+def refine_labels(
+    model: SpectrumEmulator,
+    flux: np.ndarray,
+    flux_err: np.ndarray,
+    pix_mask: np.ndarray | None,
+    init: np.ndarray,
+    iters: int = 6,
+    clip_rounds: int = 2,
+    clip_iters: int = 4,
+    clip_threshold: float = 2.0,
+    damping: float = 1e-3,
+    bound: float = 6.0,
+    batch_size: int = 256,
+) -> RefineResult:
+    """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
+
+    ``iters`` damped Gauss–Newton steps, then ``clip_rounds`` × (mask anomalous chip segments,
+    ``clip_iters`` more steps). Standardized labels are kept within ±``bound`` training standard
+    deviations. Rows whose ``init`` is not finite come back as NaN.
+    """
+    flux = np.asarray(flux, np.float32)
+    if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
+        raise ValueError(f"flux must be (N, {model.n_pixels}) on the emulator's grid, got {flux.shape}")
+    init = np.asarray(init, np.float64)
+    if init.shape != (flux.shape[0], len(model.label_names)):
+        raise ValueError(f"init must be ({flux.shape[0]}, {len(model.label_names)}), got {init.shape}")
+    n, L = init.shape
+    out = RefineResult(np.full((n, L), np.nan, np.float32), np.full((n, L), np.nan, np.float32),
+                       np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32))
+    ok_rows = np.flatnonzero(np.isfinite(init).all(1))
+    w_all = fit_weights(flux, flux_err, pix_mask)
+    seg = chip_segments(model.n_pixels, model.grid)
+    std = model.label_std.cpu().numpy()
+    model = model.eval()
+    with torch.no_grad():
+        for s in range(0, len(ok_rows), batch_size):
+            rows = ok_rows[s:s + batch_size]
+            f = torch.from_numpy(np.nan_to_num(flux[rows], nan=1.0, posinf=1.0, neginf=1.0))
+            w0 = torch.from_numpy(w_all[rows])
+            w = w0
+            z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32)).clamp(-bound, bound)
+            z = _gauss_newton(model, z, f, w, iters, damping, bound)
+            for _ in range(clip_rounds):
+                w = _segment_clip((f - model(z)) ** 2 * w, w, seg, clip_threshold)
+                z = _gauss_newton(model, z, f, w, clip_iters, damping, bound)
+            J = torch.func.vmap(torch.func.jacfwd(model))(z)
+            JtW = J.transpose(1, 2) * w[:, None, :]
+            cov = torch.linalg.pinv(JtW @ J)
+            n_good = (w > 0).sum(1).clamp_min(1)
+            out.labels[rows] = (z * model.label_std + model.label_mean).numpy()
+            out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.numpy(), axis1=1, axis2=2), 0, None)) * std
+            out.chi2[rows] = (((f - model(z)) ** 2 * w).sum(1) / n_good).numpy()
+            masked = ((w0 > 0) & (w == 0)).float() @ seg
+            out.masked_segments[rows] = (masked > 0).sum(1).numpy().astype(np.int16)
+            out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).numpy()
+    return out

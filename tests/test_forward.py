@@ -1,0 +1,147 @@
+"""The spectrum emulator and χ² refinement (stellarnet.models.forward) on a known synthetic forward model."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from stellarnet.models.forward import (SpectrumEmulator, chip_segments, emulator_from_state, emulator_state,
+                                       fit_weights, refine_labels, train_emulator)
+
+NAMES = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
+MEAN = np.array([4800.0, 2.5, -0.2, 0.1])
+STD = np.array([400.0, 0.8, 0.3, 0.1])
+P = 240
+NOISE = 0.01
+
+
+def true_flux(labels: np.ndarray) -> np.ndarray:
+    """A smooth made-up spectrum: 24 absorption lines whose depths depend on the labels."""
+    z = (np.atleast_2d(labels) - MEAN) / STD
+    rng = np.random.default_rng(3)
+    coef = rng.normal(0, 0.7, (24, 4))
+    depth = 0.4 / (1 + np.exp(-(z @ coef.T)))  # (N, 24)
+    centers = np.linspace(5, P - 5, 24)
+    x = np.arange(P)
+    profile = np.exp(-0.5 * ((x[None, :] - centers[:, None]) / 2.5) ** 2)  # (24, P)
+    return (1 - depth @ profile).astype(np.float32)
+
+
+def draw(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = MEAN + STD * rng.uniform(-1.5, 1.5, (n, 4))
+    flux = true_flux(labels) + NOISE * rng.standard_normal((n, P)).astype(np.float32)
+    return labels, flux, np.full_like(flux, NOISE)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> SpectrumEmulator:
+    labels, flux, err = draw(1000, 0)
+    torch.manual_seed(0)
+    model, info = train_emulator(labels, flux, err, None, NAMES, None, hidden=64, epochs=100, batch_size=64, lr=5e-3)
+    assert info["stars"] == 1000 and info["epochs"] == 100
+    assert 0.8 < info["chi2_per_pixel"] < 1.3  # fits (nearly) down to the noise
+    return model
+
+
+def test_emulator_reproduces_the_forward_model(emulator):
+    labels, _, _ = draw(200, 1)
+    err = emulator.flux(labels) - true_flux(labels)
+    assert np.sqrt(np.mean(err**2)) < 0.6 * NOISE
+
+
+def test_refine_recovers_labels_with_calibrated_sigma(emulator):
+    labels, flux, err = draw(300, 2)
+    rng = np.random.default_rng(5)
+    start = labels + 0.3 * STD * rng.standard_normal(labels.shape)  # a poor first guess (the network's role)
+    r = refine_labels(emulator, flux, err, None, start)
+    before = np.abs(start - labels).mean(0)
+    after = np.abs(r.labels - labels).mean(0)
+    assert np.all(after < 0.25 * before), (before, after)
+    z = (r.labels - labels) / r.sigma  # the emulator's own error adds to the noise: z a bit wider than 1
+    assert np.all((np.std(z, 0) > 0.8) & (np.std(z, 0) < 2.5)), np.std(z, 0)
+    assert 0.9 < np.median(r.chi2) < 1.25
+    assert np.mean(r.masked_segments > 0) < 0.05  # clean spectra: (almost) nothing clipped
+
+
+def test_formal_sigma_is_calibrated_when_the_model_is_exact(emulator):
+    rng = np.random.default_rng(8)
+    labels = MEAN + STD * rng.uniform(-1.2, 1.2, (400, 4))
+    flux = emulator.flux(labels) + NOISE * rng.standard_normal((400, P)).astype(np.float32)
+    start = labels + 0.2 * STD * rng.standard_normal(labels.shape)
+    r = refine_labels(emulator, flux, np.full_like(flux, NOISE), None, start)
+    z = (r.labels - labels) / r.sigma
+    assert np.all(np.abs(np.std(z, 0) - 1) < 0.15), np.std(z, 0)
+    assert np.all(np.abs(np.mean(np.abs(z) < 1, 0) - 0.683) < 0.08)
+    assert abs(np.median(r.chi2) - 1) < 0.05
+
+
+def test_segment_clipping_removes_a_corrupted_chip_segment(emulator):
+    labels, flux, err = draw(100, 3)
+    bad = flux.copy()
+    bad[:, : P // 4] += 0.05  # e.g. persistence: an additive offset on a quarter of the spectrum
+    clipped = refine_labels(emulator, bad, err, None, labels)
+    naive = refine_labels(emulator, bad, err, None, labels, clip_rounds=0)
+    assert np.all(clipped.masked_segments >= 1)
+    assert np.all(clipped.pixel_fraction <= 0.75 + 1e-6) and np.median(clipped.pixel_fraction) == 0.75
+    err_clipped = np.abs(clipped.labels - labels).mean(0) / STD
+    err_naive = np.abs(naive.labels - labels).mean(0) / STD
+    assert err_clipped.mean() < 0.5 * err_naive.mean(), (err_clipped, err_naive)
+
+
+def test_masked_and_bad_pixels_get_no_weight():
+    flux = np.ones((2, 5), np.float32)
+    err = np.array([[0.01, 0.0, np.nan, 1e-6, 0.02], [0.01, 0.01, 0.01, 0.01, 0.01]], np.float32)
+    flux[1, 3] = np.inf
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    w = fit_weights(flux, err, mask)
+    assert w[0, 0] == pytest.approx(1e4)
+    assert w[0, 1] == w[0, 2] == w[0, 4] == 0 and w[1, 3] == 0
+    assert w[0, 3] == pytest.approx(1 / 0.002**2)  # capped
+
+
+def test_nonfinite_start_gives_nan_rows_and_bad_shapes_raise(emulator):
+    labels, flux, err = draw(3, 4)
+    start = labels.copy()
+    start[1, 0] = np.nan
+    r = refine_labels(emulator, flux, err, None, start)
+    assert np.isnan(r.labels[1]).all() and np.isfinite(r.labels[[0, 2]]).all()
+    with pytest.raises(ValueError, match="grid"):
+        refine_labels(emulator, flux[:, :-1], err[:, :-1], None, labels)
+    with pytest.raises(ValueError, match="init"):
+        refine_labels(emulator, flux, err, None, labels[:, :3])
+
+
+def test_training_input_errors():
+    labels, flux, err = draw(20, 5)
+    with pytest.raises(ValueError, match="at least 10"):
+        train_emulator(np.full_like(labels, np.nan), flux, err, None, NAMES, None, epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        train_emulator(labels, flux, err, None, NAMES, None, epochs=0)
+
+
+def test_state_round_trip_is_weights_only(emulator):
+    buf = io.BytesIO()
+    torch.save(emulator_state(emulator, {"sigma_scale": [1.0, 2.0, 3.0, 4.0]}), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    again = emulator_from_state(state)
+    labels, _, _ = draw(5, 6)
+    np.testing.assert_array_equal(again.flux(labels), emulator.flux(labels))
+    assert state["sigma_scale"] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="config"):
+        emulator_from_state({"state_dict": {}})
+
+
+def test_chip_segments_follow_the_grid():
+    from stellarnet.data import grids
+
+    seg = chip_segments(grids.n_pixels("dr12"), "dr12")
+    assert seg.shape == (grids.n_pixels("dr12"), 12) and torch.all(seg.sum(1) == 1)
+    first_green = grids.chip_slices("dr12")[1].start
+    assert seg[first_green].argmax() == 4 and seg[first_green - 1].argmax() == 3
+    with pytest.raises(ValueError, match="pixels"):
+        chip_segments(100, "dr12")

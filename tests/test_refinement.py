@@ -1,0 +1,116 @@
+"""The refinement stage end to end: build it for a model folder, load it, predict, write catalogues."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stellarnet.data.shards import load_manifest
+from stellarnet.eval.network import load_split
+from stellarnet.models import StellarNetModule, save_model_folder
+from stellarnet.models.inference import EMULATOR_FILE, CheckpointError, load_model
+from stellarnet.refinement import build_refinement
+from stellarnet.results import predictions_frame
+
+NET = {
+    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
+                         "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": 0.0, "out_dim": 8},
+    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4},
+    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": 0.0},
+}
+SPEC_KEYS = ("grid", "n_pixels", "label_names", "label_units", "label_mean", "label_std", "phot_features",
+             "phot_mean", "phot_std", "class_tasks")
+SETTINGS = {"hidden": 16, "epochs": 3, "batch_size": 64, "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1}}
+
+
+@pytest.fixture(scope="module")
+def refined_dir(tiny_shards, tmp_path_factory) -> tuple[Path, dict]:
+    """An (untrained) tiny network's model folder with a 3-epoch refinement stage."""
+    manifest = load_manifest(tiny_shards)
+    torch.manual_seed(0)
+    module = StellarNetModule(net=NET, data_spec={k: manifest[k] for k in SPEC_KEYS}, log_figures=False)
+    folder = save_model_folder(module, tmp_path_factory.mktemp("refined_model"))
+    summary = build_refinement(folder, tiny_shards, SETTINGS, tensorboard_dir=folder.parent / "tb", progress=False)
+    return folder, summary
+
+
+def test_build_writes_emulator_and_summary(refined_dir, tiny_shards):
+    folder, summary = refined_dir
+    assert (folder / EMULATOR_FILE).is_file()
+    saved = json.loads((folder / "refinement.json").read_text())
+    assert saved["training"]["epochs"] == 3 and saved["training"]["hidden"] == 16
+    n_train = load_manifest(tiny_shards)["split_rows"]["train"]
+    assert summary["training"]["stars"] == n_train
+    assert len(summary["sigma_scale"]) == 4 and all(np.isfinite(summary["sigma_scale"]))
+    assert 0 <= summary["val_refined_fraction"] <= 1
+    assert not list(folder.glob(".*.tmp"))  # atomic write left nothing behind
+    assert list((folder.parent / "tb").glob("events.*"))
+
+
+def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_shards):
+    folder, summary = refined_dir
+    data = load_split(tiny_shards, "test")
+    refined = load_model(folder)
+    assert refined.emulator is not None
+    np.testing.assert_allclose(refined.refine_sigma_scale, summary["sigma_scale"], rtol=1e-6)
+    out = refined.predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"])
+    plain = load_model(folder, refine=False).predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"])
+    off = refined.predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"], refine=False)
+    np.testing.assert_array_equal(out["labels_network"], plain["labels"])
+    np.testing.assert_array_equal(off["labels"], plain["labels"])
+    assert "refine_flag" not in off
+    ok = out["refine_flag"] == 0
+    kept = out["refine_flag"] == 1
+    np.testing.assert_array_equal(out["labels"][kept], plain["labels"][kept])
+    if ok.any():
+        assert not np.array_equal(out["labels"][ok], plain["labels"][ok])
+    assert np.isfinite(out["refine_chi2"]).all() and np.all(out["sigma_total"] > 0)
+    df = predictions_frame({"apogee_id": np.arange(len(data["flux"]))}, out, refined.label_names, refined.class_tasks)
+    for col in ("TEFF", "TEFF_NET", "TEFF_NET_SIGMA", "REFINE_CHI2", "REFINE_FLAG"):
+        assert col in df.columns
+    with pytest.raises(ValueError, match="no spectrum emulator"):
+        load_model(folder, refine=False).predict(data["flux"][:2], data["flux_err"][:2], refine=True)
+
+
+def test_refinement_survives_bad_pixels(refined_dir, tiny_shards):
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    flux = data["flux"][:4].copy()
+    flux[0, 100:300] = np.nan
+    flux[1, :] = np.inf  # nothing usable: the network's labels are kept or refined from no data
+    out = load_model(folder).predict(flux, data["flux_err"][:4], data["photometry"][:4], data["pix_mask"][:4])
+    assert np.isfinite(out["labels"]).all()
+    assert out["refine_flag"].shape == (4,)
+
+
+def test_bad_emulator_files_are_refused(refined_dir, tmp_path):
+    folder, _ = refined_dir
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    (copy / EMULATOR_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="spectrum emulator"):
+        load_model(copy)
+    assert load_model(copy, refine=False).emulator is None  # the network alone still loads
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(copy / EMULATOR_FILE, "wb") as fh:
+        pickle.dump({"format": "stellarnet-emulator/1", "x": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_model(copy)
+    torch.save({"format": "something-else"}, copy / EMULATOR_FILE)
+    with pytest.raises(CheckpointError, match="not a stellarnet spectrum emulator"):
+        load_model(copy)
+
+
+def test_build_needs_a_model_folder(tmp_path, tiny_shards):
+    with pytest.raises(FileNotFoundError, match="model folder"):
+        build_refinement(tmp_path, tiny_shards, SETTINGS, progress=False)
