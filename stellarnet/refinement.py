@@ -6,9 +6,11 @@ the model folder is written, ``refine.enabled``):
 1. the network predicts the training split (a seeded subset of ``refine.max_stars``);
 2. a :class:`~stellarnet.models.forward.SpectrumEmulator` is fitted to those spectra with the
    network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard);
-3. the validation split is refined and a per-label σ scale fitted against the catalogue labels
+3. the training stars are refined and a quadratic calibration of the refined labels to the
+   catalogue scale is fitted (:func:`~stellarnet.models.forward.fit_label_calibration`);
+4. the validation split is refined and a per-label σ scale fitted against the catalogue labels
    and their errors (as for the network's σ);
-4. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
+5. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
    atomically into the model folder, and ``refinement.json`` next to it.
 """
 
@@ -26,7 +28,7 @@ from omegaconf import DictConfig
 
 from stellarnet.eval.calibration import fit_sigma_scale
 from stellarnet.eval.network import load_split, predict_split
-from stellarnet.models.forward import emulator_state, train_emulator
+from stellarnet.models.forward import FIT_KEYS, emulator_state, fit_label_calibration, refine_labels, train_emulator
 from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_model
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import atomic_open, to_plain, write_json
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 150, "batch_size": 256, "lr": 2e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
-                                   "fit": {"iters": 6, "clip_rounds": 2, "clip_iters": 4, "clip_threshold": 2.0}}
+                                   "calibration_degree": 2,
+                                   "fit": {"iters": 3, "clip_rounds": 1, "clip_iters": 2, "clip_threshold": 2.0}}
 
 
 def _subset(data: dict[str, np.ndarray], max_stars: int | None, seed: int) -> dict[str, np.ndarray]:
@@ -99,10 +102,17 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     finally:
         if bar is not None:
             bar.close()
+    calibration = None
+    if cfg.get("calibration_degree"):
+        fit_kw = {k: v for k, v in cfg["fit"].items() if k in FIT_KEYS}
+        own = refine_labels(emulator, train["flux"], train["flux_err"], train["pix_mask"],
+                            pred["labels"].astype(np.float64), **fit_kw)
+        calibration = fit_label_calibration(own.labels, train["labels"], train["label_err"],
+                                            degree=int(cfg["calibration_degree"]))
     del train, pred
 
     val = load_split(dataset_dir, "val")
-    raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"])
+    raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration)
     vpred, rate = predict_split(raw, val)
     used = vpred["refine_flag"] == 0
     scale = fit_sigma_scale(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
@@ -118,8 +128,10 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
         for j, name in enumerate(network.label_names):
             writer.add_scalar(f"refine/sigma_scale_{name}", scale[j], 0)
         writer.close()
+    summary["label_calibration"] = calibration
     state = emulator_state(emulator, {"format": EMULATOR_FORMAT, "sigma_scale": summary["sigma_scale"],
-                                      "refine": cfg["fit"], "training": to_plain(info)})
+                                      "refine": cfg["fit"], "training": to_plain(info),
+                                      "label_calibration": calibration})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
         torch.save(state, fh)
     write_json(model_dir / "refinement.json", summary)

@@ -145,3 +145,28 @@ def test_chip_segments_follow_the_grid():
     assert seg[first_green].argmax() == 4 and seg[first_green - 1].argmax() == 3
     with pytest.raises(ValueError, match="pixels"):
         chip_segments(100, "dr12")
+
+
+def test_label_calibration_removes_a_smooth_bias_despite_noisy_references():
+    from stellarnet.models.forward import apply_label_calibration, fit_label_calibration
+
+    rng = np.random.default_rng(9)
+    truth = MEAN + STD * rng.uniform(-1.5, 1.5, (20000, 4))
+    z = (truth - MEAN) / STD
+    biased = truth + STD * 0.1 * np.stack([z[:, 0] ** 2 - 0.5, 0.3 * z[:, 1], 0.2 + 0 * z[:, 2], z[:, 0] * z[:, 3]], 1)
+    ref_err = 0.2 * STD * np.ones_like(truth)  # references much noisier than the bias
+    reference = truth + ref_err * rng.standard_normal(truth.shape)
+    reference[::7, 2] = np.nan  # missing reference labels are skipped
+    cal = fit_label_calibration(biased, reference, ref_err, degree=2)
+    fixed = apply_label_calibration(biased, cal)
+    before = np.abs(biased - truth).mean(0) / STD
+    after = np.abs(fixed - truth).mean(0) / STD
+    assert np.all(after < 0.3 * before), (before, after)
+    assert cal["n"][2] < cal["n"][0] == 20000
+    lin = apply_label_calibration(biased, fit_label_calibration(biased, reference, ref_err, degree=1))
+    assert np.abs(lin - truth).mean(0)[0] / STD[0] > 2 * after[0]  # a quadratic bias needs degree 2
+    np.testing.assert_array_equal(apply_label_calibration(biased, None), biased)
+    few = fit_label_calibration(biased[:20], reference[:20], ref_err[:20])
+    np.testing.assert_array_equal(apply_label_calibration(biased[:20], few), biased[:20])  # too few stars: no change
+    with pytest.raises(ValueError, match="degree"):
+        fit_label_calibration(biased, reference, degree=3)

@@ -14,6 +14,10 @@ several times above the Cramér–Rao bound. The refinement stage adds the gener
 * :func:`refine_labels` — per star, Gauss–Newton / Levenberg–Marquardt minimization of
   χ² = Σ w (f − model(θ))² from the network's estimate, with segment clipping, the formal σ from
   (JᵀWJ)⁻¹ and the reduced χ² of the fit (a per-star quality figure).
+* :func:`fit_label_calibration` — the emulator inherits the smooth biases of the network's labels
+  it was trained on; a quadratic function of the refined labels, fitted on the training split
+  against the reference (catalogue) labels, puts the refined labels back on the reference scale
+  (the reference noise is in the dependent variable, so it averages out instead of biasing).
 
 Nothing here knows where the spectra come from; the grid's chips come from
 :mod:`stellarnet.data.grids`.
@@ -34,10 +38,12 @@ from torch import nn
 from stellarnet.data import grids
 
 __all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "train_emulator", "refine_labels",
-           "emulator_state", "emulator_from_state"]
+           "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration"]
 
 log = logging.getLogger(__name__)
 
+#: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
+FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound")
 MAX_WEIGHT = 1.0 / 0.002**2  # inverse-variance cap: no pixel counts as better than S/N 500
 SEGMENTS_PER_CHIP = 4
 
@@ -253,13 +259,23 @@ class RefineResult:
     pixel_fraction: np.ndarray
 
 
+def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Batched ``z (n, L) -> (∂flux/∂z (n, P, L), flux (n, P))`` in one forward-mode pass."""
+
+    def one(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = model(z)
+        return y, y
+
+    return torch.func.vmap(torch.func.jacfwd(one, has_aux=True))
+
+
 def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, f: torch.Tensor, w: torch.Tensor, iters: int,
                   damping: float, bound: float) -> torch.Tensor:
-    jac = torch.func.vmap(torch.func.jacfwd(model))
+    jac = _jacobian_and_flux(model)
     eye = torch.eye(z.shape[1], dtype=z.dtype)
     for _ in range(iters):
-        J = jac(z)  # (n, P, L)
-        r = f - model(z)
+        J, m = jac(z)  # (n, P, L), (n, P)
+        r = f - m
         JtW = J.transpose(1, 2) * w[:, None, :]
         A = JtW @ J
         A = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
@@ -273,9 +289,9 @@ def refine_labels(
     flux_err: np.ndarray,
     pix_mask: np.ndarray | None,
     init: np.ndarray,
-    iters: int = 6,
-    clip_rounds: int = 2,
-    clip_iters: int = 4,
+    iters: int = 3,
+    clip_rounds: int = 1,
+    clip_iters: int = 2,
     clip_threshold: float = 2.0,
     damping: float = 1e-3,
     bound: float = 6.0,
@@ -312,14 +328,77 @@ def refine_labels(
             for _ in range(clip_rounds):
                 w = _segment_clip((f - model(z)) ** 2 * w, w, seg, clip_threshold)
                 z = _gauss_newton(model, z, f, w, clip_iters, damping, bound)
-            J = torch.func.vmap(torch.func.jacfwd(model))(z)
+            J, m = _jacobian_and_flux(model)(z)
             JtW = J.transpose(1, 2) * w[:, None, :]
             cov = torch.linalg.pinv(JtW @ J)
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).numpy()
             out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.numpy(), axis1=1, axis2=2), 0, None)) * std
-            out.chi2[rows] = (((f - model(z)) ** 2 * w).sum(1) / n_good).numpy()
+            out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).numpy()
             masked = ((w0 > 0) & (w == 0)).float() @ seg
             out.masked_segments[rows] = (masked > 0).sum(1).numpy().astype(np.int16)
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).numpy()
     return out
+
+
+def _quadratic_terms(z: np.ndarray, degree: int) -> np.ndarray:
+    cols = [np.ones(len(z))] + [z[:, i] for i in range(z.shape[1])]
+    if degree >= 2:
+        cols += [z[:, i] * z[:, j] for i in range(z.shape[1]) for j in range(i, z.shape[1])]
+    return np.stack(cols, 1)
+
+
+def fit_label_calibration(labels: np.ndarray, reference: np.ndarray, reference_err: np.ndarray | None = None,
+                          degree: int = 2, min_stars: int = 50) -> dict[str, Any]:
+    """Per-label polynomial (degree 1 or 2 in all standardized labels) for ``reference − labels``,
+    weighted least squares with weights 1/err² (unit weights without errors).
+
+    Args:
+        labels: (N, L) refined labels; reference: (N, L) reference labels (NaN = missing);
+        reference_err: (N, L) their 1-σ errors, or None.
+    Returns:
+        Plain dict ``{"degree", "mean", "std", "coef" (L lists), "n" (L)}`` for
+        :func:`apply_label_calibration`; a label with fewer than ``min_stars`` usable rows gets
+        zero coefficients (no correction).
+    """
+    if degree not in (1, 2):
+        raise ValueError(f"degree must be 1 or 2, got {degree}")
+    x = np.asarray(labels, np.float64)
+    ref = np.asarray(reference, np.float64)
+    if ref.shape != x.shape:
+        raise ValueError(f"reference shape {ref.shape} differs from labels shape {x.shape}")
+    rows = np.isfinite(x).all(1)
+    mean = np.nanmean(x[rows], 0) if rows.any() else np.zeros(x.shape[1])
+    std = np.nanstd(x[rows], 0) if rows.any() else np.ones(x.shape[1])
+    std = np.where(std > 0, std, 1.0)
+    design = _quadratic_terms((np.where(rows[:, None], x, mean) - mean) / std, degree)
+    coef, n_used = [], []
+    for j in range(x.shape[1]):
+        y = ref[:, j] - x[:, j]
+        w = np.ones(len(y)) if reference_err is None else 1.0 / np.maximum(np.asarray(reference_err, np.float64)[:, j], 1e-12) ** 2
+        ok = rows & np.isfinite(y) & np.isfinite(w)
+        if ok.sum() < max(min_stars, design.shape[1] + 1):
+            coef.append([0.0] * design.shape[1])
+            n_used.append(int(ok.sum()))
+            continue
+        sw = np.sqrt(w[ok] / np.mean(w[ok]))
+        c = np.linalg.lstsq(design[ok] * sw[:, None], y[ok] * sw, rcond=None)[0]
+        coef.append([float(v) for v in c])
+        n_used.append(int(ok.sum()))
+    return {"degree": int(degree), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "coef": coef, "n": n_used}
+
+
+def apply_label_calibration(labels: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
+    """``labels`` (N, L) + the fitted correction (float64; NaN rows stay NaN; None: unchanged)."""
+    x = np.asarray(labels, np.float64)
+    if not calibration:
+        return x.copy()
+    mean, std = np.asarray(calibration["mean"], np.float64), np.asarray(calibration["std"], np.float64)
+    coef = np.asarray(calibration["coef"], np.float64)
+    if mean.shape != (x.shape[1],) or coef.shape[0] != x.shape[1]:
+        raise ValueError(f"label calibration is for {mean.shape[0]} labels, got {x.shape[1]}")
+    design = _quadratic_terms((np.nan_to_num(x) - mean) / std, int(calibration["degree"]))
+    if design.shape[1] != coef.shape[1]:
+        raise ValueError("label calibration coefficients do not match its degree")
+    return x + design @ coef.T

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stellarnet.models.forward import RefineResult, SpectrumEmulator, emulator_from_state, refine_labels
+from stellarnet.models.forward import (FIT_KEYS, RefineResult, SpectrumEmulator, apply_label_calibration, emulator_from_state,
+                                       refine_labels)
 from stellarnet.models.module import StellarNetModule
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
@@ -145,7 +146,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
                 f"{folder / EMULATOR_FILE} does not match the network: labels {emulator.label_names} vs "
                 f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
-                     refine_settings=extras.get("refine"))
+                     refine_settings=extras.get("refine"), label_calibration=extras.get("label_calibration"))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
@@ -263,12 +264,15 @@ class Predictor:
         phot_features: photometric feature names, in the column order ``predict`` expects.
         class_tasks: ``{task: [class names]}``.
         precision: the resolved precision, ``"32"`` or ``"bf16"``.
-        emulator: the refinement stage's :class:`~stellarnet.models.forward.SpectrumEmulator`, or None.
+        emulator: the refinement stage's :class:`~stellarnet.models.forward.SpectrumEmulator`, or None;
+            ``refine_sigma_scale`` (per label), ``refine_settings`` (``refine_labels`` keywords) and
+            ``label_calibration`` (:func:`~stellarnet.models.forward.fit_label_calibration`) go with it.
     """
 
     def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
                  emulator: SpectrumEmulator | None = None, refine_sigma_scale: Any = None,
-                 refine_settings: dict[str, Any] | None = None) -> None:
+                 refine_settings: dict[str, Any] | None = None,
+                 label_calibration: dict[str, Any] | None = None) -> None:
         self.module = module.eval()
         self.net = fuse_for_inference(module) if fuse else self.module
         self.precision: str = resolve_precision(precision, self.device)
@@ -291,6 +295,7 @@ class Predictor:
         if self.refine_sigma_scale is not None and self.refine_sigma_scale.shape != (len(self.label_names),):
             raise CheckpointError(f"emulator sigma_scale has shape {self.refine_sigma_scale.shape}, expected one per label")
         self.refine_settings: dict[str, Any] = dict(refine_settings or {})
+        self.label_calibration = label_calibration or None
 
     @property
     def device(self) -> torch.device:
@@ -435,22 +440,22 @@ class Predictor:
                 batch_size: int) -> None:
         """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place)."""
         assert self.emulator is not None
-        settings = {k: v for k, v in self.refine_settings.items()
-                    if k in ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound")}
+        settings = {k: v for k, v in self.refine_settings.items() if k in FIT_KEYS}
         with torch.random.fork_rng(devices=[]):
             r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
                                             batch_size=max(1, min(batch_size, 256)), **settings)
+        refined = apply_label_calibration(r.labels, self.label_calibration)  # onto the training labels' scale
         sigma = r.sigma * np.sqrt(np.maximum(1.0, r.chi2))[:, None]
         if self.refine_sigma_scale is not None:
             sigma = sigma * self.refine_sigma_scale
         net_labels, net_sigma = res["labels"], res["sigma_total"]
         tried = np.isfinite(net_labels).all(1)
-        shift = np.abs(r.labels - net_labels) / np.maximum(net_sigma, 1e-12)
-        ok = tried & np.isfinite(r.labels).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
+        shift = np.abs(refined - net_labels) / np.maximum(net_sigma, 1e-12)
+        ok = tried & np.isfinite(refined).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
         flag = np.where(ok, 0, np.where(tried, 1, 2)).astype(np.int8)
         res["labels_network"] = net_labels
         res["sigma_network"] = net_sigma
-        res["labels"] = np.where(ok[:, None], r.labels, net_labels).astype(np.float32)
+        res["labels"] = np.where(ok[:, None], refined, net_labels).astype(np.float32)
         res["sigma_aleatoric"] = np.where(ok[:, None], sigma, res["sigma_aleatoric"]).astype(np.float32)
         res["sigma_total"] = np.where(ok[:, None], np.sqrt(sigma**2 + res["sigma_epistemic"] ** 2),
                                       net_sigma).astype(np.float32)
