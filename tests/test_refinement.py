@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import shutil
@@ -11,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from test_evaluate import NET as EVAL_NET
+from test_evaluate import SPEC_KEYS
+
 from stellarnet.data.shards import load_manifest
 from stellarnet.eval.network import load_split
 from stellarnet.models import StellarNetModule, save_model_folder
@@ -18,14 +22,8 @@ from stellarnet.models.inference import EMULATOR_FILE, CheckpointError, load_mod
 from stellarnet.refinement import build_refinement
 from stellarnet.results import predictions_frame
 
-NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
-                         "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": 0.0, "out_dim": 8},
-    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4},
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": 0.0},
-}
-SPEC_KEYS = ("grid", "n_pixels", "label_names", "label_units", "label_mean", "label_std", "phot_features",
-             "phot_mean", "phot_std", "class_tasks")
+NET = copy.deepcopy(EVAL_NET)  # the evaluation tests' tiny network, without dropout (as the default model)
+NET["spectral_encoder"]["dropout"] = NET["trunk"]["dropout"] = 0.0
 SETTINGS = {"hidden": 16, "epochs": 3, "batch_size": 64, "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1}}
 
 
