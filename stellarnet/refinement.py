@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
-                                   "calibration_degree": 2,
+                                   "calibration_degree": 2, "device": "auto",
                                    "fit": {"iters": 3, "clip_rounds": 1, "clip_iters": 2, "clip_threshold": 2.0}}
 
 
@@ -49,6 +49,13 @@ def _subset(data: dict[str, np.ndarray], max_stars: int | None, seed: int) -> di
         return data
     rows = np.sort(np.random.default_rng(seed).choice(n, int(max_stars), replace=False))
     return {k: (v[rows] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in data.items()}
+
+
+def _device(name: Any) -> str:
+    """``auto``: the GPU when torch sees one, else the CPU."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)
 
 
 def _mae(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -98,7 +105,7 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
             pred["labels"], train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
             hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
             clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-            seed=int(cfg["seed"]), progress=on_epoch)
+            seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
     finally:
         if bar is not None:
             bar.close()

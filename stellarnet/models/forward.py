@@ -168,6 +168,7 @@ def train_emulator(
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
     init_model: SpectrumEmulator | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[SpectrumEmulator, dict[str, Any]]:
     """Fit a :class:`SpectrumEmulator` to observed spectra by inverse-variance weighted least squares.
 
@@ -181,6 +182,7 @@ def train_emulator(
         clip_threshold: reduced-χ² threshold of the segment clipping.
         progress: called as ``progress(epoch, chi2_per_pixel)`` after every epoch.
         init_model: continue training this model (a copy; its label standardization is kept).
+        device: where to train (the spectra are moved there whole: ~2 × 4 bytes × N × P).
 
     Returns:
         The model (eval mode, CPU) and a summary dict (stars, epochs, final χ²/pixel, masked segment
@@ -203,13 +205,15 @@ def train_emulator(
         hidden = model.hidden
     else:
         model = SpectrumEmulator(label_names, flux.shape[1], hidden, x_phys.mean(0), x_phys.std(0) + 1e-12, grid)
-    x = model.standardize(torch.as_tensor(x_phys, dtype=torch.float32))
-    f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0, neginf=1.0))
-    w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok]))
+    dev = torch.device(device)
+    model = model.to(dev)
+    x = model.standardize(torch.as_tensor(x_phys, dtype=torch.float32, device=dev))
+    f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0, neginf=1.0)).to(dev)
+    w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok])).to(dev)
     if init_model is None:
         with torch.no_grad():  # start at the weighted mean spectrum
             model.net[-1].bias.copy_((f * w).sum(0) / w.sum(0).clamp_min(1e-12))
-    seg = chip_segments(f.shape[1], grid)
+    seg = chip_segments(f.shape[1], grid).to(dev)
     n = len(x)
     steps_per_epoch = math.ceil(n / batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -226,7 +230,7 @@ def train_emulator(
                 w_new = _segment_clip(resid2, w, seg, clip_threshold)
                 masked_fraction = float(((w > 0) & (w_new == 0)).sum() / (w > 0).sum().clamp_min(1))
                 w = w_new
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(dev)
         total = 0.0
         for s in range(0, n, batch_size):
             j = perm[s:s + batch_size]
@@ -241,7 +245,7 @@ def train_emulator(
             raise FloatingPointError(f"spectrum emulator training diverged at epoch {epoch} (χ² = {chi2})")
         if progress is not None:
             progress(epoch, chi2)
-    model.eval()
+    model = model.eval().cpu()
     return model, {"stars": int(n), "epochs": int(epochs), "hidden": int(hidden), "chi2_per_pixel": chi2,
                    "masked_pixel_fraction": masked_fraction, "seconds": time.perf_counter() - t0}
 
@@ -272,7 +276,7 @@ def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tupl
 def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, f: torch.Tensor, w: torch.Tensor, iters: int,
                   damping: float, bound: float) -> torch.Tensor:
     jac = _jacobian_and_flux(model)
-    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     for _ in range(iters):
         J, m = jac(z)  # (n, P, L), (n, P)
         r = f - m
@@ -314,16 +318,17 @@ def refine_labels(
                        np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32))
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     w_all = fit_weights(flux, flux_err, pix_mask)
-    seg = chip_segments(model.n_pixels, model.grid)
+    dev = model.label_mean.device
+    seg = chip_segments(model.n_pixels, model.grid).to(dev)
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
         for s in range(0, len(ok_rows), batch_size):
             rows = ok_rows[s:s + batch_size]
-            f = torch.from_numpy(np.nan_to_num(flux[rows], nan=1.0, posinf=1.0, neginf=1.0))
-            w0 = torch.from_numpy(w_all[rows])
+            f = torch.from_numpy(np.nan_to_num(flux[rows], nan=1.0, posinf=1.0, neginf=1.0)).to(dev)
+            w0 = torch.from_numpy(w_all[rows]).to(dev)
             w = w0
-            z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32)).clamp(-bound, bound)
+            z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             z = _gauss_newton(model, z, f, w, iters, damping, bound)
             for _ in range(clip_rounds):
                 w = _segment_clip((f - model(z)) ** 2 * w, w, seg, clip_threshold)
@@ -332,12 +337,12 @@ def refine_labels(
             JtW = J.transpose(1, 2) * w[:, None, :]
             cov = torch.linalg.pinv(JtW @ J)
             n_good = (w > 0).sum(1).clamp_min(1)
-            out.labels[rows] = (z * model.label_std + model.label_mean).numpy()
-            out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.numpy(), axis1=1, axis2=2), 0, None)) * std
-            out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).numpy()
+            out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
+            out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.cpu().numpy(), axis1=1, axis2=2), 0, None)) * std
+            out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).cpu().numpy()
             masked = ((w0 > 0) & (w == 0)).float() @ seg
-            out.masked_segments[rows] = (masked > 0).sum(1).numpy().astype(np.int16)
-            out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).numpy()
+            out.masked_segments[rows] = (masked > 0).sum(1).cpu().numpy().astype(np.int16)
+            out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
     return out
 
 
