@@ -268,7 +268,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not trainer.is_global_zero:  # post-fit work: rank 0 only
         return {k: to_jsonable(v) for k, v in metrics.items()}, objects
 
-    if trainer.world_size > 1 and cpu:  # the other ranks are done: rank 0 may use this node's CPUs
+    if cpu:  # the loader workers and the other ranks are done: the post-fit work may use this node's CPUs
         configure_cpu_threads(0, cfg.get("cpu_threads", "auto"), local_ranks=1)
     if cfg.get("test", True):
         test_metrics = getattr(model, "test_metrics", None) or {}
