@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from stellarnet.eval.calibration import fit_sigma_scale
 from stellarnet.eval.network import load_split, predict_split
-from stellarnet.models.forward import FIT_KEYS, emulator_state, fit_label_calibration, refine_labels, train_emulator
+from stellarnet.models.forward import emulator_state, fit_settings, fit_label_calibration, refine_labels, train_emulator
 from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_model
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import atomic_open, to_plain, write_json
@@ -111,9 +111,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
             bar.close()
     calibration = None
     if cfg.get("calibration_degree"):
-        fit_kw = {k: v for k, v in cfg["fit"].items() if k in FIT_KEYS}
         own = refine_labels(emulator, train["flux"], train["flux_err"], train["pix_mask"],
-                            pred["labels"].astype(np.float64), **fit_kw)
+                            pred["labels"].astype(np.float64), **fit_settings(cfg["fit"]))
         calibration = fit_label_calibration(own.labels, train["labels"], train["label_err"],
                                             degree=int(cfg["calibration_degree"]))
     del train, pred

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,12 +38,19 @@ from torch import nn
 from stellarnet.data import grids
 
 __all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "train_emulator", "refine_labels",
-           "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration"]
+           "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration", "fit_settings"]
 
 log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound")
+
+
+def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :func:`refine_labels` keywords (:data:`FIT_KEYS`) among ``settings`` (others are ignored)."""
+    return {k: v for k, v in (settings or {}).items() if k in FIT_KEYS}
+
+
 MAX_WEIGHT = 1.0 / 0.002**2  # inverse-variance cap: no pixel counts as better than S/N 500
 SEGMENTS_PER_CHIP = 4
 

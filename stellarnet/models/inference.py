@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stellarnet.models.forward import (FIT_KEYS, RefineResult, SpectrumEmulator, apply_label_calibration, emulator_from_state,
-                                       refine_labels)
+from stellarnet.models.forward import (RefineResult, SpectrumEmulator, apply_label_calibration, emulator_from_state,
+                                       fit_settings, refine_labels)
 from stellarnet.models.module import StellarNetModule
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
@@ -294,7 +294,7 @@ class Predictor:
                                    else np.asarray(refine_sigma_scale, dtype=np.float32).reshape(-1))
         if self.refine_sigma_scale is not None and self.refine_sigma_scale.shape != (len(self.label_names),):
             raise CheckpointError(f"emulator sigma_scale has shape {self.refine_sigma_scale.shape}, expected one per label")
-        self.refine_settings: dict[str, Any] = dict(refine_settings or {})
+        self.refine_settings: dict[str, Any] = fit_settings(refine_settings)
         self.label_calibration = label_calibration or None
 
     @property
@@ -440,10 +440,8 @@ class Predictor:
                 batch_size: int) -> None:
         """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place)."""
         assert self.emulator is not None
-        settings = {k: v for k, v in self.refine_settings.items() if k in FIT_KEYS}
-        with torch.random.fork_rng(devices=[]):
-            r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
-                                            batch_size=max(1, min(batch_size, 256)), **settings)
+        r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
+                                        batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
         refined = apply_label_calibration(r.labels, self.label_calibration)  # onto the training labels' scale
         sigma = r.sigma * np.sqrt(np.maximum(1.0, r.chi2))[:, None]
         if self.refine_sigma_scale is not None:
