@@ -83,13 +83,49 @@ def test_segment_clipping_removes_a_corrupted_chip_segment(emulator):
     labels, flux, err = draw(100, 3)
     bad = flux.copy()
     bad[:, : P // 4] += 0.05  # e.g. persistence: an additive offset on a quarter of the spectrum
-    clipped = refine_labels(emulator, bad, err, None, labels)
-    naive = refine_labels(emulator, bad, err, None, labels, clip_rounds=0)
+    # without the continuum correction, which (one quadratic over this grid-less spectrum) would
+    # partly absorb the offset and hide it from the clipping
+    clipped = refine_labels(emulator, bad, err, None, labels, continuum_degree=None)
+    naive = refine_labels(emulator, bad, err, None, labels, clip_rounds=0, continuum_degree=None)
     assert np.all(clipped.masked_segments >= 1)
     assert np.all(clipped.pixel_fraction <= 0.75 + 1e-6) and np.median(clipped.pixel_fraction) == 0.75
     err_clipped = np.abs(clipped.labels - labels).mean(0) / STD
     err_naive = np.abs(naive.labels - labels).mean(0) / STD
     assert err_clipped.mean() < 0.5 * err_naive.mean(), (err_clipped, err_naive)
+
+
+def test_continuum_correction_absorbs_a_normalization_error(emulator):
+    """A smooth multiplicative error of the continuum (as a noisy normalization leaves) biases the
+    labels; fitting the continuum polynomial with them removes the bias."""
+    labels, flux, err = draw(200, 6)
+    rng = np.random.default_rng(7)
+    x = np.linspace(-1, 1, P)
+    a = rng.normal(0, 0.01, (200, 3))  # ~1 % continuum error, the size of the noise
+    distorted = flux * (1 + a[:, :1] + a[:, 1:2] * x + a[:, 2:] * (2 * x**2 - 1)).astype(np.float32)
+    with_cont = refine_labels(emulator, distorted, err, None, labels, continuum_degree=2)
+    without = refine_labels(emulator, distorted, err, None, labels, continuum_degree=None)
+    clean = refine_labels(emulator, flux, err, None, labels, continuum_degree=None)
+    e_with, e_without, e_clean = (np.abs(r.labels - labels).mean(0) / STD for r in (with_cont, without, clean))
+    assert e_with.mean() < 0.5 * e_without.mean(), (e_with, e_without)
+    assert e_with.mean() < 1.5 * e_clean.mean(), (e_with, e_clean)  # the price of 3 more parameters
+    assert np.all(np.median(with_cont.sigma / clean.sigma, 0) > 1.0)  # σ marginalized over the coefficients
+    assert abs(np.median(with_cont.chi2) - 1) < 0.25
+
+
+def test_continuum_basis_follows_the_chips():
+    from stellarnet.data import grids
+    from stellarnet.models.forward import continuum_basis
+
+    basis = continuum_basis(7214, "dr12", 2).numpy()
+    assert basis.shape == (7214, 9)
+    for i, sl in enumerate(grids.chip_slices("dr12")):
+        cols = basis[:, 3 * i:3 * i + 3]
+        assert np.all(cols[sl, 0] == 1) and np.all(np.delete(cols, np.r_[sl], axis=0) == 0)
+        assert cols[sl.start, 1] == -1 and cols[sl.stop - 1, 1] == 1 and cols[sl.start, 2] == 1
+    assert continuum_basis(100, None, 1).shape == (100, 2)
+    assert continuum_basis(100, None, None).shape == (100, 0)
+    with pytest.raises(ValueError, match="pixels"):
+        continuum_basis(100, "dr12", 2)
 
 
 def test_masked_and_bad_pixels_get_no_weight():

@@ -76,6 +76,18 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
         load_model(folder, refine=False).predict(data["flux"][:2], data["flux_err"][:2], refine=True)
 
 
+def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir, tmp_path):
+    folder, _ = refined_dir
+    assert load_model(folder).refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1,
+                                                  "clip_threshold": 2.0, "continuum_degree": 2}
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    state = torch.load(old / EMULATOR_FILE, weights_only=True)
+    del state["refine"]["continuum_degree"]  # as saved before the continuum fit existed
+    torch.save(state, old / EMULATOR_FILE)
+    assert load_model(old).refine_settings["continuum_degree"] is None
+
+
 def test_refinement_survives_bad_pixels(refined_dir, tiny_shards):
     folder, _ = refined_dir
     data = load_split(tiny_shards, "test")

@@ -12,8 +12,9 @@ several times above the Cramér–Rao bound. The refinement stage adds the gener
   variables), the network's labels are 3–4× less noisy and carry the catalogue's calibration.
   Chip segments with anomalous χ² in a star (persistence, artefacts) are dropped after a first pass.
 * :func:`refine_labels` — per star, Gauss–Newton / Levenberg–Marquardt minimization of
-  χ² = Σ w (f − model(θ))² from the network's estimate, with segment clipping, the formal σ from
-  (JᵀWJ)⁻¹ and the reduced χ² of the fit (a per-star quality figure).
+  χ² = Σ w (f − model(θ) (1 + continuum correction))² from the network's estimate, with a per-chip
+  polynomial continuum correction fitted jointly, segment clipping, the formal σ from (JᵀWJ)⁻¹
+  and the reduced χ² of the fit (a per-star quality figure).
 * :func:`fit_label_calibration` — the emulator inherits the smooth biases of the network's labels
   it was trained on; a quadratic function of the refined labels, fitted on the training split
   against the reference (catalogue) labels, puts the refined labels back on the reference scale
@@ -38,12 +39,13 @@ from torch import nn
 from stellarnet.data import grids
 
 __all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "train_emulator", "refine_labels",
-           "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration", "fit_settings"]
+           "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration", "fit_settings",
+           "continuum_basis"]
 
 log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
-FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound")
+FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -132,6 +134,26 @@ def chip_segments(n_pixels: int, grid: str | None, per_chip: int = SEGMENTS_PER_
             seg[a:b] = k
             k += 1
     return torch.from_numpy(np.eye(k, dtype=np.float32)[seg])
+
+
+def continuum_basis(n_pixels: int, grid: str | None, degree: int | None) -> torch.Tensor:
+    """(P, K) float32 basis of a multiplicative continuum correction: per chip, Chebyshev polynomials
+    T₀…T_degree of x ∈ [−1, 1] across the chip (zero outside it), i.e. the space in which the
+    per-chip continuum normalization (:func:`stellarnet.data.spectra.continuum_normalize`) errs.
+    One segment for the whole spectrum if the grid is unknown; ``degree`` None or < 0: K = 0."""
+    if degree is None or int(degree) < 0:
+        return torch.zeros(n_pixels, 0)
+    slices = grids.chip_slices(grid) if grid is not None else [slice(0, n_pixels)]
+    if slices[-1].stop != n_pixels:
+        raise ValueError(f"grid {grid!r} has {slices[-1].stop} pixels, spectra have {n_pixels}")
+    cols = []
+    for sl in slices:
+        x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
+        for k in range(int(degree) + 1):
+            b = np.zeros(n_pixels, np.float32)
+            b[sl] = np.polynomial.chebyshev.chebval(x, [0.0] * k + [1.0])
+            cols.append(b)
+    return torch.from_numpy(np.stack(cols, 1))
 
 
 def fit_weights(flux: np.ndarray, flux_err: np.ndarray, pix_mask: np.ndarray | None) -> np.ndarray:
@@ -280,18 +302,46 @@ def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tupl
     return torch.func.vmap(torch.func.jacfwd(one, has_aux=True))
 
 
-def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, f: torch.Tensor, w: torch.Tensor, iters: int,
-                  damping: float, bound: float) -> torch.Tensor:
+def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, f: torch.Tensor,
+                  w: torch.Tensor, iters: int, damping: float,
+                  bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Damped Gauss–Newton steps on χ² = Σ w (f − model(z) (1 + basis c))² for the standardized
+    labels ``z`` (n, L) and the continuum coefficients ``c`` (n, K) together. Also returns the
+    undamped JᵀWJ of the last step (None if ``iters`` is 0), for the formal covariance."""
     jac = _jacobian_and_flux(model)
-    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    L = z.shape[1]
+    eye = torch.eye(L + c.shape[1], dtype=z.dtype, device=z.device)
+    A = None
     for _ in range(iters):
         J, m = jac(z)  # (n, P, L), (n, P)
-        r = f - m
-        JtW = J.transpose(1, 2) * w[:, None, :]
-        A = JtW @ J
-        A = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
-        z = (z + torch.linalg.solve(A, (JtW @ r[..., None])[..., 0])).clamp(-bound, bound)
-    return z
+        A, b, _ = _normal_equations(J, m, c, basis, w, f)
+        damped = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
+        step = torch.linalg.solve(damped, b)
+        z = (z + step[:, :L]).clamp(-bound, bound)
+        c = c + step[:, L:]
+    return z, c, A
+
+
+def _normal_equations(J: torch.Tensor, m: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, w: torch.Tensor,
+                      f: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """JᵀWJ (n, L+K, L+K), JᵀW r (n, L+K) (None without ``f``) and the model flux (n, P) of
+    ``model(z) (1 + basis c)``, from the emulator's Jacobian J (n, P, L) and flux m (n, P).
+
+    The continuum columns m·T_k are never built: their blocks are products with the (P, K) basis,
+    so the cost stays that of the L label columns."""
+    cont = 1.0 + c @ basis.T
+    model_flux = m * cont
+    wc = w * cont
+    Jt = J.transpose(1, 2)  # (n, L, P)
+    A_zz = (Jt * (wc * cont)[:, None, :]) @ J
+    A_zc = (Jt * (wc * m)[:, None, :]) @ basis  # (n, L, K)
+    A_cc = ((w * m * m)[:, :, None] * basis[None]).transpose(1, 2) @ basis if basis.shape[1] else A_zz[:, :0, :0]
+    A = torch.cat([torch.cat([A_zz, A_zc], 2), torch.cat([A_zc.transpose(1, 2), A_cc], 2)], 1)
+    if f is None:
+        return A, None, model_flux
+    wr = w * (f - model_flux)
+    b = torch.cat([(Jt @ (wr * cont)[..., None])[..., 0], (wr * m) @ basis], 1)
+    return A, b, model_flux
 
 
 def refine_labels(
@@ -307,12 +357,19 @@ def refine_labels(
     damping: float = 1e-3,
     bound: float = 6.0,
     batch_size: int = 256,
+    continuum_degree: int | None = 2,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
     ``iters`` damped Gauss–Newton steps, then ``clip_rounds`` × (mask anomalous chip segments,
     ``clip_iters`` more steps). Standardized labels are kept within ±``bound`` training standard
     deviations. Rows whose ``init`` is not finite come back as NaN.
+
+    With ``continuum_degree`` ≥ 0 the model flux is ``model(θ) × (1 + Σ c_k T_k)`` with per-chip
+    Chebyshev polynomials (:func:`continuum_basis`) whose coefficients are fitted with the labels:
+    the continuum normalization of a noisy spectrum rests on ~180 continuum pixels per chip, and its
+    error — coherent across the chip — would otherwise go into the labels. The formal σ are
+    marginalized over the coefficients. None: no continuum correction.
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -327,6 +384,7 @@ def refine_labels(
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
     seg = chip_segments(model.n_pixels, model.grid).to(dev)
+    basis = continuum_basis(model.n_pixels, model.grid, continuum_degree).to(dev)
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
@@ -336,13 +394,18 @@ def refine_labels(
             w0 = torch.from_numpy(w_all[rows]).to(dev)
             w = w0
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
-            z = _gauss_newton(model, z, f, w, iters, damping, bound)
+            c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
+            z, c, A = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound)
             for _ in range(clip_rounds):
-                w = _segment_clip((f - model(z)) ** 2 * w, w, seg, clip_threshold)
-                z = _gauss_newton(model, z, f, w, clip_iters, damping, bound)
-            J, m = _jacobian_and_flux(model)(z)
-            JtW = J.transpose(1, 2) * w[:, None, :]
-            cov = torch.linalg.pinv(JtW @ J)
+                w = _segment_clip((f - model(z) * (1.0 + c @ basis.T)) ** 2 * w, w, seg, clip_threshold)
+                z, c, A_clip = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound)
+                A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
+            if A is None:
+                J, m = _jacobian_and_flux(model)(z)
+                A, _, m = _normal_equations(J, m, c, basis, w, None)
+            else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
+                m = model(z) * (1.0 + c @ basis.T)
+            cov = torch.linalg.pinv(A)[:, :L, :L]
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
             out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.cpu().numpy(), axis1=1, axis2=2), 0, None)) * std

@@ -145,8 +145,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
             raise CheckpointError(
                 f"{folder / EMULATOR_FILE} does not match the network: labels {emulator.label_names} vs "
                 f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
+    settings = dict(extras.get("refine") or {})
+    settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
-                     refine_settings=extras.get("refine"), label_calibration=extras.get("label_calibration"))
+                     refine_settings=settings, label_calibration=extras.get("label_calibration"))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
