@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
                                    "calibration_degree": 2, "device": "auto",
-                                   "fit": {"iters": 3, "clip_rounds": 1, "clip_iters": 2, "clip_threshold": 2.0,
+                                   "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                            "continuum_degree": 2}}
 
 
