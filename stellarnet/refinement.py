@@ -8,8 +8,8 @@ the model folder is written, ``refine.enabled``):
    network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard);
 3. the training stars are refined and a quadratic calibration of the refined labels to the
    catalogue scale is fitted (:func:`~stellarnet.models.forward.fit_label_calibration`);
-4. the validation split is refined and a per-label σ scale fitted against the catalogue labels
-   and their errors (as for the network's σ);
+4. the validation split is refined and the σ model sqrt((a·σ_fit)² + (b·σ_network)²) fitted per
+   label against the catalogue labels and their errors (Gaussian maximum likelihood);
 5. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
    atomically into the model folder, and ``refinement.json`` next to it.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from stellarnet.eval.calibration import fit_sigma_scale
+from stellarnet.eval.calibration import fit_sigma_two_term
 from stellarnet.eval.network import load_split, predict_split
 from stellarnet.models.forward import emulator_state, fit_settings, fit_label_calibration, refine_labels, train_emulator
 from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_model
@@ -122,10 +122,14 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration)
     vpred, rate = predict_split(raw, val)
     used = vpred["refine_flag"] == 0
-    scale = fit_sigma_scale(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
-                            val["label_err"][used])
+    # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
+    # does not below the emulator's own (a single scale over-covered at S/N < 100, under-covered at ≥ 200)
+    scale, floor = fit_sigma_two_term(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
+                                      vpred["sigma_network"][used], val["label_err"][used])
     scale = np.where(np.isfinite(scale), scale, 1.0)
-    summary = {"training": info, "sigma_scale": [float(v) for v in scale], "val_n": int(len(val["flux"])),
+    floor = np.where(np.isfinite(floor), floor, 0.0)
+    summary = {"training": info, "sigma_scale": [float(v) for v in scale],
+               "sigma_network_scale": [float(v) for v in floor], "val_n": int(len(val["flux"])),
                "val_refined_fraction": float(used.mean()) if len(used) else 0.0,
                "val_mae_network_vs_catalogue": _mae(vpred["labels_network"], val["labels"]),
                "val_mae_refined_vs_catalogue": _mae(vpred["labels"], val["labels"]),
@@ -134,9 +138,11 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     if writer is not None:
         for j, name in enumerate(network.label_names):
             writer.add_scalar(f"refine/sigma_scale_{name}", scale[j], 0)
+            writer.add_scalar(f"refine/sigma_network_scale_{name}", floor[j], 0)
         writer.close()
     summary["label_calibration"] = calibration
     state = emulator_state(emulator, {"format": EMULATOR_FORMAT, "sigma_scale": summary["sigma_scale"],
+                                      "sigma_network_scale": summary["sigma_network_scale"],
                                       "refine": cfg["fit"], "training": to_plain(info),
                                       "label_calibration": calibration})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
@@ -153,7 +159,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("ckpt_path is required: python -m stellarnet.refinement ckpt_path=<model folder>")
     dataset = cfg.get("dataset_dir") or cfg.data.shards.out_dir
     summary = build_refinement(cfg.ckpt_path, dataset, cfg.refine, Path(cfg.paths.output_dir) / "tensorboard")
-    print({k: summary[k] for k in ("sigma_scale", "val_refined_fraction", "val_mae_network_vs_catalogue",
+    print({k: summary[k] for k in ("sigma_scale", "sigma_network_scale", "val_refined_fraction", "val_mae_network_vs_catalogue",
                                    "val_mae_refined_vs_catalogue", "seconds")})
 
 

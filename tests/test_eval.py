@@ -247,3 +247,33 @@ def test_figures_render_and_save(tmp_path) -> None:
     written = figs.write_standard_figures(tmp_path / "std", pred, true, LABELS, snr=snr, report=rep, prefix="test_")
     assert set(written) == {"one_to_one", "residuals_vs_snr", "kiel", "confusion", "reliability"}
     assert all(p.name.startswith("test_") and p.stat().st_size > 1000 for p in written.values())
+
+
+def test_fit_sigma_two_term_recovers_scale_and_floor_through_catalogue_noise():
+    """Errors = a·σ_fit (shrinks with S/N) ⊕ b·σ_floor (does not), compared with references that
+    carry their own noise: the ML fit recovers a and b, a single scale cannot cover both ends."""
+    rng = np.random.default_rng(11)
+    n = 6000
+    snr = rng.uniform(50, 400, n)
+    s_fit = 5.0 * 100 / snr  # K: a formal σ ∝ 1/SNR
+    s_floor = rng.uniform(8.0, 20.0, n)  # e.g. the network's σ
+    a_true, b_true = 1.6, 0.35
+    truth = rng.normal(4800, 400, n)
+    pred = truth + np.sqrt((a_true * s_fit) ** 2 + (b_true * s_floor) ** 2) * rng.standard_normal(n)
+    err = np.full(n, 15.0)
+    ref = truth + err * rng.standard_normal(n)
+    a, b = cal.fit_sigma_two_term(pred, ref, s_fit, s_floor, err)
+    assert a.shape == b.shape == (1,)
+    assert abs(a[0] - a_true) < 0.25 and abs(b[0] - b_true) < 0.08, (a, b)
+    sig2 = np.sqrt((a * s_fit) ** 2 + (b * s_floor) ** 2)
+    k = cal.fit_sigma_scale(pred, ref, s_fit, err)
+    hi = snr > 250
+    z2, z1 = (pred - truth) / sig2, (pred - truth) / (k * s_fit)
+    assert abs(np.mean(np.abs(z2[hi]) < 1) - 0.683) < 0.05  # calibrated at high S/N too
+    assert np.mean(np.abs(z1[hi]) < 1) < 0.6  # the single scale under-covers there
+    # no floor in the data: b comes out small; NaN where too few rows
+    pred0 = truth + a_true * s_fit * rng.standard_normal(n)
+    a0, b0 = cal.fit_sigma_two_term(pred0, truth, s_fit, s_floor)
+    assert abs(a0[0] - a_true) < 0.1 and b0[0] < 0.05
+    an, bn = cal.fit_sigma_two_term(np.array([[1.0], [np.nan]]), np.zeros((2, 1)), np.ones((2, 1)), np.ones((2, 1)))
+    assert np.isnan(an[0]) and np.isnan(bn[0])

@@ -57,6 +57,7 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
     refined = load_model(folder)
     assert refined.emulator is not None
     np.testing.assert_allclose(refined.refine_sigma_scale, summary["sigma_scale"], rtol=1e-6)
+    np.testing.assert_allclose(refined.refine_sigma_network_scale, summary["sigma_network_scale"], rtol=1e-6)
     out = refined.predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"])
     plain = load_model(folder, refine=False).predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"])
     off = refined.predict(data["flux"], data["flux_err"], data["photometry"], data["pix_mask"], refine=False)
@@ -69,6 +70,8 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
     if ok.any():
         assert not np.array_equal(out["labels"][ok], plain["labels"][ok])
     assert np.isfinite(out["refine_chi2"]).all() and np.all(out["sigma_total"] > 0)
+    b = np.asarray(summary["sigma_network_scale"])  # the refined σ carries the error floor b·σ_network
+    assert np.all(out["sigma_aleatoric"][ok] >= b * out["sigma_network"][ok] * (1 - 1e-5))
     df = predictions_frame({"apogee_id": np.arange(len(data["flux"]))}, out, refined.label_names, refined.class_tasks)
     for col in ("TEFF", "TEFF_NET", "TEFF_NET_SIGMA", "REFINE_CHI2", "REFINE_FLAG"):
         assert col in df.columns

@@ -13,7 +13,8 @@ central Gaussian intervals over a grid of probability levels).
 
 :func:`fit_sigma_scale` fits, per label on a validation split, a factor ``s`` multiplying the
 predicted ``sigma`` so that z has unit variance (or unit robust scatter); :func:`apply_sigma_scale`
-applies it to the test split.
+applies it to the test split. :func:`fit_sigma_two_term` fits ``sqrt((a·σ)² + (b·σ_floor)²)``
+for a σ that shrinks with S/N plus one that carries a systematic floor.
 """
 
 from __future__ import annotations
@@ -182,6 +183,56 @@ def fit_sigma_scale(
     R = P - T
     k = np.array([_fit_scale_1d(R[:, j], S[:, j], E[:, j], method, bounds) for j in range(P.shape[1])])
     return k[:1] if one_d else k
+
+
+def fit_sigma_two_term(
+    pred: np.ndarray,
+    true: np.ndarray,
+    sigma: np.ndarray,
+    sigma_floor: np.ndarray,
+    err: np.ndarray | None = None,
+    *,
+    bounds: tuple[float, float] = (1e-3, 1e3),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label ``(a, b)`` of the σ model ``sqrt((a·sigma)² + (b·sigma_floor)²)``, fitted on a
+    validation split by Gaussian maximum likelihood with ``pred − true ~ N(0, model² + err²)``.
+
+    ``sigma`` is a statistical σ that shrinks with S/N (e.g. the formal σ of a χ² fit),
+    ``sigma_floor`` one that does not (e.g. the network's σ, which carries its systematic floor):
+    a single scale on ``sigma`` over-covers at low S/N and under-covers at high S/N when the
+    errors have a floor. ``b`` may come out ~0 (no floor needed). Arrays (N, L) or (N,) in
+    physical units; returns two (L,) arrays, NaN where a label has fewer than 3 usable rows.
+    """
+    P = np.asarray(pred, dtype=float)
+    P = P.reshape(len(P), -1)
+    R = P - np.asarray(true, dtype=float).reshape(P.shape)
+    S = np.asarray(sigma, dtype=float).reshape(P.shape)
+    F = np.asarray(sigma_floor, dtype=float).reshape(P.shape)
+    E = np.zeros_like(P) if err is None else np.nan_to_num(np.asarray(err, dtype=float).reshape(P.shape), nan=0.0)
+    a_out = np.full(P.shape[1], np.nan)
+    b_out = np.full(P.shape[1], np.nan)
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    for j in range(P.shape[1]):
+        ok = np.isfinite(R[:, j]) & np.isfinite(S[:, j]) & np.isfinite(F[:, j]) & (S[:, j] > 0) & (F[:, j] >= 0)
+        if ok.sum() < 3:
+            continue
+        r2, s2, f2, e2 = R[ok, j] ** 2, S[ok, j] ** 2, F[ok, j] ** 2, E[ok, j] ** 2
+
+        def nll(q: np.ndarray) -> float:
+            v = np.exp(2 * q[0]) * s2 + np.exp(2 * q[1]) * f2 + e2
+            v = np.maximum(v, 1e-300)
+            return float(0.5 * np.sum(r2 / v + np.log(v)))
+
+        a0 = _fit_scale_1d(R[ok, j], S[ok, j], E[ok, j], "rms", bounds)
+        a0 = a0 if np.isfinite(a0) else 1.0
+        best = None
+        for q0 in ([np.log(a0), np.log(1e-2)], [np.log(a0) - 0.5, np.log(0.3)]):
+            res = optimize.minimize(nll, np.clip(q0, lo, hi), method="Nelder-Mead",
+                                    options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
+            if best is None or res.fun < best.fun:
+                best = res
+        a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
+    return a_out, b_out
 
 
 def apply_sigma_scale(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -71,7 +71,7 @@ def _torch_load_safe(path: Path, map_location: str | torch.device, what: str = "
 
 def load_emulator_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SpectrumEmulator, dict[str, Any]]:
     """``(emulator, extras)`` from an ``emulator.pt`` (weights-only loading; ``extras`` holds the
-    plain entries saved with it: ``sigma_scale``, ``training``, ``refine`` settings)."""
+    plain entries saved with it: ``sigma_scale``, ``sigma_network_scale``, ``training``, ``refine`` settings)."""
     path = Path(path)
     state = _torch_load_safe(path, map_location, "spectrum emulator")
     if not isinstance(state, dict) or state.get("format") != EMULATOR_FORMAT:
@@ -148,7 +148,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
     settings = dict(extras.get("refine") or {})
     settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
-                     refine_settings=settings, label_calibration=extras.get("label_calibration"))
+                     refine_settings=settings, label_calibration=extras.get("label_calibration"),
+                     refine_sigma_network_scale=extras.get("sigma_network_scale"))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
@@ -267,14 +268,17 @@ class Predictor:
         class_tasks: ``{task: [class names]}``.
         precision: the resolved precision, ``"32"`` or ``"bf16"``.
         emulator: the refinement stage's :class:`~stellarnet.models.forward.SpectrumEmulator`, or None;
-            ``refine_sigma_scale`` (per label), ``refine_settings`` (``refine_labels`` keywords) and
-            ``label_calibration`` (:func:`~stellarnet.models.forward.fit_label_calibration`) go with it.
+            ``refine_sigma_scale`` a and ``refine_sigma_network_scale`` b (per label; refined
+            σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
+            keywords) and ``label_calibration`` (:func:`~stellarnet.models.forward.fit_label_calibration`)
+            go with it.
     """
 
     def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
                  emulator: SpectrumEmulator | None = None, refine_sigma_scale: Any = None,
                  refine_settings: dict[str, Any] | None = None,
-                 label_calibration: dict[str, Any] | None = None) -> None:
+                 label_calibration: dict[str, Any] | None = None,
+                 refine_sigma_network_scale: Any = None) -> None:
         self.module = module.eval()
         self.net = fuse_for_inference(module) if fuse else self.module
         self.precision: str = resolve_precision(precision, self.device)
@@ -296,6 +300,12 @@ class Predictor:
                                    else np.asarray(refine_sigma_scale, dtype=np.float32).reshape(-1))
         if self.refine_sigma_scale is not None and self.refine_sigma_scale.shape != (len(self.label_names),):
             raise CheckpointError(f"emulator sigma_scale has shape {self.refine_sigma_scale.shape}, expected one per label")
+        self.refine_sigma_network_scale = (None if refine_sigma_network_scale is None
+                                           else np.asarray(refine_sigma_network_scale, dtype=np.float32).reshape(-1))
+        if (self.refine_sigma_network_scale is not None
+                and self.refine_sigma_network_scale.shape != (len(self.label_names),)):
+            raise CheckpointError(f"emulator sigma_network_scale has shape {self.refine_sigma_network_scale.shape}, "
+                                  "expected one per label")
         self.refine_settings: dict[str, Any] = fit_settings(refine_settings)
         self.label_calibration = label_calibration or None
 
@@ -449,6 +459,8 @@ class Predictor:
         if self.refine_sigma_scale is not None:
             sigma = sigma * self.refine_sigma_scale
         net_labels, net_sigma = res["labels"], res["sigma_total"]
+        if self.refine_sigma_network_scale is not None:  # the refined labels' error floor
+            sigma = np.sqrt(sigma**2 + (self.refine_sigma_network_scale * net_sigma) ** 2)
         tried = np.isfinite(net_labels).all(1)
         shift = np.abs(refined - net_labels) / np.maximum(net_sigma, 1e-12)
         ok = tried & np.isfinite(refined).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
