@@ -120,15 +120,20 @@ def emulator_from_state(state: dict[str, Any]) -> SpectrumEmulator:
     return model.eval()
 
 
+def _chips(n_pixels: int, grid: str | None) -> list[slice]:
+    """The grid's chip slices (the whole spectrum as one chip if the grid is unknown)."""
+    slices = grids.chip_slices(grid) if grid is not None else [slice(0, n_pixels)]
+    if slices[-1].stop != n_pixels:
+        raise ValueError(f"grid {grid!r} has {slices[-1].stop} pixels, spectra have {n_pixels}")
+    return slices
+
+
 def chip_segments(n_pixels: int, grid: str | None, per_chip: int = SEGMENTS_PER_CHIP) -> torch.Tensor:
     """(P, K) float32 one-hot matrix of the pixels' segment: each chip cut into ``per_chip`` equal
     parts (one segment for the whole spectrum if the grid is unknown)."""
     seg = np.zeros(n_pixels, np.int64)
     k = 0
-    slices = grids.chip_slices(grid) if grid is not None else [slice(0, n_pixels)]
-    if slices[-1].stop != n_pixels:
-        raise ValueError(f"grid {grid!r} has {slices[-1].stop} pixels, spectra have {n_pixels}")
-    for sl in slices:
+    for sl in _chips(n_pixels, grid):
         edges = np.linspace(sl.start, sl.stop, per_chip + 1).astype(int)
         for a, b in zip(edges[:-1], edges[1:]):
             seg[a:b] = k
@@ -143,11 +148,8 @@ def continuum_basis(n_pixels: int, grid: str | None, degree: int | None) -> torc
     One segment for the whole spectrum if the grid is unknown; ``degree`` None or < 0: K = 0."""
     if degree is None or int(degree) < 0:
         return torch.zeros(n_pixels, 0)
-    slices = grids.chip_slices(grid) if grid is not None else [slice(0, n_pixels)]
-    if slices[-1].stop != n_pixels:
-        raise ValueError(f"grid {grid!r} has {slices[-1].stop} pixels, spectra have {n_pixels}")
     cols = []
-    for sl in slices:
+    for sl in _chips(n_pixels, grid):
         x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
         for k in range(int(degree) + 1):
             b = np.zeros(n_pixels, np.float32)
@@ -322,6 +324,11 @@ def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, bas
     return z, c, A
 
 
+def _model_flux(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``model(z) (1 + basis c)`` (n, P): the emulator's flux times the continuum correction."""
+    return model(z) * (1.0 + c @ basis.T)
+
+
 def _normal_equations(J: torch.Tensor, m: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, w: torch.Tensor,
                       f: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """JᵀWJ (n, L+K, L+K), JᵀW r (n, L+K) (None without ``f``) and the model flux (n, P) of
@@ -335,7 +342,7 @@ def _normal_equations(J: torch.Tensor, m: torch.Tensor, c: torch.Tensor, basis: 
     Jt = J.transpose(1, 2)  # (n, L, P)
     A_zz = (Jt * (wc * cont)[:, None, :]) @ J
     A_zc = (Jt * (wc * m)[:, None, :]) @ basis  # (n, L, K)
-    A_cc = ((w * m * m)[:, :, None] * basis[None]).transpose(1, 2) @ basis if basis.shape[1] else A_zz[:, :0, :0]
+    A_cc = ((w * m * m)[:, :, None] * basis[None]).transpose(1, 2) @ basis  # (n, K, K)
     A = torch.cat([torch.cat([A_zz, A_zc], 2), torch.cat([A_zc.transpose(1, 2), A_cc], 2)], 1)
     if f is None:
         return A, None, model_flux
@@ -397,14 +404,14 @@ def refine_labels(
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
             z, c, A = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound)
             for _ in range(clip_rounds):
-                w = _segment_clip((f - model(z) * (1.0 + c @ basis.T)) ** 2 * w, w, seg, clip_threshold)
+                w = _segment_clip((f - _model_flux(model, z, c, basis)) ** 2 * w, w, seg, clip_threshold)
                 z, c, A_clip = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound)
                 A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
             if A is None:
                 J, m = _jacobian_and_flux(model)(z)
                 A, _, m = _normal_equations(J, m, c, basis, w, None)
             else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
-                m = model(z) * (1.0 + c @ basis.T)
+                m = _model_flux(model, z, c, basis)
             cov = torch.linalg.pinv(A)[:, :L, :L]
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
