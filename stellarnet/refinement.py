@@ -41,7 +41,7 @@ REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
                                    "calibration_degree": 2, "device": "auto",
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
-                                           "continuum_degree": 2}}
+                                           "continuum_degree": 2, "pixel_clip": 5.0}}
 
 
 def _subset(data: dict[str, np.ndarray], max_stars: int | None, seed: int) -> dict[str, np.ndarray]:
@@ -110,6 +110,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     finally:
         if bar is not None:
             bar.close()
+    lab = train["labels"]
+    label_range = [[float(np.nanmin(lab[:, j])), float(np.nanmax(lab[:, j]))] for j in range(lab.shape[1])]
     calibration = None
     if cfg.get("calibration_degree"):
         own = refine_labels(emulator, train["flux"], train["flux_err"], train["pix_mask"],
@@ -119,7 +121,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     del train, pred
 
     val = load_split(dataset_dir, "val")
-    raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration)
+    raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration,
+                    chi2_scaling="two_sided")
     vpred, rate = predict_split(raw, val)
     used = vpred["refine_flag"] == 0
     # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
@@ -144,7 +147,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     state = emulator_state(emulator, {"format": EMULATOR_FORMAT, "sigma_scale": summary["sigma_scale"],
                                       "sigma_network_scale": summary["sigma_network_scale"],
                                       "refine": cfg["fit"], "training": to_plain(info),
-                                      "label_calibration": calibration})
+                                      "label_calibration": calibration, "chi2_scaling": "two_sided",
+                                      "label_range": label_range})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
         torch.save(state, fh)
     write_json(model_dir / "refinement.json", summary)

@@ -3,6 +3,8 @@
 With a χ²-refined model (an ``emulator.pt`` in the model folder) the label columns hold the refined
 labels and also ``<LABEL>_NET`` / ``<LABEL>_NET_SIGMA`` (the network's estimate), ``REFINE_CHI2``
 (reduced χ² of the fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried).
+Every catalogue has ``STELLARNET_FLAG``, a per-star quality bitmask
+(:data:`stellarnet.data.bitmasks.STELLARNET_FLAG`, documented in ``docs/robustness.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
     if "refine_flag" in pred:
         out["REFINE_CHI2"] = pred["refine_chi2"]
         out["REFINE_FLAG"] = np.asarray(pred["refine_flag"]).astype(np.int16)
+    if "stellarnet_flag" in pred:  # bits: stellarnet.data.bitmasks.STELLARNET_FLAG, docs/robustness.md
+        out["STELLARNET_FLAG"] = np.asarray(pred["stellarnet_flag"]).astype(np.int32)
     for task, probs in pred["class_probs"].items():
         names = (class_tasks or {}).get(task)
         for k in range(probs.shape[1]):

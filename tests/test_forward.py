@@ -206,3 +206,27 @@ def test_label_calibration_removes_a_smooth_bias_despite_noisy_references():
     np.testing.assert_array_equal(apply_label_calibration(biased[:20], few), biased[:20])  # too few stars: no change
     with pytest.raises(ValueError, match="degree"):
         fit_label_calibration(biased, reference, degree=3)
+
+
+def test_pixel_clipping_rejects_outliers_that_carry_a_finite_error(emulator):
+    """3 % of the pixels moved down by 20-50 σ with a 1.5x error (sky-line residuals, unflagged cosmic
+    rays): the fit with pixel clipping stays close to the clean fit, without it the error grows > 2x."""
+    rng = np.random.default_rng(21)
+    labels = MEAN + STD * rng.uniform(-1.2, 1.2, (200, 4))
+    clean = emulator.flux(labels) + NOISE * rng.standard_normal((200, P)).astype(np.float32)
+    err = np.full_like(clean, NOISE)
+    flux, bad_err = clean.copy(), err.copy()
+    hit = rng.random(flux.shape) < 0.03
+    flux[hit] -= rng.uniform(20, 50, hit.sum()).astype(np.float32) * NOISE
+    bad_err[hit] *= 1.5
+    start = labels + 0.2 * STD * rng.standard_normal(labels.shape)
+    ref = np.abs(refine_labels(emulator, clean, err, None, start, continuum_degree=None).labels - labels).mean(0)
+    kept = refine_labels(emulator, flux, bad_err, None, start, continuum_degree=None, clip_rounds=2)
+    clipped = refine_labels(emulator, flux, bad_err, None, start, continuum_degree=None, clip_rounds=2, pixel_clip=5.0)
+    e_kept = np.abs(kept.labels - labels).mean(0)
+    e_clip = np.abs(clipped.labels - labels).mean(0)
+    assert np.all(e_clip < 1.5 * ref), (e_clip, ref)
+    assert np.all(e_kept > 2.0 * e_clip), (e_kept, e_clip)
+    # most of the corrupted pixels are found, few clean ones are lost
+    assert 0.015 < np.median(clipped.outlier_fraction) < 0.04
+    assert np.all(kept.outlier_fraction == 0)

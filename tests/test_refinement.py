@@ -81,14 +81,20 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
 
 def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir, tmp_path):
     folder, _ = refined_dir
-    assert load_model(folder).refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1,
-                                                  "clip_threshold": 2.0, "continuum_degree": 2}
+    new = load_model(folder)
+    assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1,
+                                   "clip_threshold": 2.0, "continuum_degree": 2, "pixel_clip": 5.0}
+    assert new.chi2_scaling == "two_sided" and new.label_range is not None
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     state = torch.load(old / EMULATOR_FILE, weights_only=True)
-    del state["refine"]["continuum_degree"]  # as saved before the continuum fit existed
+    for key in ("continuum_degree", "pixel_clip"):  # as saved before the continuum fit / pixel clipping existed
+        del state["refine"][key]
+    del state["chi2_scaling"], state["label_range"]
     torch.save(state, old / EMULATOR_FILE)
-    assert load_model(old).refine_settings["continuum_degree"] is None
+    loaded = load_model(old)
+    assert loaded.refine_settings["continuum_degree"] is None and loaded.refine_settings["pixel_clip"] is None
+    assert loaded.chi2_scaling == "at_least_one" and loaded.label_range is None
 
 
 def test_refinement_survives_bad_pixels(refined_dir, tiny_shards):
@@ -127,3 +133,59 @@ def test_bad_emulator_files_are_refused(refined_dir, tmp_path):
 def test_build_needs_a_model_folder(tmp_path, tiny_shards):
     with pytest.raises(FileNotFoundError, match="model folder"):
         build_refinement(tmp_path, tiny_shards, SETTINGS, progress=False)
+
+
+def _flag_result(n: int = 8) -> dict:
+    """A refined prediction dict in which nothing is wrong (every flag clear)."""
+    lab = np.tile([4800.0, 2.5, -0.1, 0.05], (n, 1))
+    sig = np.tile([20.0, 0.03, 0.02, 0.02], (n, 1))
+    return {"labels": lab.copy(), "labels_network": lab.copy(), "sigma_network": sig, "sigma_refined": sig,
+            "refine_flag": np.zeros(n, np.int8), "refine_chi2": np.ones(n), "refine_outlier_fraction": np.zeros(n),
+            "refine_masked_segments": np.zeros(n, np.int16)}
+
+
+def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
+    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.models.inference import stellarnet_flags
+
+    box = np.array([[3500.0, 7000.0], [0.0, 5.0], [-2.0, 0.5], [-0.2, 0.5]])
+    res = _flag_result()
+    pix = np.ones(8)
+    res["refine_flag"][0] = 1
+    res["refine_flag"][1] = 2
+    res["refine_chi2"][2] = 3.5
+    res["labels"][3, 0] = res["labels_network"][3, 0] = 7500.0
+    res["refine_outlier_fraction"][4] = 0.04
+    res["labels"][5, 2] += 0.2  # 0.2 dex against a combined σ of 0.028: > 3σ
+    res["refine_masked_segments"][6] = 2
+    pix[7] = 0.5
+    flag = stellarnet_flags(res, pix, box)
+    expect = ["REFINE_FAILED", "NOT_REFINED", "HIGH_CHI2", "OUTSIDE_TRAINING", "OUTLIER_PIXELS",
+              "NET_REFINE_DISAGREE", "MASKED_SEGMENTS", "FEW_PIXELS"]
+    for i, name in enumerate(expect):
+        assert F.decode(int(flag[i])) == [name], (i, F.decode(int(flag[i])))
+    assert not stellarnet_flags(_flag_result(), np.ones(8), box).any()
+    net_only = {"labels": _flag_result()["labels"]}
+    assert all(F.decode(int(v)) == ["NOT_REFINED"] for v in stellarnet_flags(net_only, np.ones(8), None))
+
+
+def test_predictions_carry_the_flag_and_outlier_pixels_trip_it(refined_dir, tiny_shards):
+    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
+
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    model = load_model(folder)
+    n = min(8, len(data["flux"]))
+    flux, err = data["flux"][:n].copy(), data["flux_err"][:n].copy()
+    out = model.predict(flux, err, data["photometry"][:n], data["pix_mask"][:n])
+    assert out["stellarnet_flag"].shape == (n,) and out["stellarnet_flag"].dtype == np.int32
+    rng = np.random.default_rng(0)
+    hit = (rng.random(flux.shape) < 0.05) & (data["pix_mask"][:n] > 0)
+    flux[hit] -= 50 * err[hit]  # 5 % of the pixels 50 σ low, errors as quoted
+    bad = model.predict(flux, err, data["photometry"][:n], data["pix_mask"][:n])
+    tripped = bad["stellarnet_flag"] & (1 << F.bit("OUTLIER_PIXELS")) > 0
+    assert tripped[bad["refine_flag"] == 0].all() and np.median(bad["refine_outlier_fraction"]) > 0.03
+    df = predictions_frame({"apogee_id": np.arange(n)}, bad, model.label_names, model.class_tasks)
+    assert np.array_equal(df["STELLARNET_FLAG"].to_numpy(), bad["stellarnet_flag"])
+    net = load_model(folder, refine=False).predict(flux, err, data["photometry"][:n], data["pix_mask"][:n])
+    assert np.all(net["stellarnet_flag"] & (1 << F.bit("NOT_REFINED")))

@@ -143,6 +143,24 @@ PIXMASK_ASTRONN_DEFAULT = (0, 1, 2, 3, 4, 5, 6, 7, 12)
 # Persistence bits: flag and down-weight, never drop.
 PIXMASK_PERSIST = (9, 10, 11)
 
+# stellarnet's own per-star quality bitmask (catalogue column STELLARNET_FLAG), in the spirit of
+# ASPCAPFLAG; set by stellarnet.models.inference.stellarnet_flags (thresholds documented there and in
+# docs/robustness.md). STAR_BAD-level bits: the labels should not be used without a look.
+STELLARNET_FLAG = Bitmask(
+    "STELLARNET_FLAG",
+    {
+        0: "REFINE_FAILED",        # χ² fit failed or moved > REFINE_MAX_SHIFT network σ: network labels kept
+        1: "NOT_REFINED",          # no χ² refinement (no stage, refine off, or non-finite network labels)
+        2: "HIGH_CHI2",            # reduced χ² of the refinement above 2: the emulator does not explain the spectrum
+        3: "OUTSIDE_TRAINING",     # a label outside the training set's label range
+        4: "OUTLIER_PIXELS",       # more than 1 % of the usable pixels rejected as outliers by the fit
+        5: "NET_REFINE_DISAGREE",  # network and refined labels differ by > 3 combined σ in some label
+        6: "MASKED_SEGMENTS",      # a chip segment dropped from the fit (persistence-like artefact)
+        7: "FEW_PIXELS",           # fewer than 70 % of the pixels usable
+    },
+    bad_bits=(0, 1, 2, 3),
+)
+
 BITMASKS = {
     "ASPCAPFLAG": ASPCAPFLAG,
     "STARFLAG": STARFLAG,
@@ -150,4 +168,5 @@ BITMASKS = {
     "EXTRATARG": EXTRATARG,
     "PARAMFLAG": PARAMFLAG,
     "APOGEE_PIXMASK": APOGEE_PIXMASK,
+    "STELLARNET_FLAG": STELLARNET_FLAG,
 }

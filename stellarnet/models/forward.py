@@ -45,7 +45,8 @@ __all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "
 log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
-FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree")
+FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",
+            "pixel_clip")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -284,14 +285,29 @@ def train_emulator(
 @dataclass
 class RefineResult:
     """Refined labels (N, L) in physical units, their formal σ (from (JᵀWJ)⁻¹, physical units),
-    the reduced χ² of the fit (N,), the number of masked segments (N,) and the fraction of good
-    pixels used (N,)."""
+    the reduced χ² of the fit (N,), the number of masked segments (N,), the fraction of good
+    pixels used (N,) and the fraction of the usable pixels rejected as outliers (N,)."""
 
     labels: np.ndarray
     sigma: np.ndarray
     chi2: np.ndarray
     masked_segments: np.ndarray
     pixel_fraction: np.ndarray
+    outlier_fraction: np.ndarray | None = None
+
+
+def _pixel_clip(resid: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Weights with outlier pixels set to 0: ``|f − model| √w`` above ``threshold`` × the star's
+    robust scatter of those normalized residuals (1.4826 × MAD, at least 1, so a spectrum whose
+    errors are quoted too small is not clipped wholesale). At most 20 % of a star's pixels go."""
+    t = resid.abs() * w.sqrt()
+    used = w > 0
+    mad = torch.where(used, t, torch.full_like(t, float("nan"))).nanmedian(dim=1, keepdim=True).values
+    scale = (1.4826 * mad).nan_to_num(1.0).clamp_min(1.0)
+    bad = used & (t > threshold * scale)
+    too_many = bad.sum(1) > 0.2 * used.sum(1)
+    bad[too_many] = False
+    return w * (~bad).to(w.dtype)
 
 
 def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -365,6 +381,7 @@ def refine_labels(
     bound: float = 6.0,
     batch_size: int = 256,
     continuum_degree: int | None = 2,
+    pixel_clip: float | None = None,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
@@ -377,6 +394,11 @@ def refine_labels(
     the continuum normalization of a noisy spectrum rests on ~180 continuum pixels per chip, and its
     error — coherent across the chip — would otherwise go into the labels. The formal σ are
     marginalized over the coefficients. None: no continuum correction.
+
+    With ``pixel_clip`` (e.g. 5), each clip round also rejects single pixels whose residual against
+    the current model is more than ``pixel_clip`` robust σ (:func:`_pixel_clip`): corrupted pixels that
+    carry a finite error (sky-line and telluric residuals, unflagged cosmic rays) leave the fit,
+    iteratively, as the model improves. None: no pixel clipping.
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -386,7 +408,8 @@ def refine_labels(
         raise ValueError(f"init must be ({flux.shape[0]}, {len(model.label_names)}), got {init.shape}")
     n, L = init.shape
     out = RefineResult(np.full((n, L), np.nan, np.float32), np.full((n, L), np.nan, np.float32),
-                       np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32))
+                       np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32),
+                       np.zeros(n, np.float32))
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
@@ -403,8 +426,14 @@ def refine_labels(
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
             z, c, A = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound)
+            w_seg = w0  # the weights after segment clipping only
             for _ in range(clip_rounds):
-                w = _segment_clip((f - _model_flux(model, z, c, basis)) ** 2 * w, w, seg, clip_threshold)
+                resid = f - _model_flux(model, z, c, basis)
+                w_new = _segment_clip(resid**2 * w, w, seg, clip_threshold)
+                w_seg = torch.where((w > 0) & (w_new == 0), torch.zeros_like(w_seg), w_seg)  # dropped segments
+                w = w_new
+                if pixel_clip is not None:
+                    w = _pixel_clip(resid, w, float(pixel_clip))
                 z, c, A_clip = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound)
                 A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
             if A is None:
@@ -417,8 +446,11 @@ def refine_labels(
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
             out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.cpu().numpy(), axis1=1, axis2=2), 0, None)) * std
             out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).cpu().numpy()
-            masked = ((w0 > 0) & (w == 0)).float() @ seg
+            masked = ((w0 > 0) & (w_seg == 0)).float() @ seg
             out.masked_segments[rows] = (masked > 0).sum(1).cpu().numpy().astype(np.int16)
+            # single pixels dropped outside the masked segments: the outlier pixels
+            out.outlier_fraction[rows] = (((w_seg > 0) & (w == 0)).sum(1).float()
+                                          / (w0 > 0).sum(1).clamp_min(1).float()).cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
     return out
 

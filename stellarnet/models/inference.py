@@ -31,7 +31,8 @@ from stellarnet.models.forward import (RefineResult, SpectrumEmulator, apply_lab
 from stellarnet.models.module import StellarNetModule
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
-           "precision_name", "resolve_precision", "load_emulator_file", "MODEL_FILE", "EMULATOR_FILE"]
+           "precision_name", "resolve_precision", "load_emulator_file", "MODEL_FILE", "EMULATOR_FILE",
+           "stellarnet_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ EMULATOR_FILE = "emulator.pt"
 EMULATOR_FORMAT = "stellarnet-emulator/1"
 #: refined labels further than this many (network) σ from the network's estimate are not trusted
 REFINE_MAX_SHIFT = 5.0
+#: STELLARNET_FLAG thresholds (stellarnet.data.bitmasks.STELLARNET_FLAG)
+FLAG_HIGH_CHI2 = 2.0
+FLAG_OUTLIER_FRACTION = 0.01
+FLAG_DISAGREE_SIGMA = 3.0
+FLAG_MIN_PIXEL_FRACTION = 0.7
+#: lower limit of the reduced χ² by which the fit's σ is scaled (errors quoted 3x too large at most)
+CHI2_SCALE_FLOOR = 0.1
 FOLDER_FORMAT = "stellarnet-model-folder/1"
 # normalized error given to bad / non-finite pixels (same value as stellarnet.data.spectra.BAD_PIXEL_ERR;
 # the network ignores it anyway because such pixels get pix_mask = 0)
@@ -147,9 +155,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
                 f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
     settings = dict(extras.get("refine") or {})
     settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
+    settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),
-                     refine_sigma_network_scale=extras.get("sigma_network_scale"))
+                     refine_sigma_network_scale=extras.get("sigma_network_scale"),
+                     chi2_scaling=extras.get("chi2_scaling", "at_least_one"), label_range=extras.get("label_range"))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
@@ -278,7 +288,14 @@ class Predictor:
                  emulator: SpectrumEmulator | None = None, refine_sigma_scale: Any = None,
                  refine_settings: dict[str, Any] | None = None,
                  label_calibration: dict[str, Any] | None = None,
-                 refine_sigma_network_scale: Any = None) -> None:
+                 refine_sigma_network_scale: Any = None, chi2_scaling: str = "two_sided",
+                 label_range: Any = None) -> None:
+        if chi2_scaling not in ("two_sided", "at_least_one"):
+            raise ValueError(f"chi2_scaling must be 'two_sided' or 'at_least_one', got {chi2_scaling!r}")
+        self.chi2_scaling = chi2_scaling
+        self.label_range = None if label_range is None else np.asarray(label_range, dtype=np.float64)
+        if self.label_range is not None and self.label_range.shape != (len(module.label_names), 2):
+            raise CheckpointError(f"label_range has shape {self.label_range.shape}, expected ({len(module.label_names)}, 2)")
         self.module = module.eval()
         self.net = fuse_for_inference(module) if fuse else self.module
         self.precision: str = resolve_precision(precision, self.device)
@@ -381,8 +398,10 @@ class Predictor:
             ``sigma_network`` (the network's estimate and calibrated σ), ``refine_chi2`` (N,) the
             reduced χ² of the fit, and ``refine_flag`` (N,) int: 0 refined, 1 kept the network's
             labels (the fit failed or moved more than :data:`REFINE_MAX_SHIFT` network σ), 2 not
-            tried (non-finite network labels). ``labels`` / ``sigma_aleatoric`` are then the refined
-            labels and their calibrated σ (formal σ × √max(1, χ²) × the validation scale).
+            tried (non-finite network labels), and ``refine_outlier_fraction`` (N,). ``labels`` /
+            ``sigma_aleatoric`` are then the refined labels and their calibrated σ (formal σ × √χ²
+            and the validation-fitted two-term model). Always ``stellarnet_flag`` (N,) int32: the
+            :data:`stellarnet.data.bitmasks.STELLARNET_FLAG` bits (:func:`stellarnet_flags`).
         """
         if refine and self.emulator is None:
             raise ValueError("refine=True but this predictor has no spectrum emulator (model folder without "
@@ -446,6 +465,7 @@ class Predictor:
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
         if refine and n:
             self._refine(res, flux, flux_err, mask, batch_size)
+        res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range)
         return res
 
     def _refine(self, res: dict[str, Any], flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray,
@@ -455,7 +475,9 @@ class Predictor:
         r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
                                         batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
         refined = apply_label_calibration(r.labels, self.label_calibration)  # onto the training labels' scale
-        sigma = r.sigma * np.sqrt(np.maximum(1.0, r.chi2))[:, None]
+        chi2 = (np.maximum(CHI2_SCALE_FLOOR, r.chi2) if self.chi2_scaling == "two_sided"
+                else np.maximum(1.0, r.chi2))
+        sigma = r.sigma * np.sqrt(chi2)[:, None]
         if self.refine_sigma_scale is not None:
             sigma = sigma * self.refine_sigma_scale
         net_labels, net_sigma = res["labels"], res["sigma_total"]
@@ -473,3 +495,49 @@ class Predictor:
                                       net_sigma).astype(np.float32)
         res["refine_chi2"] = r.chi2.astype(np.float32)
         res["refine_flag"] = flag
+        res["refine_outlier_fraction"] = (np.zeros(len(flag), np.float32) if r.outlier_fraction is None
+                                          else r.outlier_fraction.astype(np.float32))
+        res["refine_masked_segments"] = r.masked_segments
+        res["sigma_refined"] = sigma.astype(np.float32)
+
+
+def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None) -> np.ndarray:
+    """The STELLARNET_FLAG bitmask (N,) int32 of a :meth:`Predictor.predict` result.
+
+    Bits (:data:`stellarnet.data.bitmasks.STELLARNET_FLAG`): REFINE_FAILED (``refine_flag`` 1),
+    NOT_REFINED (no refinement, or ``refine_flag`` 2), HIGH_CHI2 (reduced χ² > :data:`FLAG_HIGH_CHI2`),
+    OUTSIDE_TRAINING (a label outside ``label_range``), OUTLIER_PIXELS (more than
+    :data:`FLAG_OUTLIER_FRACTION` of the usable pixels clipped), NET_REFINE_DISAGREE (refined − network
+    more than :data:`FLAG_DISAGREE_SIGMA` × √(σ_net² + σ_fit²) in some label), MASKED_SEGMENTS,
+    FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`).
+    """
+    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
+
+    n = len(pixel_fraction)
+    flag = np.zeros(n, np.int64)
+
+    def set_bit(name: str, where: np.ndarray) -> None:
+        nonlocal flag
+        flag |= np.where(where, 1 << F.bit(name), 0)
+
+    labels = np.asarray(res["labels"], np.float64)
+    if "refine_flag" in res:
+        rf = np.asarray(res["refine_flag"])
+        set_bit("REFINE_FAILED", rf == 1)
+        set_bit("NOT_REFINED", rf == 2)
+        with np.errstate(invalid="ignore"):
+            set_bit("HIGH_CHI2", np.asarray(res["refine_chi2"]) > FLAG_HIGH_CHI2)
+            set_bit("OUTLIER_PIXELS", np.asarray(res["refine_outlier_fraction"]) > FLAG_OUTLIER_FRACTION)
+            set_bit("MASKED_SEGMENTS", np.asarray(res["refine_masked_segments"]) > 0)
+            comb = np.sqrt(np.asarray(res["sigma_network"], np.float64) ** 2
+                           + np.asarray(res["sigma_refined"], np.float64) ** 2)
+            diff = np.abs(labels - np.asarray(res["labels_network"], np.float64))
+            set_bit("NET_REFINE_DISAGREE", (rf == 0) & (diff > FLAG_DISAGREE_SIGMA * comb).any(1))
+    else:
+        set_bit("NOT_REFINED", np.ones(n, bool))
+    if label_range is not None:
+        with np.errstate(invalid="ignore"):
+            out = (labels < label_range[:, 0]) | (labels > label_range[:, 1])
+        set_bit("OUTSIDE_TRAINING", out.any(1))
+    set_bit("FEW_PIXELS", np.asarray(pixel_fraction) < FLAG_MIN_PIXEL_FRACTION)
+    return flag.astype(np.int32)

@@ -212,6 +212,9 @@ class StellarNetModule(pl.LightningModule):
         log_figures: log pred-vs-true and confusion-matrix figures to TensorBoard at the end of
             validation epochs (~0.3 s per epoch; only with a TensorBoardLogger, only on rank 0).
         figure_every_n_epochs: log the figures every n-th epoch (and always on the last one).
+        augment: keyword arguments of :class:`stellarnet.models.augment.SpectrumAugment` (training-time
+            domain randomization of the spectra: continuum, outlier pixels, error convention, radial
+            velocity, LSF); None or ``{"enabled": false}``: none. Never applied outside training.
 
     The learning rate is *not* logged here: add ``LearningRateMonitor(logging_interval="step")``.
     """
@@ -227,6 +230,7 @@ class StellarNetModule(pl.LightningModule):
         nan_policy: str = "skip",
         log_figures: bool = True,
         figure_every_n_epochs: int = 1,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if data_spec is None:
@@ -236,6 +240,7 @@ class StellarNetModule(pl.LightningModule):
         loss_weights = to_plain(loss_weights or {}, "loss_weights")
         optimizer = to_plain(optimizer or {}, "optimizer")
         scheduler = to_plain(scheduler, "scheduler")
+        augment = to_plain(augment, "augment")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         validate_data_spec(data_spec)
@@ -253,6 +258,7 @@ class StellarNetModule(pl.LightningModule):
                 "nan_policy": nan_policy,
                 "log_figures": bool(log_figures),
                 "figure_every_n_epochs": int(figure_every_n_epochs),
+                "augment": augment,
             }
         )
         self.data_spec = data_spec
@@ -302,6 +308,13 @@ class StellarNetModule(pl.LightningModule):
                 for task, names in self.class_tasks.items()
             }
         )
+
+        aug = dict(augment or {})
+        self.augment: nn.Module | None = None
+        if aug.pop("enabled", True) and augment:
+            from stellarnet.models.augment import SpectrumAugment
+
+            self.augment = SpectrumAugment(self.n_pixels, **aug)
 
         self.n_skipped_batches = 0
         self._val_store: list[dict[str, Any]] = []
@@ -467,6 +480,9 @@ class StellarNetModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         # snapshot the (small) batch-norm statistics so a skipped non-finite batch cannot poison them
         saved = {n: b.clone() for n, b in self._norm_buffers().items()} if self.nan_policy == "skip" else {}
+        if self.augment is not None:  # domain randomization, training batches only
+            flux, flux_err = self.augment(batch["flux"], batch["flux_err"], batch["pix_mask"])
+            batch = {**batch, "flux": flux, "flux_err": flux_err}
         out = self._forward_batch(batch)
         total, parts, _ = self.compute_loss(out, batch)
         finite_here = bool(torch.isfinite(total))

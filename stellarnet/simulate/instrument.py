@@ -21,7 +21,11 @@ Steps for each star (vectorized over chunks of stars):
    excluded from the continuum fit.
 8. Normalization the same way as real data: ``continuum_normalize(noisy, err, bad, grid="dr12")``;
    the noiseless model (HDU3) is ``raw / continuum`` with the same continuum.
-9. :func:`stellarnet.data.grids.gap_insert` places the spectra on the 8,575 grid with zeros in the
+9. Optional perturbations (:class:`stellarnet.simulate.shifts.Shift`, the robustness suite): LSF width
+   and radial-velocity residual on the model (before step 2), unflagged outlier pixels with finite
+   inflated errors (after step 7), another normalization convention (step 8), a smooth continuum
+   residual and another error-array convention (after step 8). ``shift=None`` changes nothing.
+10. :func:`stellarnet.data.grids.gap_insert` places the spectra on the 8,575 grid with zeros in the
    chip gaps and outside the DR12-era chips.
 """
 
@@ -38,6 +42,8 @@ from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_normalize
 from stellarnet.paths import resource
 from stellarnet.simulate.emulator import KuruczEmulator, load_emulator
+from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, corrupt_pixels, normalize_convention,
+                                        shift_velocity)
 
 __all__ = ["BAD_ERR", "SpectraBatch", "observe_spectra", "iter_spectra", "bad_model_pixels", "MAX_BAD_RUNS"]
 
@@ -96,6 +102,7 @@ def observe_spectra(
     persist: np.ndarray | None = None,
     emulator: KuruczEmulator | None = None,
     full_grid: bool = True,
+    shift: Shift | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Simulate normalized spectra for labels (N, 4) at per-pixel ``snr`` (N,).
 
@@ -108,6 +115,11 @@ def observe_spectra(
     n = labels.shape[0]
     snr = np.broadcast_to(np.asarray(snr, np.float32), (n,))
     raw = emu(labels, chunk=max(1, n))  # (n, 7214) float32, multiplied in place below
+    shift = None if shift is None or shift.is_null else shift
+    if shift is not None and shift.lsf is not None:
+        raw = broaden_lsf(raw, rng.uniform(shift.lsf[0], shift.lsf[1], n))
+    if shift is not None and shift.rv_kms:
+        raw = shift_velocity(raw, rng.uniform(-shift.rv_kms, shift.rv_kms, n))
     coef = np.empty((n, 9), np.float32)  # per chip: level, level·a₁, level·a₂
     level = np.asarray(_CHIP_LEVEL, np.float32)
     coef[:, 0::3] = level
@@ -138,12 +150,36 @@ def observe_spectra(
             bad[rows, cols] = True
             noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
             err[rows, cols] = BAD_ERR
-    flux, flux_err, c_data = continuum_normalize(noisy, err, bad, grid=GRID)
+    if shift is not None and shift.outlier_fraction is not None:
+        corrupt_pixels(noisy, err, shift.outlier_fraction, shift.outlier_err_factor, rng, protect=bad)
+    if shift is not None and shift.normalization is not None:
+        flux, flux_err, c_data = normalize_convention(noisy, err, bad, shift.normalization)
+    else:
+        flux, flux_err, c_data = continuum_normalize(noisy, err, bad, grid=GRID)
     raw /= c_data  # the noiseless model seen through the data's continuum
+    if shift is not None:
+        flux, flux_err = _report(flux, flux_err, bad, shift, rng)
     if full_grid:
         out = grids.gap_insert(np.stack([flux, flux_err, raw]), GRID, 0.0)
         return out[0], out[1], out[2]
     return flux, flux_err, raw
+
+
+def _report(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None, shift: Shift,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The normalized spectrum as another pipeline would report it: a smooth continuum residual,
+    errors rescaled or flattened (bad pixels keep their error)."""
+    n = flux.shape[0]
+    if shift.continuum_tilt:
+        res = continuum_residual(n, shift.continuum_tilt, rng)
+        flux, err = flux * res, err * res
+    good = np.ones(flux.shape, bool) if bad is None else ~bad
+    if shift.err_scale is not None:
+        err = np.where(good, err * rng.uniform(shift.err_scale[0], shift.err_scale[1], (n, 1)), err)
+    if shift.err_flat:
+        med = np.nanmedian(np.where(good, err, np.nan), axis=1, keepdims=True)
+        err = np.where(good, med, err)
+    return flux.astype(np.float32), err.astype(np.float32)
 
 
 @lru_cache(maxsize=1)

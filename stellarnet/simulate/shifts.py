@@ -1,0 +1,236 @@
+"""Switchable perturbations that mirror how real APOGEE spectra differ from the default simulator.
+
+A :class:`Shift` describes one observation-model change; :func:`stellarnet.simulate.instrument.observe_spectra`
+applies it (``shift=None`` or ``Shift()`` leaves the default survey bit for bit as it was). Each
+effect is one plain function here, so a test can check that it does what it says:
+
+* :func:`broaden_lsf` — line-spread-function width × (1 + f), f per star (fibre-dependent):
+  Gaussian convolution for f > 0, first-order deconvolution (unsharp masking) for f < 0.
+  APOGEE's LSF: R ≈ 22,500, FWHM ≈ 3.2 pixels of the 6e-6 dex grid, σ ≈ 1.37 pixels.
+* :func:`shift_velocity` — a radial-velocity zero-point residual (km/s): the spectrum is moved by
+  v / (c ln 10 · 6e-6) ≈ v / 4.14 km/s pixels (cubic spline, per chip).
+* :func:`normalize_convention` — another continuum-normalization convention: per-chip Chebyshev of
+  another degree on another continuum-pixel set (``"cannon"``: degree 2 on The Cannon's pixels —
+  the shards' own convention; ``"astronn"``: degree 3 on astroNN's DR17 continuum mask;
+  ``"aspcap"``: degree 4 on all pixels with iterative asymmetric rejection, a pseudo-continuum
+  from the upper envelope, as ASPCAP's FERRE normalization).
+* :func:`continuum_residual` — a smooth multiplicative residual ``1 + t x + q (x² − ⅓)`` across the
+  whole spectrum (x ∈ [−1, 1] from the blue to the red end), t, q ~ U(−a, a) per star.
+* :func:`corrupt_pixels` — outlier pixels (sky-line residuals, telluric residuals, unflagged
+  cosmic rays): flux moved by many σ, error inflated by a finite factor, *not* flagged.
+* error conventions — every error × a factor, or a flattened (per-star constant) error array.
+* persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
+
+Population shifts (more dwarfs, metal-poor and hot stars) are a ``mix`` for
+:func:`stellarnet.simulate.population.sample_population`, carried in :attr:`Shift.mix`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Mapping
+
+import numpy as np
+from numpy.polynomial import chebyshev
+from scipy import ndimage
+
+from stellarnet.data import grids
+from stellarnet.data.spectra import continuum_pixels
+
+__all__ = ["Shift", "SHIFT_SUITE", "LSF_SIGMA_PIX", "KMS_PER_PIXEL", "broaden_lsf", "shift_velocity",
+           "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite"]
+
+GRID = "dr12"
+C_KMS = 299_792.458
+#: km/s per pixel of the 6e-6 dex log-λ grid
+KMS_PER_PIXEL = C_KMS * np.log(10.0) * grids.DLOGLAM
+#: APOGEE LSF σ in pixels (R ≈ 22,500: FWHM = λ/R ≈ 3.2 pixels)
+LSF_SIGMA_PIX = 1.0 / (22_500 * np.log(10.0) * grids.DLOGLAM) / 2.3548
+CONVENTIONS = ("cannon", "astronn", "aspcap")
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One set of perturbations (all off by default).
+
+    Attributes:
+        lsf: (lo, hi) range of the fractional LSF-width change f per star (0.2 = 20 % broader).
+        rv_kms: half-width (km/s) of a uniform radial-velocity zero-point residual per star.
+        normalization: continuum convention, one of :data:`CONVENTIONS` (None: the default one).
+        continuum_tilt: half-width of the uniform tilt t and curvature q of a smooth multiplicative
+            continuum residual (0.02 = up to ±2 %).
+        outlier_fraction: (lo, hi) range of the fraction of pixels per star that are corrupted.
+        outlier_err_factor: (lo, hi) range of the factor by which a corrupted pixel's error grows.
+        err_scale: (lo, hi) range of a per-star factor on the reported error array.
+        err_flat: report a flat error array (the star's median error at every good pixel).
+        persistence_fraction: share of stars (0–1) given blue-chip persistence (None: as planned).
+        mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
+    """
+
+    lsf: tuple[float, float] | None = None
+    rv_kms: float = 0.0
+    normalization: str | None = None
+    continuum_tilt: float = 0.0
+    outlier_fraction: tuple[float, float] | None = None
+    outlier_err_factor: tuple[float, float] = (3.0, 10.0)
+    err_scale: tuple[float, float] | None = None
+    err_flat: bool = False
+    persistence_fraction: float | None = None
+    mix: Mapping[str, float] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.normalization is not None and self.normalization not in CONVENTIONS:
+            raise ValueError(f"normalization must be one of {CONVENTIONS}, got {self.normalization!r}")
+        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != 2 or v[0] > v[1]):
+                raise ValueError(f"{name} must be a (lo, hi) pair with lo <= hi, got {v!r}")
+        if self.lsf is not None and self.lsf[0] <= -0.5:
+            raise ValueError(f"lsf change must be > -0.5, got {self.lsf}")
+        if self.persistence_fraction is not None and not 0 <= self.persistence_fraction <= 1:
+            raise ValueError(f"persistence_fraction must be in [0, 1], got {self.persistence_fraction}")
+
+    @property
+    def is_null(self) -> bool:
+        return self == Shift()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
+
+
+#: a population the training set under-represents: more dwarfs, subgiants, metal-poor and hot stars
+SHIFTED_MIX: dict[str, float] = {"RGB": 0.25, "RC": 0.12, "SG": 0.15, "MS": 0.38, "MP": 0.10}
+
+#: the suite: one entry per real-data effect, then all combined
+SHIFT_SUITE: dict[str, Shift] = {
+    "none": Shift(),
+    "norm_astronn": Shift(normalization="astronn"),
+    "norm_aspcap": Shift(normalization="aspcap"),
+    "continuum_2pc": Shift(continuum_tilt=0.02),
+    "outliers_2pc": Shift(outlier_fraction=(0.005, 0.05)),
+    "lsf_20pc": Shift(lsf=(-0.2, 0.2)),
+    "rv_1kms": Shift(rv_kms=1.0),
+    "persistence": Shift(persistence_fraction=0.4),
+    "err_x2": Shift(err_scale=(2.0, 2.0)),
+    "err_flat": Shift(err_flat=True),
+    "population": Shift(mix=SHIFTED_MIX),
+    "combined": Shift(lsf=(-0.15, 0.25), rv_kms=1.0, normalization="aspcap", continuum_tilt=0.02,
+                      outlier_fraction=(0.005, 0.03), err_scale=(0.7, 1.5), persistence_fraction=0.2,
+                      mix=SHIFTED_MIX),
+}
+
+
+def shift_suite(names: Any = None) -> dict[str, Shift]:
+    """The named shifts of :data:`SHIFT_SUITE` (all when ``names`` is None); KeyError naming unknown ones."""
+    if names is None:
+        return dict(SHIFT_SUITE)
+    unknown = [n for n in names if n not in SHIFT_SUITE]
+    if unknown:
+        raise KeyError(f"unknown shifts {unknown}; the suite has {list(SHIFT_SUITE)}")
+    return {n: SHIFT_SUITE[n] for n in names}
+
+
+def _per_chip(spectra: np.ndarray, fn: Any, per_star: np.ndarray) -> np.ndarray:
+    out = np.array(spectra, dtype=np.float32, copy=True)
+    for sl in grids.chip_slices(GRID):
+        for i, p in enumerate(per_star):
+            out[i, sl] = fn(out[i, sl], float(p))
+    return out
+
+
+def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """LSF width × (1 + change) per star, (N, 7214) un-normalized model flux; change > −0.5."""
+    change = np.asarray(change, np.float64)
+
+    def one(chip: np.ndarray, f: float) -> np.ndarray:
+        if f == 0.0:
+            return chip
+        s = LSF_SIGMA_PIX * np.sqrt(abs((1.0 + f) ** 2 - 1.0))
+        smooth = ndimage.gaussian_filter1d(chip, s, mode="nearest")
+        return smooth if f > 0 else chip + (chip - smooth)  # first-order deconvolution when narrower
+
+    return _per_chip(model, one, change)
+
+
+def shift_velocity(model: np.ndarray, v_kms: np.ndarray) -> np.ndarray:
+    """Move each spectrum by ``v_kms`` (km/s, positive = redshift) on the log-λ grid (cubic spline)."""
+    px = np.asarray(v_kms, np.float64) / KMS_PER_PIXEL
+    return _per_chip(model, lambda chip, p: ndimage.shift(chip, p, order=3, mode="nearest") if p else chip, px)
+
+
+@lru_cache(maxsize=None)
+def convention_pixels(convention: str) -> np.ndarray | None:
+    """Continuum pixels (7214,) of a convention (None for ``"aspcap"``: all pixels, iteratively clipped)."""
+    if convention == "cannon":
+        return continuum_pixels(GRID)
+    if convention == "astronn":  # astroNN's DR17 mask, moved onto the DR12-era grid
+        full = grids.gap_insert(continuum_pixels("dr17").astype(np.float32), "dr17", 0.0)
+        return grids.gap_delete(full, GRID) > 0.5
+    if convention == "aspcap":
+        return None
+    raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
+
+
+_DEGREE = {"cannon": 2, "astronn": 3, "aspcap": 4}
+
+
+def normalize_convention(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None,
+                         convention: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Continuum-normalize (N, 7214) un-normalized spectra by ``convention`` → (flux, err, continuum)."""
+    pix = convention_pixels(convention)
+    degree = _DEGREE[convention]
+    flux = np.asarray(flux, np.float64)
+    err = np.asarray(err, np.float64)
+    good = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    if bad is not None:
+        good &= ~np.asarray(bad, bool)
+    cont = np.ones_like(flux)
+    for sl in grids.chip_slices(GRID):
+        x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
+        v = chebyshev.chebvander(x, degree)
+        use = good[:, sl] & (pix[sl][None, :] if pix is not None else True)
+        for i in range(flux.shape[0]):
+            f = flux[i, sl]
+            u = use[i].copy()
+            for it in range(1 if pix is not None else 6):
+                coef, *_ = np.linalg.lstsq(v[u] / err[i, sl][u, None], f[u] / err[i, sl][u], rcond=None)
+                c = v @ coef
+                if pix is None:  # ASPCAP-like upper envelope: drop points below the fit (absorption lines),
+                    r = (f - c) / err[i, sl]  # and, once the fit sits on the envelope, spikes above it
+                    u = good[i, sl] & (r > -0.5) & ((r < 4.0) if it >= 3 else True)
+                    if u.sum() < 4 * (degree + 1):
+                        break
+            cont[i, sl] = c
+    return (flux / cont).astype(np.float32), (err / cont).astype(np.float32), cont.astype(np.float32)
+
+
+def continuum_residual(n: int, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """(N, 7214) multiplicative residuals ``1 + t x + q (x² − ⅓)``, t, q ~ U(−amplitude, amplitude);
+    x runs from −1 at the blue end to +1 at the red end of the spectrum (chips together)."""
+    x = np.linspace(-1.0, 1.0, grids.n_pixels(GRID))
+    t = rng.uniform(-amplitude, amplitude, (n, 1))
+    q = rng.uniform(-amplitude, amplitude, (n, 1))
+    return (1.0 + t * x + q * (x**2 - 1.0 / 3.0)).astype(np.float32)
+
+
+def corrupt_pixels(flux: np.ndarray, err: np.ndarray, fraction: tuple[float, float],
+                   err_factor: tuple[float, float], rng: np.random.Generator,
+                   protect: np.ndarray | None = None) -> np.ndarray:
+    """Corrupt a fraction U(fraction) of each star's pixels in place: flux += ±U(5, 30) σ (two thirds
+    downward, as sky-line and telluric residuals; one third upward, as cosmic rays) and σ ×
+    U(err_factor) — finite, not flagged. ``protect`` pixels (e.g. already bad) are left alone.
+    Returns the boolean (N, P) mask of corrupted pixels."""
+    n, p = flux.shape
+    hit = np.zeros((n, p), bool)
+    frac = rng.uniform(fraction[0], fraction[1], n)
+    for i in range(n):
+        k = int(round(frac[i] * p))
+        idx = rng.choice(p, size=k, replace=False)
+        if protect is not None:
+            idx = idx[~protect[i, idx]]
+        hit[i, idx] = True
+        sign = np.where(rng.random(idx.size) < 2 / 3, -1.0, 1.0)
+        flux[i, idx] += (sign * rng.uniform(5.0, 30.0, idx.size) * err[i, idx]).astype(flux.dtype)
+        err[i, idx] *= rng.uniform(err_factor[0], err_factor[1], idx.size).astype(err.dtype)
+    return hit

@@ -1,0 +1,137 @@
+"""The shift suite's perturbations (stellarnet.simulate.shifts): each does what it says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stellarnet.data import grids
+from stellarnet.simulate.instrument import BAD_ERR, observe_spectra
+from stellarnet.simulate.shifts import (KMS_PER_PIXEL, LSF_SIGMA_PIX, SHIFT_SUITE, Shift, broaden_lsf,
+                                        continuum_residual, convention_pixels, corrupt_pixels, normalize_convention,
+                                        shift_suite, shift_velocity)
+
+P = grids.n_pixels("dr12")
+LABELS = np.array([[4700.0, 2.5, -0.1, 0.05], [5600.0, 4.3, 0.1, 0.0]])
+
+
+def _lines(width: float = LSF_SIGMA_PIX) -> np.ndarray:
+    """(1, P) flux 5 with isolated Gaussian lines of σ = ``width`` pixels every 60 pixels."""
+    x = np.arange(P)
+    return (5.0 * (1 - 0.5 * np.exp(-0.5 * (((x % 60) - 30) / width) ** 2)))[None].astype(np.float32)
+
+
+def _width_and_centre(flux: np.ndarray, start: int = 600) -> tuple[float, float]:
+    d = 5.0 - flux[0, start:start + 60].astype(np.float64)
+    x = np.arange(60)
+    c = (d * x).sum() / d.sum()
+    return float(np.sqrt((d * (x - c) ** 2).sum() / d.sum())), float(c)
+
+
+@pytest.mark.parametrize("change", [0.2, -0.2])
+def test_lsf_changes_the_line_width_by_the_factor(change):
+    w0, _ = _width_and_centre(_lines())
+    w1, _ = _width_and_centre(broaden_lsf(_lines(), np.array([change])))
+    assert w1 / w0 == pytest.approx(1 + change, abs=0.02)
+
+
+def test_velocity_shift_moves_lines_by_v_over_kms_per_pixel():
+    _, c0 = _width_and_centre(_lines())
+    _, c1 = _width_and_centre(shift_velocity(_lines(), np.array([1.0])))
+    assert KMS_PER_PIXEL == pytest.approx(4.14, abs=0.01)
+    assert c1 - c0 == pytest.approx(1.0 / KMS_PER_PIXEL, abs=0.01)
+
+
+def test_continuum_residual_tilts_and_curves_within_its_amplitude():
+    res = continuum_residual(500, 0.02, np.random.default_rng(0))
+    assert res.shape == (500, P)
+    assert np.all(np.abs(res - 1) <= 0.02 * (1 + 2 / 3) + 1e-6)
+    tilt = (res[:, -1] - res[:, 0]) / 2  # the curvature term is equal at both ends
+    assert np.abs(tilt).max() > 0.018 and np.abs(tilt).max() <= 0.02 + 1e-6
+    assert np.std(tilt) > 0.008  # U(-0.02, 0.02): σ = 0.0115
+
+
+def test_outliers_carry_finite_inflated_errors_and_are_not_flagged():
+    rng = np.random.default_rng(1)
+    flux = np.full((20, P), 5.0, np.float32)
+    err = np.full((20, P), 0.05, np.float32)
+    protect = np.zeros((20, P), bool)
+    protect[:, :100] = True  # e.g. already bad pixels
+    f0, e0 = flux.copy(), err.copy()
+    hit = corrupt_pixels(flux, err, (0.01, 0.03), (3.0, 10.0), rng, protect=protect)
+    frac = hit.mean(1)
+    assert np.all((frac > 0.008) & (frac < 0.031))
+    assert not hit[:, :100].any()
+    assert np.all(np.isfinite(err)) and np.all(err < 1.0)  # finite: nothing a reader would mask
+    ratio = err[hit] / e0[hit]
+    assert ratio.min() >= 3.0 - 1e-5 and ratio.max() <= 10.0 + 1e-5
+    dev = (flux[hit] - f0[hit]) / e0[hit]
+    assert np.all(np.abs(dev) >= 5.0 - 1e-4) and np.all(np.abs(dev) <= 30.0 + 1e-4)
+    assert 0.55 < np.mean(dev < 0) < 0.8  # two thirds downward
+    assert np.array_equal(flux[~hit], f0[~hit]) and np.array_equal(err[~hit], e0[~hit])
+
+
+@pytest.mark.parametrize("convention", ["cannon", "astronn", "aspcap"])
+def test_normalization_conventions_recover_a_smooth_continuum(convention):
+    x = np.linspace(-1, 1, P)
+    cont = (4.0 + 0.5 * x + 0.3 * x**2)[None]
+    lines = _lines(2.0) / 5.0
+    free = convention_pixels("cannon") | convention_pixels("astronn")
+    lines[:, free] = 1.0  # absorption only away from both continuum-pixel sets (as real lines, mostly)
+    flux = (lines * cont).astype(np.float64)
+    err = np.full_like(flux, 0.004)
+    nf, ne, c = normalize_convention(flux, err, None, convention)
+    pix = convention_pixels(convention)
+    assert pix is None or pix.sum() > 300
+    ratio = c / cont
+    # pixel sets with line-free continuum recover it to 0.1 %; ASPCAP-like clipping sits on the upper envelope
+    assert np.median(np.abs(ratio - 1)) < (0.01 if convention == "aspcap" else 0.001)
+    assert np.allclose(ne, err / c)
+
+
+def test_conventions_differ_from_each_other():
+    assert not np.array_equal(convention_pixels("cannon"), convention_pixels("astronn"))
+    with pytest.raises(ValueError, match="normalization"):
+        Shift(normalization="iraf")
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Shift(lsf=(0.2, -0.2))
+    with pytest.raises(KeyError, match="unknown shifts"):
+        shift_suite(["none", "nope"])
+    assert set(shift_suite(["none", "combined"])) == {"none", "combined"}
+    assert SHIFT_SUITE["none"].is_null and not SHIFT_SUITE["combined"].is_null
+
+
+def _observe(shift: Shift | None, seed: int = 3):
+    bad_start = np.array([[1000] + [0] * 7, [0] * 8])
+    bad_len = np.array([[40] + [0] * 7, [0] * 8])
+    return observe_spectra(LABELS, np.array([150.0, 80.0]), np.random.default_rng(seed), bad_start, bad_len,
+                           np.array([0, 0]), full_grid=False, shift=shift)
+
+
+def test_no_shift_leaves_the_default_survey_unchanged():
+    a = _observe(None)
+    b = _observe(Shift())
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+def test_error_conventions_rescale_or_flatten_the_good_pixels_only():
+    flux0, err0, _ = _observe(None)
+    _, err2, _ = _observe(Shift(err_scale=(2.0, 2.0)))
+    good = err0 < BAD_ERR / 1e3
+    assert np.allclose(err2[good], 2 * err0[good], rtol=1e-5)
+    assert np.array_equal(err2[~good], err0[~good])
+    flux_f, err_f, _ = _observe(Shift(err_flat=True))
+    for i in range(2):
+        g = good[i]
+        assert np.ptp(err_f[i, g]) == 0 and err_f[i, g][0] == pytest.approx(np.median(err0[i, g]), rel=1e-5)
+    assert np.array_equal(flux_f, flux0)  # how errors are quoted does not touch the flux
+
+
+def test_combined_shift_changes_flux_but_keeps_it_normalized():
+    flux0, _, _ = _observe(None)
+    flux1, err1, model1 = _observe(SHIFT_SUITE["combined"])
+    good = np.isfinite(flux1) & (err1 < 1e3)
+    assert not np.allclose(flux1[good], flux0[good], atol=1e-3)
+    assert 0.9 < np.median(flux1[good]) < 1.05
+    assert np.all(np.isfinite(err1[good])) and np.all(err1[good] > 0)
