@@ -1,15 +1,5 @@
-"""Robustness benchmark: a model folder (and, optionally, the baselines) on the shift suite.
-
-For every shift of :data:`stellarnet.simulate.shifts.SHIFT_SUITE` a fresh set of stars is simulated
-in memory (the default population or the shift's mix; S/N log-uniform in 50–400; bad-pixel runs and
-persistence at the survey's rates), put through the same path as an aspcapStar file read by
-``predict`` (gap-inserted 8,575-pixel arrays → ``prepare_spectrum(normalized=True)``), predicted
-by the model folder (refined labels and the network's own), and scored against the true labels.
-The stars' labels, S/N and noise draws are the same for every shift with the default population.
-
-Per label, on the stars at S/N 100–200 (as the in-distribution table of docs/performance.md):
-robust σ (1.4826 × MAD of the error), median bias, robust z std and 1σ coverage of
-z = error / σ. Per shift: stage accuracy, red-clump purity and completeness, flag rates.
+"""Robustness benchmark: a model folder (and, optionally, the baselines) on the shift suite
+(:mod:`stellarnet.robustness`, docs/robustness.md). Writes JSON and a markdown table.
 
     python scripts/bench_shift.py --model <run>/model [--n 2000] [--shifts none,combined]
         [--baselines data/shards/sim_dr12] [--out bench_shift.json] [--markdown shift_table.md]
@@ -19,165 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
+import logging
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from stellarnet.data.bitmasks import STELLARNET_FLAG
-from stellarnet.data.spectra import prepare_spectrum
-from stellarnet.models.inference import load_model
-from stellarnet.simulate.instrument import MAX_BAD_RUNS, observe_spectra
-from stellarnet.simulate.population import STAGES, sample_population
-from stellarnet.simulate.shifts import Shift, shift_suite
-
-SNR_BIN = (100.0, 200.0)
-N_PIX = 7214
-
-
-def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.ndarray]:
-    """``n`` stars observed with ``shift``: 8,575-pixel flux/err, true labels, stage codes, S/N."""
-    pop = sample_population(n, np.random.default_rng([seed, 1]), shift.mix)
-    rng = np.random.default_rng([seed, 2])
-    snr = 10 ** rng.uniform(np.log10(50.0), np.log10(400.0), n)
-    n_runs = np.minimum(rng.poisson(0.5, n), MAX_BAD_RUNS)
-    bad_len = np.where(np.arange(MAX_BAD_RUNS)[None, :] < n_runs[:, None], rng.geometric(0.08, (n, MAX_BAD_RUNS)), 0)
-    bad_len = np.minimum(bad_len, 120)
-    bad_start = rng.integers(0, N_PIX, (n, MAX_BAD_RUNS))
-    u = rng.random(n)
-    persist = np.where(u < 0.03, 3, np.where(u < 0.06, 2, np.where(u < 0.10, 1, 0)))
-    if shift.persistence_fraction is not None:
-        hit = rng.random(n) < shift.persistence_fraction
-        persist = np.where(hit, rng.integers(1, 4, n), 0)
-    flux, err = [], []
-    for i, s in enumerate(range(0, n, chunk)):
-        sl = slice(s, s + chunk)
-        f, e, _ = observe_spectra(pop.labels[sl], snr[sl], np.random.default_rng([seed, 3, i]), bad_start[sl],
-                                  bad_len[sl], persist[sl], shift=shift)
-        flux.append(f)
-        err.append(e)
-    return {"flux": np.concatenate(flux), "flux_err": np.concatenate(err), "labels": pop.labels,
-            "stage": pop.stage.astype(int), "snr": snr}
-
-
-def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, names: list[str]) -> dict[str, Any]:
-    out = {}
-    for j, name in enumerate(names):
-        d = est[:, j] - truth[:, j]
-        ok = np.isfinite(d)
-        d = d[ok]
-        m: dict[str, float] = {"n": int(ok.sum())}
-        if d.size:
-            m["robust_sigma"] = float(1.4826 * np.median(np.abs(d - np.median(d))))
-            m["bias"] = float(np.median(d))
-            if sigma is not None:
-                z = d / sigma[ok, j]
-                m["z_std"] = float(1.4826 * np.median(np.abs(z - np.median(z))))
-                m["coverage_1sigma"] = float(np.mean(np.abs(z) < 1))
-                m["median_sigma"] = float(np.median(sigma[ok, j]))
-        out[name] = m
-    return out
-
-
-def stage_metrics(pred_stage: np.ndarray, true_stage: np.ndarray) -> dict[str, float]:
-    rc = STAGES.index("RC")
-    tp = np.sum((pred_stage == rc) & (true_stage == rc))
-    return {"accuracy": float(np.mean(pred_stage == true_stage)),
-            "rc_purity": float(tp / max(1, np.sum(pred_stage == rc))),
-            "rc_completeness": float(tp / max(1, np.sum(true_stage == rc)))}
-
-
-def train_baselines(dataset: str) -> dict[str, Any]:
-    """The Cannon-style model and PCA(100) + XGBoost, trained on the shards' training split."""
-    from stellarnet.eval.network import load_split
-    from stellarnet.models.trees import CannonModel, SpectralPCAFeatures, TreeBaseline
-
-    train = load_split(dataset, "train")
-    t0 = time.perf_counter()
-    cannon = CannonModel()
-    cannon.fit(train["labels"], train["flux"], train["flux_err"], train["pix_mask"])
-    print(f"baseline cannon fitted in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    t0 = time.perf_counter()
-    pca = SpectralPCAFeatures(n_components=100).fit(train["flux"], train["pix_mask"])
-    tree = TreeBaseline("xgboost", pca, use_photometry=False)
-    tree.fit({**train, "photometry": None})
-    print(f"baseline xgboost fitted in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return {"cannon": cannon, "xgboost": tree}
-
-
-def run(model_dir: str, names: list[str] | None, n: int, seed: int, baselines: dict[str, Any] | None) -> dict[str, Any]:
-    predictor = load_model(model_dir)
-    label_names = predictor.label_names
-    results: dict[str, Any] = {"model": str(model_dir), "n_stars": n, "seed": seed, "snr_bin": SNR_BIN,
-                               "label_names": label_names, "shifts": {}}
-    for name, shift in shift_suite(names).items():
-        t0 = time.perf_counter()
-        sim = simulate(shift, n, seed)
-        flux, err, good = prepare_spectrum(sim["flux"], sim["flux_err"], None, grid=predictor.grid, normalized=True,
-                                           allow_empty=True)
-        t_sim = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pred = predictor.predict(flux, err, pix_mask=good)
-        t_pred = time.perf_counter() - t0
-        sel = (sim["snr"] >= SNR_BIN[0]) & (sim["snr"] < SNR_BIN[1])
-        truth = sim["labels"][sel]
-        entry: dict[str, Any] = {"shift": shift.to_dict(), "n_bin": int(sel.sum()), "seconds_simulate": t_sim,
-                                 "seconds_predict": t_pred}
-        refined = "labels_network" in pred
-        entry["refined"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names)
-        if refined:
-            entry["network"] = label_metrics(pred["labels_network"][sel], pred["sigma_network"][sel], truth, label_names)
-            entry["refined_fraction"] = float(np.mean(pred["refine_flag"] == 0))
-            entry["median_chi2"] = float(np.nanmedian(pred["refine_chi2"]))
-        pred_stage = np.array([STAGES.index(s) if s in STAGES else -1 for s in pred["classes"]["stage"]]) \
-            if "stage" in pred["classes"] else np.full(n, -1)
-        entry["stage"] = stage_metrics(pred_stage, sim["stage"])
-        flag = pred["stellarnet_flag"]
-        entry["flag_rates"] = {b: float(np.mean(flag & (1 << STELLARNET_FLAG.bit(b)) > 0))
-                               for b in STELLARNET_FLAG.bits.values()}
-        entry["flag_any_bad"] = float(np.mean(flag & STELLARNET_FLAG.value_of(STELLARNET_FLAG.bad_bits) > 0))
-        if baselines:
-            entry["baselines"] = {}
-            split = {"flux": flux[sel], "flux_err": err[sel], "pix_mask": good[sel].astype(np.float32),
-                     "photometry": None}
-            for bname, model in baselines.items():
-                if bname == "cannon":
-                    lab = model.predict(split["flux"], split["flux_err"], split["pix_mask"])
-                else:
-                    lab = model.predict(split)["labels"]
-                entry["baselines"][bname] = label_metrics(lab, None, truth, label_names)
-        results["shifts"][name] = entry
-        r = entry["refined"]
-        print(f"{name:15s} refined σ " + " ".join(f"{r[k].get('robust_sigma', np.nan):.4g}" for k in label_names)
-              + f" | stage {entry['stage']['accuracy']:.3f} ({t_sim:.0f}+{t_pred:.0f} s)", file=sys.stderr)
-    return results
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The shift table: per shift and label, robust σ / bias / z std / 1σ coverage."""
-    names = results["label_names"]
-    lines = [f"S/N {results['snr_bin'][0]:.0f}–{results['snr_bin'][1]:.0f}, {results['n_stars']} stars per shift "
-             "(robust σ, bias, z std, 1σ coverage); stage accuracy, RC purity / completeness over all stars.", "",
-             "| shift | estimate | " + " | ".join(names) + " | stage acc | RC pur / compl |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
-    for shift, e in results["shifts"].items():
-        rows = [("refined", e["refined"])] + ([("network", e["network"])] if "network" in e else [])
-        rows += [(b, m) for b, m in (e.get("baselines") or {}).items()]
-        for i, (kind, m) in enumerate(rows):
-            cells = []
-            for k in names:
-                v = m[k]
-                s = f"{v.get('robust_sigma', float('nan')):.3g} ({v.get('bias', float('nan')):+.2g}"
-                if "z_std" in v:
-                    s += f"; {v['z_std']:.2f}; {100 * v['coverage_1sigma']:.0f} %"
-                cells.append(s + ")")
-            st = e["stage"]
-            tail = (f" {st['accuracy']:.3f} | {st['rc_purity']:.2f} / {st['rc_completeness']:.2f} |" if i == 0
-                    else " | |")
-            lines.append(f"| {shift if i == 0 else ''} | {kind} | " + " | ".join(cells) + " |" + tail)
-    return "\n".join(lines) + "\n"
+from stellarnet.robustness import run_shift_suite, shift_markdown, train_baselines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_shift.json")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown here")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = args.shifts.split(",") if args.shifts else None
     base = train_baselines(args.baselines) if args.baselines else None
-    res = run(args.model, names, args.n, args.seed, base)
+    res = run_shift_suite(args.model, names, args.n, args.seed, base)
     Path(args.out).write_text(json.dumps(res, indent=1))
-    table = markdown(res)
+    table = shift_markdown(res)
     if args.markdown:
         Path(args.markdown).write_text(table)
     print(table)

@@ -104,6 +104,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         report["crlb"] = to_jsonable(crlb_section(crlb_cfg, dataset, str(cfg.split), pred["labels"],
                                                   predictor.label_names, data, [float(e) for e in edges]))
     paths = write_report(report, out_dir, "evaluation", markdown=report_to_markdown(report, "stellarnet network"))
+    if cfg.get("shifts") is not None and cfg.shifts.get("enabled", False):  # docs/robustness.md
+        from stellarnet.robustness import shift_table_from_config
+
+        shift_paths = shift_table_from_config(predictor, out_dir, OmegaConf.to_container(cfg.shifts, resolve=True))
+        paths.update({f"shift_{k}": v for k, v in (shift_paths or {}).items()})
     figures = write_standard_figures(out_dir / "figures", pred["labels"], data["labels"],
                                      predictor.label_names, snr=data["snr"], report=report)
     try:

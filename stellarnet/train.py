@@ -291,6 +291,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                                          tensorboard_dir=output_dir / "tensorboard" / "refinement")
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
+            if cfg.get("shifts") is not None and cfg.shifts.get("enabled", False):
+                from stellarnet.robustness import shift_table_from_config
+
+                objects["shift_table"] = shift_table_from_config(objects["model_dir"], output_dir, to_plain(cfg.shifts))
+                log.info("shift suite: %s", objects["shift_table"]["markdown"])
     return {k: to_jsonable(v) for k, v in metrics.items()}, objects
 
 

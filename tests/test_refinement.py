@@ -189,3 +189,27 @@ def test_predictions_carry_the_flag_and_outlier_pixels_trip_it(refined_dir, tiny
     assert np.array_equal(df["STELLARNET_FLAG"].to_numpy(), bad["stellarnet_flag"])
     net = load_model(folder, refine=False).predict(flux, err, data["photometry"][:n], data["pix_mask"][:n])
     assert np.all(net["stellarnet_flag"] & (1 << F.bit("NOT_REFINED")))
+
+
+def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp_path):
+    from stellarnet.robustness import shift_table_from_config
+
+    folder, _ = refined_dir
+    assert shift_table_from_config(folder, tmp_path, {"enabled": False}) is None
+    paths = shift_table_from_config(folder, tmp_path, {"enabled": True, "names": ["none", "outliers_2pc"],
+                                                       "n_stars": 60, "seed": 1})
+    res = json.loads(paths["json"].read_text())
+    assert list(res["shifts"]) == ["none", "outliers_2pc"]
+    for entry in res["shifts"].values():
+        assert set(entry["refined"]) == set(entry["network"]) == {"TEFF", "LOGG", "FE_H", "ALPHA_FE"}
+        assert entry["n_bin"] > 5 and 0 <= entry["stage"]["accuracy"] <= 1
+        for m in entry["refined"].values():
+            assert m["robust_sigma"] > 0 and 0 <= m["coverage_1sigma"] <= 1
+    from stellarnet.data.bitmasks import STELLARNET_FLAG
+
+    for entry in res["shifts"].values():
+        assert set(entry["flag_rates"]) == set(STELLARNET_FLAG.bits.values())
+        assert all(0 <= v <= 1 for v in entry["flag_rates"].values())
+    assert res["shifts"]["outliers_2pc"]["shift"]["outlier_fraction"] == [0.005, 0.05]
+    table = paths["markdown"].read_text()
+    assert "| none | refined |" in table and "| outliers_2pc | refined |" in table
