@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from stellarnet.eval.calibration import fit_sigma_two_term
 from stellarnet.eval.network import load_split, predict_split
 from stellarnet.models.forward import emulator_state, fit_settings, fit_label_calibration, refine_labels, train_emulator
-from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_model
+from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_emulator_file, load_model
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import atomic_open, to_plain, write_json
 
@@ -41,7 +41,8 @@ REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
                                    "calibration_degree": 2, "device": "auto",
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
-                                           "continuum_degree": 2, "pixel_clip": 5.0}}
+                                           "continuum_degree": 4, "pixel_clip": 5.0,
+                                           "fit_lsf": True}}
 
 
 def _subset(data: dict[str, np.ndarray], max_stars: int | None, seed: int) -> dict[str, np.ndarray]:
@@ -64,9 +65,15 @@ def _mae(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: Mapping[str, Any] | None = None,
-                     tensorboard_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                     tensorboard_dir: str | Path | None = None, progress: bool = True,
+                     recalibrate: bool = False) -> dict[str, Any]:
     """Fit the spectrum emulator for the model folder ``model_dir`` on ``dataset_dir``'s training
     split, calibrate the refined σ on its validation split and save ``emulator.pt`` there.
+
+    With ``recalibrate`` the emulator already in ``emulator.pt`` is kept and only the calibration is
+    redone (label calibration on the training split, σ model on the validation split) with the
+    current ``fit`` settings — a minute instead of the emulator's training, after a change of
+    ``refine.fit.*`` (continuum degree, pixel clipping, LSF fit).
 
     Returns a summary (training χ², seconds, σ scale, validation MAE against the catalogue for the
     network and the refined labels, fraction refined)."""
@@ -85,6 +92,13 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     log.info("refinement: network labels for %d training stars", len(train["flux"]))
 
     writer = bar = None
+    if recalibrate:
+        if not (model_dir / EMULATOR_FILE).is_file():
+            raise FileNotFoundError(f"recalibrate=true needs an existing {model_dir / EMULATOR_FILE}; build the stage "
+                                    "first (python -m stellarnet.refinement ckpt_path=<model folder>)")
+        emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
+        info = dict(extras.get("training") or {})
+        tensorboard_dir = progress = None  # nothing is trained
     if tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -102,11 +116,12 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
             writer.add_scalar("refine/chi2_per_pixel", chi2, epoch)
 
     try:
-        emulator, info = train_emulator(
-            pred["labels"], train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
-            hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
-            clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-            seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
+        if not recalibrate:
+            emulator, info = train_emulator(
+                pred["labels"], train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
+                hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
+                clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+                seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
     finally:
         if bar is not None:
             bar.close()
@@ -162,7 +177,8 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.refinement ckpt_path=<model folder>")
     dataset = cfg.get("dataset_dir") or cfg.data.shards.out_dir
-    summary = build_refinement(cfg.ckpt_path, dataset, cfg.refine, Path(cfg.paths.output_dir) / "tensorboard")
+    summary = build_refinement(cfg.ckpt_path, dataset, cfg.refine, Path(cfg.paths.output_dir) / "tensorboard",
+                               recalibrate=bool(cfg.get("recalibrate", False)))
     print({k: summary[k] for k in ("sigma_scale", "sigma_network_scale", "val_refined_fraction", "val_mae_network_vs_catalogue",
                                    "val_mae_refined_vs_catalogue", "seconds")})
 

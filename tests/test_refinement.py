@@ -82,18 +82,19 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
 def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir, tmp_path):
     folder, _ = refined_dir
     new = load_model(folder)
-    assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1,
-                                   "clip_threshold": 2.0, "continuum_degree": 2, "pixel_clip": 5.0}
+    assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
+                                   "continuum_degree": 4, "pixel_clip": 5.0, "fit_lsf": True}
     assert new.chi2_scaling == "two_sided" and new.label_range is not None
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     state = torch.load(old / EMULATOR_FILE, weights_only=True)
-    for key in ("continuum_degree", "pixel_clip"):  # as saved before the continuum fit / pixel clipping existed
+    for key in ("continuum_degree", "pixel_clip", "fit_lsf"):  # as saved before these existed
         del state["refine"][key]
     del state["chi2_scaling"], state["label_range"]
     torch.save(state, old / EMULATOR_FILE)
     loaded = load_model(old)
     assert loaded.refine_settings["continuum_degree"] is None and loaded.refine_settings["pixel_clip"] is None
+    assert loaded.refine_settings["fit_lsf"] is False
     assert loaded.chi2_scaling == "at_least_one" and loaded.label_range is None
 
 
@@ -213,3 +214,22 @@ def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp
     assert res["shifts"]["outliers_2pc"]["shift"]["outlier_fraction"] == [0.005, 0.05]
     table = paths["markdown"].read_text()
     assert "| none | refined |" in table and "| outliers_2pc | refined |" in table
+
+
+def test_recalibrate_keeps_the_emulator_and_refits_the_calibration(refined_dir, tiny_shards, tmp_path):
+    folder, _ = refined_dir
+    copy_dir = tmp_path / "recal"
+    shutil.copytree(folder, copy_dir)
+    before = torch.load(copy_dir / EMULATOR_FILE, weights_only=True)
+    summary = build_refinement(copy_dir, tiny_shards, {**SETTINGS, "fit": {**SETTINGS["fit"], "fit_lsf": False}},
+                               progress=False, recalibrate=True)
+    after = torch.load(copy_dir / EMULATOR_FILE, weights_only=True)
+    for k, v in before["state_dict"].items():  # the same emulator ...
+        assert torch.equal(v, after["state_dict"][k])
+    assert after["refine"]["fit_lsf"] is False and before["refine"]["fit_lsf"] is True  # ... new fit settings
+    assert len(summary["sigma_scale"]) == 4
+    with pytest.raises(FileNotFoundError, match="build the stage first"):
+        empty = tmp_path / "no_stage"
+        shutil.copytree(folder, empty)
+        (empty / EMULATOR_FILE).unlink()
+        build_refinement(empty, tiny_shards, SETTINGS, progress=False, recalibrate=True)

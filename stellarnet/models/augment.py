@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,16 +41,10 @@ LSF_SIGMA_PIX = 1.0 / (22_500 * math.log(10.0) * 6e-6) / 2.3548
 def _chip_basis(n_pixels: int, degree: int) -> torch.Tensor:
     """(P, n_chips·(degree+1)) per-chip Chebyshev basis (one chip when the grid is unknown)."""
     from stellarnet.data import grids
+    from stellarnet.models.forward import continuum_basis
 
-    slices = grids.chip_slices(n_pixels) if n_pixels in grids.GRID_ALIASES else [slice(0, n_pixels)]
-    cols = []
-    for sl in slices:
-        x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
-        for k in range(degree + 1):
-            b = np.zeros(n_pixels, np.float32)
-            b[sl] = np.polynomial.chebyshev.chebval(x, [0.0] * k + [1.0])
-            cols.append(b)
-    return torch.from_numpy(np.stack(cols, 1))
+    grid = grids.grid_name(n_pixels) if n_pixels in grids.GRID_ALIASES else None
+    return continuum_basis(n_pixels, grid, degree)
 
 
 class SpectrumAugment(nn.Module):

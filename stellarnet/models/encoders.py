@@ -148,23 +148,16 @@ class RobustInputs(nn.Module):
 
 
 def _continuum_design(n_pixels: int, degree: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-chip Chebyshev basis (P, 3·(degree+1)) and continuum-pixel indicator (P,) of the grid with
-    ``n_pixels`` pixels, or None (unknown grid or ``degree`` None)."""
+    """Per-chip Chebyshev basis (P, 3·(degree+1)) (:func:`stellarnet.models.forward.continuum_basis`) and
+    continuum-pixel indicator (P,) of the grid with ``n_pixels`` pixels, or None (unknown grid or ``degree`` None)."""
     from stellarnet.data import grids
     from stellarnet.data.spectra import continuum_pixels
+    from stellarnet.models.forward import continuum_basis
 
     if degree is None or n_pixels not in grids.GRID_ALIASES:
         return None
     grid = grids.grid_name(n_pixels)
-    cols = []
-    for sl in grids.chip_slices(grid):
-        x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
-        for k in range(int(degree) + 1):
-            b = np.zeros(n_pixels, np.float32)
-            b[sl] = np.polynomial.chebyshev.chebval(x, [0.0] * k + [1.0])
-            cols.append(b)
-    cont = continuum_pixels(grid).astype(np.float32)
-    return torch.from_numpy(np.stack(cols, 1)), torch.from_numpy(cont)
+    return continuum_basis(n_pixels, grid, int(degree)), torch.from_numpy(continuum_pixels(grid).astype(np.float32))
 
 
 class SpectralConvEncoder(nn.Module):

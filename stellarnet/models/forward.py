@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",
-            "pixel_clip")
+            "pixel_clip", "fit_lsf")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -286,7 +286,8 @@ def train_emulator(
 class RefineResult:
     """Refined labels (N, L) in physical units, their formal σ (from (JᵀWJ)⁻¹, physical units),
     the reduced χ² of the fit (N,), the number of masked segments (N,), the fraction of good
-    pixels used (N,) and the fraction of the usable pixels rejected as outliers (N,)."""
+    pixels used (N,), the fraction of the usable pixels rejected as outliers (N,) and, when fitted, the
+    change of the LSF variance (N,) in pixels² and the residual shift (N,) in pixels."""
 
     labels: np.ndarray
     sigma: np.ndarray
@@ -294,6 +295,8 @@ class RefineResult:
     masked_segments: np.ndarray
     pixel_fraction: np.ndarray
     outlier_fraction: np.ndarray | None = None
+    lsf_variance: np.ndarray | None = None
+    shift: np.ndarray | None = None
 
 
 def _pixel_clip(resid: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -320,29 +323,95 @@ def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tupl
     return torch.func.vmap(torch.func.jacfwd(one, has_aux=True))
 
 
+#: bounds of the fitted nuisances: the change of the LSF variance (pixels²; APOGEE's σ² ≈ 1.9 px²) and
+#: the velocity shift (pixels; 1 px ≈ 4.1 km/s)
+LSF_VARIANCE_BOUND = 2.0
+SHIFT_BOUND = 1.0
+
+
+def lsf_operator(n_pixels: int, grid: str | None) -> torch.Tensor:
+    """(P,) float32 mask of the pixels where the line-shape nuisances are defined: all but the two ends
+    of each chip."""
+    inner = torch.zeros(n_pixels)
+    for sl in _chips(n_pixels, grid):
+        inner[sl.start + 1:sl.stop - 1] = 1.0
+    return inner
+
+
+def _second_difference(m: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """∂²m/∂x² (n, P) by second differences, zero at the chip ends."""
+    d = torch.zeros_like(m)
+    d[:, 1:-1] = m[:, 2:] - 2.0 * m[:, 1:-1] + m[:, :-2]
+    return d * inner
+
+
+def _first_difference(m: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """∂m/∂x (n, P) by central differences, zero at the chip ends."""
+    d = torch.zeros_like(m)
+    d[:, 1:-1] = 0.5 * (m[:, 2:] - m[:, :-2])
+    return d * inner
+
+
+def _line_shape(m: torch.Tensor, u: torch.Tensor, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The emulator flux with the line-shape nuisances ``u`` (n, 2) applied to second order, and their
+    derivatives (n, P, 2). u[:, 0] = s: LSF variance change (pixels²; the heat equation
+    G_s * m = m + (s/2)∇²m + (s²/8)∇⁴m + …); u[:, 1] = δ: a shift (pixels, positive = redward;
+    m(x − δ) = m − δ m′ + (δ²/2) m″ + …)."""
+    s, dl = u[:, :1], u[:, 1:2]
+    m2 = _second_difference(m, inner)
+    d1 = 0.5 * m2
+    d2 = 0.25 * _second_difference(d1, inner)
+    g1 = _first_difference(m, inner)
+    flux = m + s * d1 + 0.5 * s * s * d2 - dl * g1 + 0.5 * dl * dl * m2
+    return flux, torch.stack([d1 + s * d2, -g1 + dl * m2], 2)
+
+
+def _emulate(model: SpectrumEmulator, z: torch.Tensor, u: torch.Tensor | None, inner: torch.Tensor | None,
+             jacobian: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Emulator flux (n, P) with the line-shape nuisances ``u`` applied (when not None), and with
+    ``jacobian`` its Jacobian (n, P, L [+2]): the labels' columns (of the emulator itself), then the
+    nuisances' columns."""
+    if not jacobian:
+        m = model(z)
+        return None, m if u is None else _line_shape(m, u, inner)[0]
+    J, m = _jacobian_and_flux(model)(z)
+    if u is None:
+        return J, m
+    m_u, d = _line_shape(m, u, inner)
+    return torch.cat([J, d], 2), m_u
+
+
 def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, f: torch.Tensor,
-                  w: torch.Tensor, iters: int, damping: float,
-                  bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  w: torch.Tensor, iters: int, damping: float, bound: float, u: torch.Tensor | None = None,
+                  inner: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Damped Gauss–Newton steps on χ² = Σ w (f − model(z) (1 + basis c))² for the standardized
-    labels ``z`` (n, L) and the continuum coefficients ``c`` (n, K) together. Also returns the
-    undamped JᵀWJ of the last step (None if ``iters`` is 0), for the formal covariance."""
-    jac = _jacobian_and_flux(model)
+    labels ``z`` (n, L), the continuum coefficients ``c`` (n, K) and, when ``u`` is given, the
+    line-shape nuisances u (n, 2) together. Returns ``(z, c, A, u)`` with the undamped JᵀWJ ``A`` of
+    the last step (None if ``iters`` is 0), for the formal covariance."""
     L = z.shape[1]
-    eye = torch.eye(L + c.shape[1], dtype=z.dtype, device=z.device)
+    U = 0 if u is None else u.shape[1]
+    eye = torch.eye(L + U + c.shape[1], dtype=z.dtype, device=z.device)
     A = None
     for _ in range(iters):
-        J, m = jac(z)  # (n, P, L), (n, P)
+        J, m = _emulate(model, z, u, inner, jacobian=True)  # (n, P, L + U), (n, P)
         A, b, _ = _normal_equations(J, m, c, basis, w, f)
         damped = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
         step = torch.linalg.solve(damped, b)
         z = (z + step[:, :L]).clamp(-bound, bound)
-        c = c + step[:, L:]
-    return z, c, A
+        if u is not None:
+            u = u + step[:, L:L + U]
+            u = torch.stack([u[:, 0].clamp(-LSF_VARIANCE_BOUND, LSF_VARIANCE_BOUND),
+                             u[:, 1].clamp(-SHIFT_BOUND, SHIFT_BOUND)], 1)
+        c = c + step[:, L + U:]
+    return z, c, A, u
 
 
-def _model_flux(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``model(z) (1 + basis c)`` (n, P): the emulator's flux times the continuum correction."""
-    return model(z) * (1.0 + c @ basis.T)
+def _model_flux(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor,
+                u: torch.Tensor | None = None, inner: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(z) (1 + basis c)`` (n, P): the emulator's flux (with the line-shape nuisances ``u``)
+    times the continuum correction."""
+    return _emulate(model, z, u, inner, jacobian=False)[1] * (1.0 + c @ basis.T)
 
 
 def _normal_equations(J: torch.Tensor, m: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, w: torch.Tensor,
@@ -382,6 +451,7 @@ def refine_labels(
     batch_size: int = 256,
     continuum_degree: int | None = 2,
     pixel_clip: float | None = None,
+    fit_lsf: bool = False,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
@@ -399,6 +469,13 @@ def refine_labels(
     the current model is more than ``pixel_clip`` robust σ (:func:`_pixel_clip`): corrupted pixels that
     carry a finite error (sky-line and telluric residuals, unflagged cosmic rays) leave the fit,
     iteratively, as the model improves. None: no pixel clipping.
+
+    With ``fit_lsf`` the line shape is fitted as well, to second order (:func:`_line_shape`): a change s
+    of the line-spread function's variance (pixels², within ±:data:`LSF_VARIANCE_BOUND`) and a residual
+    shift δ (pixels, within ±:data:`SHIFT_BOUND`; a radial-velocity zero-point error of 1 km/s is
+    0.24 px). Spectra from another fibre or spectrograph, whose lines are broader or narrower than the
+    training survey's, or slightly off in velocity, do not bias the labels; σ is marginalized over
+    both. They are returned in ``lsf_variance`` and ``shift``.
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -409,12 +486,14 @@ def refine_labels(
     n, L = init.shape
     out = RefineResult(np.full((n, L), np.nan, np.float32), np.full((n, L), np.nan, np.float32),
                        np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32),
-                       np.zeros(n, np.float32))
+                       np.zeros(n, np.float32), np.full(n, np.nan, np.float32) if fit_lsf else None,
+                       np.full(n, np.nan, np.float32) if fit_lsf else None)
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
     seg = chip_segments(model.n_pixels, model.grid).to(dev)
     basis = continuum_basis(model.n_pixels, model.grid, continuum_degree).to(dev)
+    inner = lsf_operator(model.n_pixels, model.grid).to(dev) if fit_lsf else None
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
@@ -425,22 +504,23 @@ def refine_labels(
             w = w0
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
-            z, c, A = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound)
+            lsf = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None
+            z, c, A, lsf = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, lsf, inner)
             w_seg = w0  # the weights after segment clipping only
             for _ in range(clip_rounds):
-                resid = f - _model_flux(model, z, c, basis)
+                resid = f - _model_flux(model, z, c, basis, lsf, inner)
                 w_new = _segment_clip(resid**2 * w, w, seg, clip_threshold)
                 w_seg = torch.where((w > 0) & (w_new == 0), torch.zeros_like(w_seg), w_seg)  # dropped segments
                 w = w_new
                 if pixel_clip is not None:
                     w = _pixel_clip(resid, w, float(pixel_clip))
-                z, c, A_clip = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound)
+                z, c, A_clip, lsf = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound, lsf, inner)
                 A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
             if A is None:
-                J, m = _jacobian_and_flux(model)(z)
+                J, m = _emulate(model, z, lsf, inner, jacobian=True)
                 A, _, m = _normal_equations(J, m, c, basis, w, None)
             else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
-                m = _model_flux(model, z, c, basis)
+                m = _model_flux(model, z, c, basis, lsf, inner)
             cov = torch.linalg.pinv(A)[:, :L, :L]
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
@@ -451,6 +531,9 @@ def refine_labels(
             # single pixels dropped outside the masked segments: the outlier pixels
             out.outlier_fraction[rows] = (((w_seg > 0) & (w == 0)).sum(1).float()
                                           / (w0 > 0).sum(1).clamp_min(1).float()).cpu().numpy()
+            if lsf is not None:
+                out.lsf_variance[rows] = lsf[:, 0].cpu().numpy()
+                out.shift[rows] = lsf[:, 1].cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
     return out
 

@@ -155,7 +155,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
                 f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
     settings = dict(extras.get("refine") or {})
     settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
-    settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping
+    settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping and the LSF fit
+    settings.setdefault("fit_lsf", False)
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),
                      refine_sigma_network_scale=extras.get("sigma_network_scale"),
@@ -498,6 +499,8 @@ class Predictor:
         res["refine_outlier_fraction"] = (np.zeros(len(flag), np.float32) if r.outlier_fraction is None
                                           else r.outlier_fraction.astype(np.float32))
         res["refine_masked_segments"] = r.masked_segments
+        if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
+            res["refine_lsf_variance"] = r.lsf_variance
         res["sigma_refined"] = sigma.astype(np.float32)
 
 
