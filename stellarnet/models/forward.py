@@ -327,6 +327,23 @@ def _jacobian_and_flux(model: SpectrumEmulator) -> Callable[[torch.Tensor], tupl
 #: the velocity shift (pixels; 1 px ≈ 4.1 km/s)
 LSF_VARIANCE_BOUND = 2.0
 SHIFT_BOUND = 1.0
+#: Gaussian prior widths of the line-shape nuisances: LSF variance change 0.6 px² (≈ ±15 % in width
+#: at 1σ, the spread of APOGEE's fibres), shift 0.25 px (≈ 1 km/s); they keep the marginalization's
+#: cost in precision small on spectra that need neither
+LINE_SHAPE_PRIOR = (0.6, 0.25)
+
+
+def _with_prior(A: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Add the line-shape nuisances' Gaussian prior (:data:`LINE_SHAPE_PRIOR`, centred on 0) to the normal
+    equations: precision on the diagonal of their block of A, −precision·u to b."""
+    prec = torch.tensor([1.0 / w**2 for w in LINE_SHAPE_PRIOR], dtype=A.dtype, device=A.device)
+    U = u.shape[1]
+    A = A.clone()
+    A[:, L:L + U, L:L + U] += torch.diag(prec[:U])
+    if b is not None:
+        b = b.clone()
+        b[:, L:L + U] -= prec[:U] * u
+    return A, b
 
 
 def lsf_operator(n_pixels: int, grid: str | None) -> torch.Tensor:
@@ -396,6 +413,8 @@ def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, bas
     for _ in range(iters):
         J, m = _emulate(model, z, u, inner, jacobian=True)  # (n, P, L + U), (n, P)
         A, b, _ = _normal_equations(J, m, c, basis, w, f)
+        if u is not None:
+            A, b = _with_prior(A, b, u, L)
         damped = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
         step = torch.linalg.solve(damped, b)
         z = (z + step[:, :L]).clamp(-bound, bound)
@@ -473,7 +492,7 @@ def refine_labels(
     With ``fit_lsf`` the line shape is fitted as well, to second order (:func:`_line_shape`): a change s
     of the line-spread function's variance (pixels², within ±:data:`LSF_VARIANCE_BOUND`) and a residual
     shift δ (pixels, within ±:data:`SHIFT_BOUND`; a radial-velocity zero-point error of 1 km/s is
-    0.24 px). Spectra from another fibre or spectrograph, whose lines are broader or narrower than the
+    0.24 px), each with a Gaussian prior (:data:`LINE_SHAPE_PRIOR`). Spectra from another fibre or spectrograph, whose lines are broader or narrower than the
     training survey's, or slightly off in velocity, do not bias the labels; σ is marginalized over
     both. They are returned in ``lsf_variance`` and ``shift``.
     """
@@ -519,6 +538,8 @@ def refine_labels(
             if A is None:
                 J, m = _emulate(model, z, lsf, inner, jacobian=True)
                 A, _, m = _normal_equations(J, m, c, basis, w, None)
+                if lsf is not None:
+                    A, _ = _with_prior(A, None, lsf, L)
             else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
                 m = _model_flux(model, z, c, basis, lsf, inner)
             cov = torch.linalg.pinv(A)[:, :L, :L]
