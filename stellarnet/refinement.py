@@ -64,6 +64,34 @@ def _mae(a: np.ndarray, b: np.ndarray) -> list[float]:
     return [float(np.nanmean(np.abs(a[:, j] - b[:, j]))) for j in range(a.shape[1])]
 
 
+def _fit_emulator(cfg: Mapping[str, Any], network: Predictor, train: Mapping[str, np.ndarray], labels: np.ndarray,
+                  writer: Any, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Train the stage's spectrum emulator on the training stars (inputs: the network's ``labels``),
+    with a progress bar and χ²/pixel in TensorBoard."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(cfg["epochs"]), desc="spectrum emulator", unit="epoch")
+
+    def on_epoch(epoch: int, chi2: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(chi2=f"{chi2:.3f}")
+        if writer is not None:
+            writer.add_scalar("refine/chi2_per_pixel", chi2, epoch)
+
+    try:
+        return train_emulator(
+            labels, train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
+            hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
+            clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+            seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: Mapping[str, Any] | None = None,
                      tensorboard_dir: str | Path | None = None, progress: bool = True,
                      recalibrate: bool = False) -> dict[str, Any]:
@@ -82,6 +110,9 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     model_dir = Path(model_dir)
     if not (model_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no model.pt)")
+    if recalibrate and not (model_dir / EMULATOR_FILE).is_file():
+        raise FileNotFoundError(f"recalibrate=true needs an existing {model_dir / EMULATOR_FILE}; build the stage "
+                                "first (python -m stellarnet.refinement ckpt_path=<model folder>)")
     t0 = time.perf_counter()
     network = load_model(model_dir, refine=False)
     train = _subset(load_split(dataset_dir, "train"), cfg["max_stars"], int(cfg["seed"]))
@@ -91,40 +122,16 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     pred, _ = predict_split(network, train)
     log.info("refinement: network labels for %d training stars", len(train["flux"]))
 
-    writer = bar = None
-    if recalibrate:
-        if not (model_dir / EMULATOR_FILE).is_file():
-            raise FileNotFoundError(f"recalibrate=true needs an existing {model_dir / EMULATOR_FILE}; build the stage "
-                                    "first (python -m stellarnet.refinement ckpt_path=<model folder>)")
-        emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
-        info = dict(extras.get("training") or {})
-        tensorboard_dir = progress = None  # nothing is trained
+    writer = None
     if tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(tensorboard_dir))
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(cfg["epochs"]), desc="spectrum emulator", unit="epoch")
-
-    def on_epoch(epoch: int, chi2: float) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(chi2=f"{chi2:.3f}")
-        if writer is not None:
-            writer.add_scalar("refine/chi2_per_pixel", chi2, epoch)
-
-    try:
-        if not recalibrate:
-            emulator, info = train_emulator(
-                pred["labels"], train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
-                hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
-                clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-                seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
-    finally:
-        if bar is not None:
-            bar.close()
+    if recalibrate:  # keep the emulator, redo the calibration below
+        emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
+        info = dict(extras.get("training") or {})
+    else:
+        emulator, info = _fit_emulator(cfg, network, train, pred["labels"], writer, progress)
     lab = train["labels"]
     label_range = [[float(np.nanmin(lab[:, j])), float(np.nanmax(lab[:, j]))] for j in range(lab.shape[1])]
     calibration = None

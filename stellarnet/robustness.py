@@ -1,8 +1,8 @@
 """The robustness shift suite, run on a model folder: accuracy and σ honesty under realistic shifts.
 
 For every shift of :data:`stellarnet.simulate.shifts.SHIFT_SUITE` a fresh set of stars is simulated
-in memory (the default population or the shift's mix; S/N log-uniform in 50–400; bad-pixel runs and
-persistence at the survey's rates), put through the same path as an aspcapStar file read by
+in memory (the default population or the shift's mix; S/N log-uniform in 50–400; on average 0.5
+bad-pixel runs per spectrum and persistence in ~10 % of the stars), put through the same path as an aspcapStar file read by
 ``predict`` (gap-inserted 8,575-pixel arrays → ``prepare_spectrum(normalized=True)``), predicted
 by the model folder (refined labels and the network's own), and scored against the true labels.
 The stars' labels, S/N and noise draws are the same for every shift with the default population.
@@ -31,16 +31,18 @@ import numpy as np
 from stellarnet.data.bitmasks import STELLARNET_FLAG
 from stellarnet.data.spectra import prepare_spectrum
 from stellarnet.models.inference import Predictor, load_model
-from stellarnet.simulate.instrument import MAX_BAD_RUNS, observe_spectra
+from stellarnet.eval.metrics import red_clump_purity_completeness, robust_scatter
+from stellarnet.simulate.allstar import draw_detector_defects
+from stellarnet.simulate.instrument import observe_spectra
 from stellarnet.simulate.population import STAGES, sample_population
 from stellarnet.simulate.shifts import Shift, shift_suite
 
-__all__ = ["simulate", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table", "shift_table_from_config", "SNR_BIN"]
+__all__ = ["simulate", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
+           "shift_table_from_config", "SNR_BIN"]
 
 log = logging.getLogger(__name__)
 
 SNR_BIN = (100.0, 200.0)
-N_PIX = 7214
 
 
 def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.ndarray]:
@@ -48,12 +50,8 @@ def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.
     pop = sample_population(n, np.random.default_rng([seed, 1]), shift.mix)
     rng = np.random.default_rng([seed, 2])
     snr = 10 ** rng.uniform(np.log10(50.0), np.log10(400.0), n)
-    n_runs = np.minimum(rng.poisson(0.5, n), MAX_BAD_RUNS)
-    bad_len = np.where(np.arange(MAX_BAD_RUNS)[None, :] < n_runs[:, None], rng.geometric(0.08, (n, MAX_BAD_RUNS)), 0)
-    bad_len = np.minimum(bad_len, 120)
-    bad_start = rng.integers(0, N_PIX, (n, MAX_BAD_RUNS))
-    u = rng.random(n)
-    persist = np.where(u < 0.03, 3, np.where(u < 0.06, 2, np.where(u < 0.10, 1, 0)))
+    # fewer bad-pixel runs than a survey row (combined spectra), persistence in ~10 % of the stars
+    bad_start, bad_len, persist = draw_detector_defects(rng, n, mean_runs=0.5, persist_cuts=(0.03, 0.06, 0.10))
     if shift.persistence_fraction is not None:
         hit = rng.random(n) < shift.persistence_fraction
         persist = np.where(hit, rng.integers(1, 4, n), 0)
@@ -76,11 +74,11 @@ def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, 
         d = d[ok]
         m: dict[str, float] = {"n": int(ok.sum())}
         if d.size:
-            m["robust_sigma"] = float(1.4826 * np.median(np.abs(d - np.median(d))))
+            m["robust_sigma"] = robust_scatter(d)
             m["bias"] = float(np.median(d))
             if sigma is not None:
                 z = d / sigma[ok, j]
-                m["z_std"] = float(1.4826 * np.median(np.abs(z - np.median(z))))
+                m["z_std"] = robust_scatter(z)
                 m["coverage_1sigma"] = float(np.mean(np.abs(z) < 1))
                 m["median_sigma"] = float(np.median(sigma[ok, j]))
         out[name] = m
@@ -88,11 +86,10 @@ def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, 
 
 
 def stage_metrics(pred_stage: np.ndarray, true_stage: np.ndarray) -> dict[str, float]:
-    rc = STAGES.index("RC")
-    tp = np.sum((pred_stage == rc) & (true_stage == rc))
-    return {"accuracy": float(np.mean(pred_stage == true_stage)),
-            "rc_purity": float(tp / max(1, np.sum(pred_stage == rc))),
-            "rc_completeness": float(tp / max(1, np.sum(true_stage == rc)))}
+    """Stage accuracy and red-clump purity / completeness (stage codes of ``STAGES``)."""
+    rc = red_clump_purity_completeness(pred_stage, true_stage, rc_code=STAGES.index("RC"))
+    return {"accuracy": float(np.mean(pred_stage == true_stage)), "rc_purity": float(rc["purity"]),
+            "rc_completeness": float(rc["completeness"])}
 
 
 def train_baselines(dataset: str) -> dict[str, Any]:
@@ -118,7 +115,8 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
     """Score a model folder (or a loaded :class:`Predictor`) on the named shifts (all when None)."""
     predictor = model if isinstance(model, Predictor) else load_model(model)
     label_names = predictor.label_names
-    results: dict[str, Any] = {"model": str(model) if not isinstance(model, Predictor) else "<Predictor>", "n_stars": n, "seed": seed, "snr_bin": SNR_BIN,
+    source = "<Predictor>" if isinstance(model, Predictor) else str(model)
+    results: dict[str, Any] = {"model": source, "n_stars": n, "seed": seed, "snr_bin": SNR_BIN,
                                "label_names": label_names, "shifts": {}}
     for name, shift in shift_suite(names).items():
         t0 = time.perf_counter()

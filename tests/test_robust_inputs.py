@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stellarnet.data import grids
-from stellarnet.models.augment import LSF_SIGMA_PIX, SpectrumAugment
+from stellarnet.data.grids import LSF_SIGMA_PIX
+from stellarnet.models.augment import SpectrumAugment
 from stellarnet.models.encoders import RobustInputs, SpectralConvEncoder, der_snr_noise, spectral_input_channels
 from stellarnet.models.module import StellarNetModule
 

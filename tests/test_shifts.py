@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from stellarnet.data import grids
+from stellarnet.data.grids import KMS_PER_PIXEL, LSF_SIGMA_PIX
 from stellarnet.simulate.instrument import BAD_ERR, observe_spectra
-from stellarnet.simulate.shifts import (KMS_PER_PIXEL, LSF_SIGMA_PIX, SHIFT_SUITE, Shift, broaden_lsf,
+from stellarnet.simulate.shifts import (SHIFT_SUITE, Shift, broaden_lsf,
                                         continuum_residual, convention_pixels, corrupt_pixels, normalize_convention,
                                         shift_suite, shift_velocity)
 

@@ -14,6 +14,10 @@ import numpy as np
 N_PIX_FULL = 8575
 LOGLAM0 = 4.179  # log10 Å, CRVAL1 of the combined-spectrum grid
 DLOGLAM = 6e-6  # CDELT1 (dex per pixel)
+#: km/s per pixel of the log-λ grid: c · ln 10 · DLOGLAM ≈ 4.14
+KMS_PER_PIXEL = 299_792.458 * float(np.log(10.0)) * DLOGLAM
+#: APOGEE's line-spread-function σ in pixels (R ≈ 22,500: FWHM = λ/R ≈ 3.2 pixels)
+LSF_SIGMA_PIX = 1.0 / (22_500 * float(np.log(10.0)) * DLOGLAM) / 2.3548
 
 CHIP_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
     "dr17": ((246, 3274), (3585, 6080), (6344, 8335)),

@@ -23,19 +23,18 @@ Masked pixels (``pix_mask`` 0) stay as they were.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["SpectrumAugment", "LSF_SIGMA_PIX"]
+from stellarnet.data.grids import LSF_SIGMA_PIX
+
+__all__ = ["SpectrumAugment"]
 
 _N_LEVELS = 6
 
-#: APOGEE's line-spread function σ in pixels of the 6e-6 dex grid (R ≈ 22,500)
-LSF_SIGMA_PIX = 1.0 / (22_500 * math.log(10.0) * 6e-6) / 2.3548
 
 
 def _chip_basis(n_pixels: int, degree: int) -> torch.Tensor:

@@ -333,7 +333,8 @@ SHIFT_BOUND = 1.0
 LINE_SHAPE_PRIOR = (0.6, 0.25)
 
 
-def _with_prior(A: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _with_prior(A: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor,
+                L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Add the line-shape nuisances' Gaussian prior (:data:`LINE_SHAPE_PRIOR`, centred on 0) to the normal
     equations: precision on the diagonal of their block of A, −precision·u to b."""
     prec = torch.tensor([1.0 / w**2 for w in LINE_SHAPE_PRIOR], dtype=A.dtype, device=A.device)
@@ -346,7 +347,7 @@ def _with_prior(A: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor, L: int
     return A, b
 
 
-def lsf_operator(n_pixels: int, grid: str | None) -> torch.Tensor:
+def _line_shape_mask(n_pixels: int, grid: str | None) -> torch.Tensor:
     """(P,) float32 mask of the pixels where the line-shape nuisances are defined: all but the two ends
     of each chip."""
     inner = torch.zeros(n_pixels)
@@ -398,6 +399,18 @@ def _emulate(model: SpectrumEmulator, z: torch.Tensor, u: torch.Tensor | None, i
     return torch.cat([J, d], 2), m_u
 
 
+def _system(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, w: torch.Tensor,
+            f: torch.Tensor | None, u: torch.Tensor | None, inner: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The normal equations at ``(z, c, u)``: JᵀWJ, JᵀW r (None without ``f``) and the model flux, with
+    the line-shape nuisances' prior when ``u`` is fitted."""
+    J, m = _emulate(model, z, u, inner, jacobian=True)  # (n, P, L + U), (n, P)
+    A, b, model_flux = _normal_equations(J, m, c, basis, w, f)
+    if u is not None:
+        A, b = _with_prior(A, b, u, z.shape[1])
+    return A, b, model_flux
+
+
 def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, f: torch.Tensor,
                   w: torch.Tensor, iters: int, damping: float, bound: float, u: torch.Tensor | None = None,
                   inner: torch.Tensor | None = None
@@ -411,10 +424,7 @@ def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, bas
     eye = torch.eye(L + U + c.shape[1], dtype=z.dtype, device=z.device)
     A = None
     for _ in range(iters):
-        J, m = _emulate(model, z, u, inner, jacobian=True)  # (n, P, L + U), (n, P)
-        A, b, _ = _normal_equations(J, m, c, basis, w, f)
-        if u is not None:
-            A, b = _with_prior(A, b, u, L)
+        A, b, _ = _system(model, z, c, basis, w, f, u, inner)
         damped = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
         step = torch.linalg.solve(damped, b)
         z = (z + step[:, :L]).clamp(-bound, bound)
@@ -492,9 +502,9 @@ def refine_labels(
     With ``fit_lsf`` the line shape is fitted as well, to second order (:func:`_line_shape`): a change s
     of the line-spread function's variance (pixels², within ±:data:`LSF_VARIANCE_BOUND`) and a residual
     shift δ (pixels, within ±:data:`SHIFT_BOUND`; a radial-velocity zero-point error of 1 km/s is
-    0.24 px), each with a Gaussian prior (:data:`LINE_SHAPE_PRIOR`). Spectra from another fibre or spectrograph, whose lines are broader or narrower than the
-    training survey's, or slightly off in velocity, do not bias the labels; σ is marginalized over
-    both. They are returned in ``lsf_variance`` and ``shift``.
+    0.24 px), each with a Gaussian prior (:data:`LINE_SHAPE_PRIOR`). Spectra from another fibre or
+    spectrograph, whose lines are broader or narrower than the training survey's, or slightly off in
+    velocity, do not bias the labels; σ is marginalized over both. They are returned in ``lsf_variance`` and ``shift``.
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -512,7 +522,7 @@ def refine_labels(
     dev = model.label_mean.device
     seg = chip_segments(model.n_pixels, model.grid).to(dev)
     basis = continuum_basis(model.n_pixels, model.grid, continuum_degree).to(dev)
-    inner = lsf_operator(model.n_pixels, model.grid).to(dev) if fit_lsf else None
+    inner = _line_shape_mask(model.n_pixels, model.grid).to(dev) if fit_lsf else None
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
@@ -523,25 +533,23 @@ def refine_labels(
             w = w0
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
-            lsf = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None
-            z, c, A, lsf = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, lsf, inner)
+            shape = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None  # (LSF Δσ², shift)
+            z, c, A, shape = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, shape, inner)
             w_seg = w0  # the weights after segment clipping only
             for _ in range(clip_rounds):
-                resid = f - _model_flux(model, z, c, basis, lsf, inner)
+                resid = f - _model_flux(model, z, c, basis, shape, inner)
                 w_new = _segment_clip(resid**2 * w, w, seg, clip_threshold)
                 w_seg = torch.where((w > 0) & (w_new == 0), torch.zeros_like(w_seg), w_seg)  # dropped segments
                 w = w_new
                 if pixel_clip is not None:
                     w = _pixel_clip(resid, w, float(pixel_clip))
-                z, c, A_clip, lsf = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound, lsf, inner)
+                z, c, A_clip, shape = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound, shape,
+                                                    inner)
                 A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
             if A is None:
-                J, m = _emulate(model, z, lsf, inner, jacobian=True)
-                A, _, m = _normal_equations(J, m, c, basis, w, None)
-                if lsf is not None:
-                    A, _ = _with_prior(A, None, lsf, L)
+                A, _, m = _system(model, z, c, basis, w, None, shape, inner)
             else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
-                m = _model_flux(model, z, c, basis, lsf, inner)
+                m = _model_flux(model, z, c, basis, shape, inner)
             cov = torch.linalg.pinv(A)[:, :L, :L]
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
@@ -552,9 +560,9 @@ def refine_labels(
             # single pixels dropped outside the masked segments: the outlier pixels
             out.outlier_fraction[rows] = (((w_seg > 0) & (w == 0)).sum(1).float()
                                           / (w0 > 0).sum(1).clamp_min(1).float()).cpu().numpy()
-            if lsf is not None:
-                out.lsf_variance[rows] = lsf[:, 0].cpu().numpy()
-                out.shift[rows] = lsf[:, 1].cpu().numpy()
+            if shape is not None:
+                out.lsf_variance[rows] = shape[:, 0].cpu().numpy()
+                out.shift[rows] = shape[:, 1].cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
     return out
 

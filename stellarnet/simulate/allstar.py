@@ -138,6 +138,23 @@ class RowPlan:
         return int(self.star.shape[0])
 
 
+def draw_detector_defects(rng: np.random.Generator, n: int, mean_runs: float = 2.0,
+                          persist_cuts: tuple[float, float, float] = (0.04, 0.08, 0.14)
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bad-pixel runs and persistence for ``n`` spectra: ``(bad_start, bad_len, persist)``.
+
+    Poisson(``mean_runs``) runs per spectrum (at most :data:`MAX_BAD_RUNS`), lengths geometric
+    (p = 0.08, mean 12.5 pixels, at most 120), starts uniform on the 7,214 grid; persistence level
+    3 / 2 / 1 (high / med / low) where a uniform draw is below ``persist_cuts`` (cumulative), else 0."""
+    n_runs = np.minimum(rng.poisson(mean_runs, n), MAX_BAD_RUNS)
+    bad_len = np.where(np.arange(MAX_BAD_RUNS)[None, :] < n_runs[:, None], rng.geometric(0.08, (n, MAX_BAD_RUNS)), 0)
+    bad_len = np.minimum(bad_len, 120)
+    bad_start = rng.integers(0, N_PIX_DR12, (n, MAX_BAD_RUNS))
+    u = rng.random(n)
+    persist = np.where(u < persist_cuts[0], 3, np.where(u < persist_cuts[1], 2, np.where(u < persist_cuts[2], 1, 0)))
+    return bad_start, bad_len, persist
+
+
 def plan_rows(
     n_stars: int,
     field: np.ndarray,
@@ -161,13 +178,8 @@ def plan_rows(
     nv2 = np.maximum(1, nvisits[dup_star] // 3)
     star = np.concatenate([np.arange(n_stars), dup_star])
     n_rows = star.size
-    n_runs = np.minimum(rng.poisson(2.0, n_rows), MAX_BAD_RUNS)
-    bad_len = np.where(np.arange(MAX_BAD_RUNS)[None, :] < n_runs[:, None], rng.geometric(0.08, (n_rows, MAX_BAD_RUNS)), 0)
-    bad_len = np.minimum(bad_len, 120)
-    bad_start = rng.integers(0, N_PIX_DR12, (n_rows, MAX_BAD_RUNS))
+    bad_start, bad_len, persist = draw_detector_defects(rng, n_rows)
     telescope = np.concatenate([tel1, tel2]).astype("U6")
-    u = rng.random(n_rows)
-    persist = np.where(u < 0.04, 3, np.where(u < 0.08, 2, np.where(u < 0.14, 1, 0)))
     persist = np.where(telescope == "apo25m", persist, 0).astype(np.int8)
     return RowPlan(
         star=star,

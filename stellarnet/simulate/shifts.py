@@ -8,7 +8,7 @@ effect is one plain function here, so a test can check that it does what it says
   Gaussian convolution for f > 0, first-order deconvolution (unsharp masking) for f < 0.
   APOGEE's LSF: R ≈ 22,500, FWHM ≈ 3.2 pixels of the 6e-6 dex grid, σ ≈ 1.37 pixels.
 * :func:`shift_velocity` — a radial-velocity zero-point residual (km/s): the spectrum is moved by
-  v / (c ln 10 · 6e-6) ≈ v / 4.14 km/s pixels (cubic spline, per chip).
+  v / :data:`~stellarnet.data.grids.KMS_PER_PIXEL` (≈ 4.14 km/s) pixels (cubic spline, per chip).
 * :func:`normalize_convention` — another continuum-normalization convention: per-chip Chebyshev of
   another degree on another continuum-pixel set (``"cannon"``: degree 2 on The Cannon's pixels —
   the shards' own convention; ``"astronn"``: degree 3 on astroNN's DR17 continuum mask;
@@ -38,15 +38,10 @@ from scipy import ndimage
 from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_pixels
 
-__all__ = ["Shift", "SHIFT_SUITE", "LSF_SIGMA_PIX", "KMS_PER_PIXEL", "broaden_lsf", "shift_velocity",
+__all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite"]
 
 GRID = "dr12"
-C_KMS = 299_792.458
-#: km/s per pixel of the 6e-6 dex log-λ grid
-KMS_PER_PIXEL = C_KMS * np.log(10.0) * grids.DLOGLAM
-#: APOGEE LSF σ in pixels (R ≈ 22,500: FWHM = λ/R ≈ 3.2 pixels)
-LSF_SIGMA_PIX = 1.0 / (22_500 * np.log(10.0) * grids.DLOGLAM) / 2.3548
 CONVENTIONS = ("cannon", "astronn", "aspcap")
 
 
@@ -146,7 +141,7 @@ def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
     def one(chip: np.ndarray, f: float) -> np.ndarray:
         if f == 0.0:
             return chip
-        s = LSF_SIGMA_PIX * np.sqrt(abs((1.0 + f) ** 2 - 1.0))
+        s = grids.LSF_SIGMA_PIX * np.sqrt(abs((1.0 + f) ** 2 - 1.0))
         smooth = ndimage.gaussian_filter1d(chip, s, mode="nearest")
         return smooth if f > 0 else chip + (chip - smooth)  # first-order deconvolution when narrower
 
@@ -155,7 +150,7 @@ def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
 
 def shift_velocity(model: np.ndarray, v_kms: np.ndarray) -> np.ndarray:
     """Move each spectrum by ``v_kms`` (km/s, positive = redshift) on the log-λ grid (cubic spline)."""
-    px = np.asarray(v_kms, np.float64) / KMS_PER_PIXEL
+    px = np.asarray(v_kms, np.float64) / grids.KMS_PER_PIXEL
     return _per_chip(model, lambda chip, p: ndimage.shift(chip, p, order=3, mode="nearest") if p else chip, px)
 
 
