@@ -177,3 +177,84 @@ def test_datamodule_with_workers(tiny_shards):
     dm.setup("fit")
     n = sum(len(b["index"]) for b in dm.val_dataloader())
     assert n == len(dm.datasets["val"])
+
+
+def _rebuild(survey, cuts, out, seed):
+    return build_shards(survey["allstar"], out, cuts, spectra_root=survey["root"], grid="dr12",
+                        rows_per_shard=64, n_workers=1, progress=False,
+                        split={"by": "FIELD", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": seed})
+
+
+def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_shards, tiny_survey, loose_cuts,
+                                                                          tmp_path, monkeypatch):
+    """A rebuild killed after one shard leaves old shards, one new shard and the old manifest:
+    no reader may take that for a dataset (doubled and missing stars); a rerun finishes it."""
+    import stellarnet.data.shards as shards_mod
+    from stellarnet.data.sources import open_source
+
+    work = tmp_path / "half"
+    shutil.copytree(tiny_shards, work)
+    real = shards_mod._write_shard
+    calls = []
+
+    def killed_after_one(task):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(task.path)
+        return real(task)
+
+    monkeypatch.setattr(shards_mod, "_write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _rebuild(tiny_survey, loose_cuts, work, seed=7)
+    monkeypatch.setattr(shards_mod, "_write_shard", real)
+    assert (work / "manifest.json").exists() and (work / ".building").exists()
+    assert not (work / ".build.lock").exists()  # released on the way out
+    with pytest.raises(ShardError, match="interrupted"):
+        load_manifest(work)
+    with pytest.raises(ShardError, match="interrupted"):
+        open_source(str(work), "dr12")
+    # the marker alone is what says so: without it the mixed shards are still caught by their build hash
+    (work / ".building").unlink()
+    with pytest.raises(ShardError, match="another build"):
+        verify_dataset(work, check_sha=False)
+    (work / ".building").write_text("{}")
+    m = _rebuild(tiny_survey, loose_cuts, work, seed=7)
+    assert not (work / ".building").exists()
+    verify_dataset(work)
+    clean = _rebuild(tiny_survey, loose_cuts, tmp_path / "clean", seed=7)
+    assert m["shards"] == clean["shards"] and m["build_hash"] == clean["build_hash"]
+
+
+def test_modified_shard_is_refused_by_predict_source(tiny_shards, tmp_path):
+    from stellarnet.data.sources import open_source
+
+    work = tmp_path / "mod"
+    shutil.copytree(tiny_shards, work)
+    shard = sorted(work.glob("val-*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        f["apogee_id"][0] = b"SOMEONE-ELSE"
+    with pytest.raises(ShardError, match="SHA-256"):
+        open_source(str(work), "dr12")
+
+
+def test_concurrent_build_is_refused_and_stale_lock_taken_over(tiny_shards, tiny_survey, loose_cuts, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    work = tmp_path / "locked"
+    shutil.copytree(tiny_shards, work)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / ".build.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        with pytest.raises(ShardError, match=f"another build is writing .*pid {live.pid}"):
+            _rebuild(tiny_survey, loose_cuts, work, seed=1)
+    finally:
+        live.kill()
+        live.wait()
+    # the same lock left by a process that no longer runs: taken over, build proceeds (and releases it)
+    m = _rebuild(tiny_survey, loose_cuts, work, seed=1)
+    assert m == json.loads((tiny_shards / "manifest.json").read_text())
+    assert not (work / ".build.lock").exists()
+    assert os.path.exists(work / "manifest.json")

@@ -488,3 +488,29 @@ def test_one_dimensional_apstar(tmp_path):
     assert one.kind == "apStar" and one.row is None and one.n_visits == 1
     np.testing.assert_array_equal(one.flux, sp.flux)
     np.testing.assert_array_equal(one.pixmask, sp.pixmask)
+
+
+def test_flux_that_is_not_what_its_kind_says_is_refused():
+    """An "aspcapStar" holding un-normalized or negated flux, or apStar flux that is negated, gets
+    a SpectrumQualityError (per star in predict), never labels; allow_empty makes them all-bad rows."""
+    from stellarnet.data.spectra import SpectrumQualityError
+
+    prepare_spectrum = S.prepare_spectrum
+    rng = np.random.default_rng(0)
+    n = grids.n_pixels("dr12")
+    norm = 1 - 0.1 * rng.random(n)
+    err = np.full(n, 0.01)
+    prepare_spectrum(norm, err, None, grid="dr12", normalized=True)  # fine
+    for bad, what in ((norm * 1500.0, "median flux 14"), (-norm, "median flux -0.9"), (norm * 0.1, "median flux 0.09")):
+        with pytest.raises(SpectrumQualityError, match=f"{what}.*not that of a continuum-normalized"):
+            prepare_spectrum(bad, err, None, grid="dr12", normalized=True)
+    raw = 800.0 * norm
+    prepare_spectrum(raw, err * 800, None, grid="dr12", normalized=False)
+    with pytest.raises(SpectrumQualityError, match="not positive: negated"):
+        prepare_spectrum(-raw, err * 800, None, grid="dr12", normalized=False)
+    batch = np.stack([norm, norm * 1500.0, norm])
+    with pytest.raises(SpectrumQualityError, match=r"rows \[1\]"):
+        prepare_spectrum(batch, np.full_like(batch, 0.01), None, grid="dr12", normalized=True)
+    f, e, good = prepare_spectrum(batch, np.full_like(batch, 0.01), None, grid="dr12", normalized=True, allow_empty=True)
+    assert good[0].all() and not good[1].any() and good[2].all()
+    assert (f[1] == 1).all()

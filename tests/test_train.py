@@ -19,7 +19,7 @@ def make_cfg(tmp_path: Path, survey: dict, loose_cuts: dict, overrides=()):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="train", return_hydra_config=False,
-                      overrides=["+experiment=apogee", "trainer=default", "logger=tensorboard",
+                      overrides=["+experiment=apogee", "trainer=default",
                                  f"data.survey.allstar={survey['allstar']}",
                                  f"data.survey.spectra_root={survey['root']}",
                                  f"data.shards.out_dir={tmp_path / 'shards'}",
@@ -62,3 +62,17 @@ def test_train_resume_from_last(tmp_path, tiny_survey, loose_cuts):
     assert ck["stellarnet_schedule_total"] == 2 * steps_one
     assert ck["lr_schedulers"][0]["total_steps"] == 2 * steps_one
     assert ck["lr_schedulers"][0]["last_epoch"] == 2 * steps_one
+
+
+@pytest.mark.parametrize("override", ["logger=none", "~logger"])
+def test_train_without_a_logger(tmp_path, tiny_survey, loose_cuts, override):
+    """Documented in docs/configuration.md: trains without a logger; the LR monitor (which needs
+    one) is dropped instead of failing."""
+    cfg = make_cfg(tmp_path, tiny_survey, loose_cuts, ["+trainer.fast_dev_run=true", "test=false", override])
+    assert not cfg.get("logger")
+    _, objects = train(cfg)
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    assert not objects["trainer"].loggers
+    assert not any(isinstance(c, LearningRateMonitor) for c in objects["trainer"].callbacks)
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -35,10 +35,11 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+#: Present while a build runs in the directory: a killed build leaves it, and readers refuse the
+#: directory until a rerun of the build finishes (a half-rebuilt dataset never looks complete).
+BUILDING_MARKER = ".building"
+#: Held (created exclusively, holding the builder's host and pid) by the one build writing the directory.
+BUILD_LOCK = ".build.lock"
 DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_M"}
 LABEL_UNITS = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex", "ALPHA_FE": "dex"}
 SPECTRA_LAYOUT = {
@@ -86,6 +92,58 @@ def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apoge
         raise ValueError(f"unknown spectra_kind {kind!r}; use one of {sorted(SPECTRA_LAYOUT)}")
     rel = SPECTRA_LAYOUT[kind].format(TELESCOPE=telescope, FIELD=field, APOGEE_ID=apogee_id)
     return Path(root) / rel
+
+
+# --------------------------------------------------------------------------- build lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def _build_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold ``out_dir``'s build lock for the block (released on any exit)."""
+    lock = _acquire_build_lock(out_dir)
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _acquire_build_lock(out_dir: Path) -> Path:
+    """Create ``out_dir/BUILD_LOCK`` exclusively; a lock left by a dead process on this host is
+    taken over, a live one (or one from another host) refuses the build with :class:`ShardError`."""
+    import socket
+
+    lock = out_dir / BUILD_LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            stale = owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
+                and not _pid_alive(owner["pid"])
+            if not stale:
+                raise ShardError(
+                    f"another build is writing {out_dir} (lock {lock}: host {owner.get('host', '?')}, "
+                    f"pid {owner.get('pid', '?')}); wait for it to finish, or delete the lock file if no "
+                    "build is running"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me))
+        return lock
+    raise ShardError(f"cannot take the build lock {lock}")  # pragma: no cover - raced twice
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -287,80 +345,88 @@ def build_shards(
     build_hash = _stable_hash(build_cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    old = out_dir / MANIFEST
-    if old.exists():
-        prev = json.loads(old.read_text())
-        if prev.get("build_hash") == build_hash and _shards_intact(out_dir, prev):
-            log.info("shards in %s are current (build hash %s)", out_dir, build_hash)
-            return prev
+    with _build_lock(out_dir):
+        old = out_dir / MANIFEST
+        marker = out_dir / BUILDING_MARKER
+        if old.exists() and not marker.exists():
+            try:
+                prev = json.loads(old.read_text())
+            except (OSError, json.JSONDecodeError):
+                prev = {}
+            if prev.get("build_hash") == build_hash and _shards_intact(out_dir, prev):
+                log.info("shards in %s are current (build hash %s)", out_dir, build_hash)
+                return prev
+        # from here until the new manifest is written the directory is not a usable dataset
+        atomic_write_text(marker, json.dumps({"build_hash": build_hash}))
 
-    tasks: list[_ShardTask] = []
-    for s in SPLITS:
-        idx = np.flatnonzero(split_names == s)
-        for k, start in enumerate(range(0, len(idx), rows_per_shard)):
-            sel = idx[start:start + rows_per_shard]
-            tasks.append(_ShardTask(
-                path=str(out_dir / f"{s}-{k:05d}.h5"), build_hash=build_hash, grid=grid,
-                normalized=(spectra_kind == "aspcapStar"), files=[paths[i] for i in sel],
-                columns={name: arr[sel] for name, arr in columns_all.items()},
-            ))
-    results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
-    if n_workers <= 1 or len(tasks) == 1:
-        for t in tasks:
-            r = _write_shard(t)
-            results[r["file"]] = r
-            bar.update(len(t.files))
-    else:
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(_write_shard, t): t for t in tasks}
-            for fut in as_completed(futs):
-                r = fut.result()
+        tasks: list[_ShardTask] = []
+        for s in SPLITS:
+            idx = np.flatnonzero(split_names == s)
+            for k, start in enumerate(range(0, len(idx), rows_per_shard)):
+                sel = idx[start:start + rows_per_shard]
+                tasks.append(_ShardTask(
+                    path=str(out_dir / f"{s}-{k:05d}.h5"), build_hash=build_hash, grid=grid,
+                    normalized=(spectra_kind == "aspcapStar"), files=[paths[i] for i in sel],
+                    columns={name: arr[sel] for name, arr in columns_all.items()},
+                ))
+        results: dict[str, dict[str, Any]] = {}
+        bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
+        if n_workers <= 1 or len(tasks) == 1:
+            for t in tasks:
+                r = _write_shard(t)
                 results[r["file"]] = r
-                bar.update(len(futs[fut].files))
-    bar.close()
+                bar.update(len(t.files))
+        else:
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=get_context("spawn")) as ex:
+                futs = {ex.submit(_write_shard, t): t for t in tasks}
+                for fut in as_completed(futs):
+                    r = fut.result()
+                    results[r["file"]] = r
+                    bar.update(len(futs[fut].files))
+        bar.close()
 
-    train = split_names == "train"
-    label_mean, label_std = _nan_stats(labels[train])
-    phot_mean, phot_std = _nan_stats(phot_arr[train])
-    shards = []
-    failures = []
-    for t in tasks:
-        r = results[Path(t.path).name]
-        shards.append({"file": r["file"], "split": r["file"].split("-")[0], "rows": r["rows"], "sha256": r["sha256"]})
-        failures += r["failures"]
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "build_hash": build_hash,
-        "sources": {"allstar": str(allstar), "allstar_sha256": allstar_sha, "spectra_root": str(spectra_root),
-                    "spectra_kind": spectra_kind, "spectra_layout": SPECTRA_LAYOUT[spectra_kind]},
-        "cuts": cuts,
-        "label_ranges": range_cuts,
-        "cut_report": report.to_frame().to_dict(orient="records"),
-        "spectra_missing": {"count": int((~exists).sum()), "first_ids": missing_ids},
-        "spectra_failed": failures,
-        "grid": grid,
-        "n_pixels": grids.n_pixels(grid),
-        "wavelength": [float(w) for w in grids.wavelength(grid)],
-        "label_names": label_names,
-        "label_columns": label_columns,
-        "label_units": [LABEL_UNITS.get(n, "") for n in label_names],
-        "label_mean": label_mean,
-        "label_std": label_std,
-        "phot_features": list(PHOT_FEATURES),
-        "phot_mean": phot_mean,
-        "phot_std": phot_std,
-        "class_tasks": class_tasks,
-        "class_weights": {t: _class_weights(class_codes[train, j], len(names))
-                          for j, (t, names) in enumerate(class_tasks.items())},
-        "split": split,
-        "split_rows": {s: int(sum(sh["rows"] for sh in shards if sh["split"] == s)) for s in SPLITS},
-        "rows_per_shard": rows_per_shard,
-        "shards": shards,
-    }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
-    report.save(out_dir)
-    return manifest
+        train = split_names == "train"
+        label_mean, label_std = _nan_stats(labels[train])
+        phot_mean, phot_std = _nan_stats(phot_arr[train])
+        shards = []
+        failures = []
+        for t in tasks:
+            r = results[Path(t.path).name]
+            shards.append({"file": r["file"], "split": r["file"].split("-")[0], "rows": r["rows"], "sha256": r["sha256"]})
+            failures += r["failures"]
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "build_hash": build_hash,
+            "sources": {"allstar": str(allstar), "allstar_sha256": allstar_sha, "spectra_root": str(spectra_root),
+                        "spectra_kind": spectra_kind, "spectra_layout": SPECTRA_LAYOUT[spectra_kind]},
+            "cuts": cuts,
+            "label_ranges": range_cuts,
+            "cut_report": report.to_frame().to_dict(orient="records"),
+            "spectra_missing": {"count": int((~exists).sum()), "first_ids": missing_ids},
+            "spectra_failed": failures,
+            "grid": grid,
+            "n_pixels": grids.n_pixels(grid),
+            "wavelength": [float(w) for w in grids.wavelength(grid)],
+            "label_names": label_names,
+            "label_columns": label_columns,
+            "label_units": [LABEL_UNITS.get(n, "") for n in label_names],
+            "label_mean": label_mean,
+            "label_std": label_std,
+            "phot_features": list(PHOT_FEATURES),
+            "phot_mean": phot_mean,
+            "phot_std": phot_std,
+            "class_tasks": class_tasks,
+            "class_weights": {t: _class_weights(class_codes[train, j], len(names))
+                              for j, (t, names) in enumerate(class_tasks.items())},
+            "split": split,
+            "split_rows": {s: int(sum(sh["rows"] for sh in shards if sh["split"] == s)) for s in SPLITS},
+            "rows_per_shard": rows_per_shard,
+            "shards": shards,
+        }
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+        report.save(out_dir)
+        marker.unlink(missing_ok=True)
+        return manifest
 
 
 # --------------------------------------------------------------------------- reading
@@ -375,6 +441,12 @@ def _shards_intact(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of a shard dataset."""
     path = Path(dataset_dir) / MANIFEST
+    if (Path(dataset_dir) / BUILDING_MARKER).exists():
+        raise ShardError(
+            f"{dataset_dir} is being built, or its last build was interrupted ({BUILDING_MARKER} present): its shards "
+            "and manifest may not belong together; rerun the build (python -m stellarnet.build_shards, or the "
+            "training run that builds it) to finish it"
+        )
     if not path.exists():
         raise ShardError(f"no {MANIFEST} in {dataset_dir}: not a shard dataset (build it with stellarnet.build_shards)")
     try:
@@ -408,8 +480,18 @@ def verify_dataset(dataset_dir: str | Path, manifest: Mapping[str, Any] | None =
         try:
             with h5py.File(p, "r") as f:
                 n = f["flux"].shape[0]
+                shard_hash = f.attrs.get("build_hash")
+                complete = bool(f.attrs.get("complete", False))
         except (OSError, KeyError) as exc:
             raise ShardError(f"shard {p} cannot be read (truncated or corrupted): {exc}") from None
+        want = manifest.get("build_hash")
+        if isinstance(shard_hash, bytes):
+            shard_hash = shard_hash.decode()
+        if want is not None and (shard_hash != want or not complete):
+            raise ShardError(
+                f"shard {p} belongs to another build (build hash {shard_hash}, manifest {want}): the directory "
+                "was partly rebuilt with other settings; rerun the build to finish it"
+            )
         if n != sh["rows"]:
             raise ShardError(f"shard {p} has {n} rows, manifest says {sh['rows']}")
 

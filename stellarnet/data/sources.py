@@ -391,9 +391,12 @@ def open_source(input: str | Sequence[str], grid: str, spectra_root: str | None 
     """
     kind = source_kind(input)
     if kind == "shards":
-        from stellarnet.data.shards import load_manifest
+        from stellarnet.data.shards import load_manifest, verify_dataset
 
         manifest = load_manifest(input)
+        # every shard present, complete, of this build and unmodified (SHA-256) before a row is read:
+        # a half-rebuilt directory would otherwise give doubled and missing stars
+        verify_dataset(input, manifest, check_sha=True)
         if manifest["grid"] != grids.grid_name(grid):
             raise ValueError(f"shard dataset {input} is on grid {manifest['grid']!r}, the model on {grid!r}")
         n = sum(s["rows"] for s in manifest["shards"])

@@ -77,7 +77,13 @@ class SpectrumFormatError(ValueError):
 
 
 class SpectrumQualityError(ValueError):
-    """A spectrum has no usable pixels (everything masked)."""
+    """A spectrum has no usable pixels (everything masked), or its flux is not what its kind says
+    (a "normalized" spectrum whose median is far from 1, negative flux)."""
+
+
+#: Median of the good pixels a continuum-normalized spectrum may have (a normalized APOGEE
+#: spectrum sits at ~0.8–1.0 even for the coolest stars; un-normalized flux is ~10–10⁴).
+NORMALIZED_MEDIAN_RANGE = (0.3, 2.0)
 
 
 @dataclass
@@ -374,6 +380,11 @@ def prepare_spectrum(
     e = np.asarray(gap(flux_err), dtype=np.float64)
     pm = None if pixmask is None else gap(pixmask)
     bad = bad_pixel_mask(f, e, pm, bits=bits)  # elementwise, so gap removal first is equivalent
+    implausible, why = _implausible_flux(f, bad, normalized)
+    if implausible.any() and not allow_empty:
+        rows = np.flatnonzero(implausible)
+        which = "the spectrum" if f.ndim == 1 else f"spectra at rows {rows[:20].tolist()}"
+        raise SpectrumQualityError(f"{which}: {why[rows[0]]}")
     if inflate_persistence and pm is not None and (pm & _PERSIST_VALUE).any():
         e = e * persistence_weight(pm)
     if normalized:
@@ -390,6 +401,10 @@ def prepare_spectrum(
         good &= finite
         out_flux[~finite] = 1.0
         out_err[~finite] = BAD_PIXEL_ERR
+    if implausible.any():  # allow_empty: such spectra become all-bad rows, never labels
+        good.reshape(-1, good.shape[-1])[implausible] = False
+        out_flux.reshape(-1, good.shape[-1])[implausible] = 1.0
+        out_err.reshape(-1, good.shape[-1])[implausible] = BAD_PIXEL_ERR
     empty = ~good.reshape(-1, good.shape[-1]).any(axis=1)
     if empty.any() and not allow_empty:
         rows = np.flatnonzero(empty)
@@ -399,6 +414,28 @@ def prepare_spectrum(
             f"(all masked, zero/non-finite, or no continuum fit possible)"
         )
     return out_flux, out_err, good
+
+
+def _implausible_flux(flux: np.ndarray, bad: np.ndarray, normalized: bool) -> tuple[np.ndarray, list[str]]:
+    """Per spectrum (rows of ``flux``): is the flux not what its kind says, and why.
+
+    Normalized input must have a median (good pixels) in :data:`NORMALIZED_MEDIAN_RANGE`;
+    un-normalized flux a positive median. Spectra with no good pixel are left to the emptiness check.
+    """
+    f2 = np.asarray(flux, np.float64).reshape(-1, flux.shape[-1])
+    b2 = np.asarray(bad).reshape(f2.shape)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: handled as empty later
+        med = np.nanmedian(np.where(b2, np.nan, f2), axis=1)
+    lo, hi = NORMALIZED_MEDIAN_RANGE
+    with np.errstate(invalid="ignore"):
+        out = ((med < lo) | (med > hi)) if normalized else (med <= 0)
+    out &= np.isfinite(med)
+    why = [(f"median flux {m:.4g} is not that of a continuum-normalized spectrum (~1): the file holds "
+            "un-normalized or negated flux; read it as un-normalized (spectra_kind=apStar, normalized=False) "
+            "or check the file") if normalized else
+           (f"median flux {m:.4g} is not positive: negated or corrupt flux") for m in med]
+    return out, why
 
 
 # ----------------------------------------------------------------------------------------------
