@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 AUTO_BATCH_SIZE = {"32": 128, "bf16": 256}
 
 
+class PredictionError(RuntimeError):
+    """A prediction run produced nothing usable (e.g. every spectrum failed to read)."""
+
+
 def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 
@@ -68,16 +72,22 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     seed = _check_count(cfg, "seed", 0, allow=(None,))
     inp = cfg.input if isinstance(cfg.input, str) else list(cfg.input)
     kind = source_kind(inp)
+    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
     if kind == "shards":  # already preprocessed: nothing for reader processes to do
         num_workers = 0
 
     import torch
 
+    from stellarnet.data.bitmasks import STELLARNET_FLAG
     from stellarnet.hardware import available_cpus
     from stellarnet.models.inference import load_model, precision_name
-    from stellarnet.results import PredictionWriter, predictions_frame
+    from stellarnet.results import PredictionWriter, check_not_overwriting, predictions_frame
 
     precision_name(precision)  # a bad spelling fails before anything starts
+    check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv"], overwrite)
 
     # the workers start (and import the FITS reader) while this process loads the model
     reader = SpectrumFileReader(num_workers).start()
@@ -97,9 +107,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",
                  n, kind, inp, num_workers, torch.get_num_threads(), batch_size,
                  "bf16 autocast" if predictor.precision == "bf16" else "float32")
-        out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
-        writer = PredictionWriter(out_dir, n)
-        read_errors = 0
+        writer = PredictionWriter(out_dir, n, overwrite=overwrite)
+        read_errors, flagged, first_error = 0, 0, None
         with tqdm(total=n, desc="predict", unit="star") as bar:
             for k, chunk in enumerate(chunks):
                 pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
@@ -107,10 +116,13 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                          batch_size=int(batch_size), seed=None if seed is None else seed + k)
                 frame = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
                 read_errors += int((frame["READ_ERROR"] != "").sum())
+                if first_error is None and read_errors:
+                    first_error = str(frame.loc[frame["READ_ERROR"] != "", "READ_ERROR"].iloc[0])
+                flagged += int(STELLARNET_FLAG.any_set(frame["STELLARNET_FLAG"].to_numpy(), STELLARNET_FLAG.bad_bits).sum())
                 writer.write(frame)
                 bar.update(len(chunk["flux"]))
         paths = writer.close()
-        summary = {"stars": writer.written, "read_errors": read_errors, "num_workers": num_workers,
+        summary = {"stars": writer.written, "read_errors": read_errors, "flagged_bad": flagged, "num_workers": num_workers,
                    "torch_threads": torch.get_num_threads(), "batch_size": int(batch_size),
                    "precision": predictor.precision, "refined": predictor.emulator is not None}
     except BaseException:
@@ -122,13 +134,19 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             chunks.close()
         reader.close()
         torch.set_num_threads(threads_before)
+    if summary["stars"] and read_errors == summary["stars"]:
+        raise PredictionError(
+            f"every one of the {read_errors} spectra failed to read (the catalogue {paths['fits']} lists why); "
+            f"the first: {first_error}. Check input, spectra_root and spectra_kind"
+        )
     return summary, paths
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     summary, paths = predict(cfg)
-    print(f"{summary['stars']} stars ({summary['read_errors']} unreadable) → {paths['fits']} and {paths['csv']}")
+    print(f"{summary['stars']} stars ({summary['read_errors']} unreadable, {summary['flagged_bad']} with a bad "
+          f"STELLARNET_FLAG bit) → {paths['fits']} and {paths['csv']}")
 
 
 if __name__ == "__main__":

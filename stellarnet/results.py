@@ -54,6 +54,20 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
     return df
 
 
+class OutputExistsError(FileExistsError):
+    """An output file of an earlier run is in the way (pass ``overwrite=true`` to replace it)."""
+
+
+def check_not_overwriting(paths: Any, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` naming the existing ``paths`` unless ``overwrite``."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: "
+            "an earlier run's output is never replaced silently; choose another output_dir, or pass overwrite=true"
+        )
+
+
 def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predictions") -> dict[str, Path]:
     """Write FITS and CSV atomically (temp file + rename); returns the paths."""
     out_dir = Path(out_dir)
@@ -69,7 +83,7 @@ def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predic
 
 
 #: Fixed widths (characters) of string columns in streamed FITS output; others get DEFAULT_STR_WIDTH.
-STR_WIDTHS = {"APOGEE_ID": 30, "SPLIT": 8, "READ_ERROR": 120}
+STR_WIDTHS = {"APOGEE_ID": 64, "SPLIT": 8, "READ_ERROR": 240}
 DEFAULT_STR_WIDTH = 16
 _FITS_CODES = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 8): ("K", ">i8"), ("i", 4): ("J", ">i4"),
                ("i", 2): ("I", ">i2")}
@@ -84,11 +98,12 @@ class PredictionWriter:
     so a killed run never leaves a truncated catalogue behind.
     """
 
-    def __init__(self, out_dir: str | Path, n_rows: int, stem: str = "predictions"):
+    def __init__(self, out_dir: str | Path, n_rows: int, stem: str = "predictions", overwrite: bool = False):
         self.out_dir = Path(out_dir)
+        self.paths = {"csv": self.out_dir / f"{stem}.csv", "fits": self.out_dir / f"{stem}.fits"}
+        check_not_overwriting(self.paths.values(), overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.n_rows = int(n_rows)
-        self.paths = {"csv": self.out_dir / f"{stem}.csv", "fits": self.out_dir / f"{stem}.fits"}
         self._tmp = {k: p.with_name(p.name + ".tmp") for k, p in self.paths.items()}
         self._csv = open(self._tmp["csv"], "w", newline="")
         self._fits = None

@@ -75,7 +75,7 @@ def test_pooled_predict_writes_the_in_process_catalogue(model_dir, catalog, tmp_
     assert Path(p0["csv"]).read_bytes() == Path(p2["csv"]).read_bytes()
     assert Path(p0["fits"]).read_bytes() == Path(p2["fits"]).read_bytes()
     assert s0 == {**s2, "num_workers": 0}
-    assert s2 == {"stars": N_ROWS, "read_errors": 2, "num_workers": 2, "torch_threads": 1, "batch_size": 128,
+    assert s2 == {"stars": N_ROWS, "read_errors": 2, "flagged_bad": N_ROWS, "num_workers": 2, "torch_threads": 1, "batch_size": 128,
                   "precision": "32", "refined": False}
     cat = pd.read_csv(p2["csv"], dtype={"APOGEE_ID": str, "READ_ERROR": str}, keep_default_na=False)
     assert cat["APOGEE_ID"].tolist() == catalog["ids"]  # allStar order

@@ -157,8 +157,9 @@ STELLARNET_FLAG = Bitmask(
         5: "NET_REFINE_DISAGREE",  # network and refined labels differ by > 3 combined σ in some label
         6: "MASKED_SEGMENTS",      # a chip segment dropped from the fit (persistence-like artefact)
         7: "FEW_PIXELS",           # fewer than 70 % of the pixels usable
+        8: "UNPHYSICAL",           # a label outside the physically possible range (or non-finite): do not use
     },
-    bad_bits=(0, 1, 2, 3),
+    bad_bits=(0, 1, 2, 3, 8),
 )
 
 BITMASKS = {

@@ -130,11 +130,22 @@ def _open(path: Path, memmap: bool) -> fits.HDUList:
         ) from exc
 
 
+def _compressed(path: Path) -> bool:
+    """True for a gzip/bzip2/zip-compressed file (astropy decompresses it: its size on disk says
+    nothing about the FITS blocks inside)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"PK\x03\x04"
+
+
 def _damage_hint(path: Path, caught: list[warnings.WarningMessage]) -> str:
     """Extra text for an error message when the file looks truncated/corrupt."""
     hints = []
     size = path.stat().st_size
-    if size % 2880:
+    if size % 2880 and not _compressed(path):
         hints.append(
             f"the file size ({size} bytes) is not a multiple of 2880, so it looks truncated"
         )
@@ -184,7 +195,7 @@ def _select_hdu(
     except Exception:  # noqa: BLE001 - fileinfo unavailable: skip the size check
         start = None
     size = path.stat().st_size
-    if start is not None and start + nbytes > size:
+    if start is not None and start + nbytes > size and not _compressed(path):  # .gz: astropy reports truncation
         raise CatalogFormatError(
             f"{path} is truncated: HDU {hdu!r} needs {start + nbytes} bytes "
             f"({int(hdr.get('NAXIS2', 0))} rows) but the file has {size}"

@@ -275,6 +275,11 @@ def expand_files(spec: str | Sequence[str]) -> list[str]:
             part = part.strip()
             if not part:
                 continue
+            if Path(part).is_dir():
+                raise IsADirectoryError(
+                    f"{part} is a directory but not a shard dataset (no manifest.json): pass its spectrum files, "
+                    f"e.g. input='{Path(part) / '*.fits'}', or a .txt list of paths"
+                )
             if part.endswith(".txt") and Path(part).is_file():
                 out += [ln.strip() for ln in Path(part).read_text().splitlines() if ln.strip()]
             elif any(c in part for c in "*?["):
@@ -321,6 +326,13 @@ def iter_catalog(allstar: str | Path, spectra_root: str | Path | None, grid: str
         raise ValueError(f"unknown spectra_kind {spectra_kind!r}")
     allstar = Path(allstar)
     root = Path(spectra_root) if spectra_root else allstar.parent
+    layout_top = Path(SPECTRA_LAYOUT[spectra_kind]).parts[0]
+    if not root.is_dir():
+        raise FileNotFoundError(f"spectra_root {root} is not a directory: it must hold the SDSS tree "
+                                f"({SPECTRA_LAYOUT[spectra_kind]})")
+    if not (root / layout_top).is_dir():
+        raise FileNotFoundError(f"spectra_root {root} has no {layout_top}/ directory: the spectra are looked for at "
+                                f"{root}/{SPECTRA_LAYOUT[spectra_kind]}; is spectra_root the directory above apogee/?")
     df = read_allstar(allstar, required=["APOGEE_ID", "TELESCOPE", "FIELD"])
     if cuts:
         df, _ = apply_cuts(df, cuts)

@@ -135,7 +135,20 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> S
             f"{path}: strict loading failed; missing keys {list(result.missing_keys)}, "
             f"unexpected keys {list(result.unexpected_keys)}"
         )
+    _check_finite(module, path)
     return module.to(map_location).eval()
+
+
+def _check_finite(module: torch.nn.Module, path: Path) -> None:
+    """CheckpointError naming the first weights (parameters or buffers) holding NaN or inf: such a
+    network turns every spectrum into NaN or garbage (a diverged or corrupted training run)."""
+    bad = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[:3]}): the training diverged or the "
+            "file is corrupted; use another checkpoint (e.g. the best one, or retrain with a lower learning rate)"
+        )
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", precision: str = "32",
@@ -466,7 +479,8 @@ class Predictor:
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
         if refine and n:
             self._refine(res, flux, flux_err, mask, batch_size)
-        res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range)
+        res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range,
+                                                  physical_ranges(self.label_names))
         return res
 
     def _refine(self, res: dict[str, Any], flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray,
@@ -504,7 +518,16 @@ class Predictor:
         res["sigma_refined"] = sigma.astype(np.float32)
 
 
-def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None) -> np.ndarray:
+def physical_ranges(label_names: list[str]) -> np.ndarray:
+    """(L, 2) physically possible range of each label (:data:`stellarnet.data.cuts.PHYSICAL_LABEL_RANGES`;
+    ±inf for a label without one)."""
+    from stellarnet.data.cuts import PHYSICAL_LABEL_RANGES
+
+    return np.array([PHYSICAL_LABEL_RANGES.get(n, (-np.inf, np.inf)) for n in label_names], np.float64).reshape(-1, 2)
+
+
+def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None,
+                     physical_range: np.ndarray | None = None) -> np.ndarray:
     """The STELLARNET_FLAG bitmask (N,) int32 of a :meth:`Predictor.predict` result.
 
     Bits (:data:`stellarnet.data.bitmasks.STELLARNET_FLAG`): REFINE_FAILED (``refine_flag`` 1),
@@ -512,7 +535,8 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
     OUTSIDE_TRAINING (a label outside ``label_range``), OUTLIER_PIXELS (more than
     :data:`FLAG_OUTLIER_FRACTION` of the usable pixels clipped), NET_REFINE_DISAGREE (refined − network
     more than :data:`FLAG_DISAGREE_SIGMA` × √(σ_net² + σ_fit²) in some label), MASKED_SEGMENTS,
-    FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`).
+    FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`), UNPHYSICAL (a label
+    non-finite or outside ``physical_range``, (L, 2)).
     """
     from stellarnet.data.bitmasks import STELLARNET_FLAG as F
 
@@ -543,4 +567,8 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
             out = (labels < label_range[:, 0]) | (labels > label_range[:, 1])
         set_bit("OUTSIDE_TRAINING", out.any(1))
     set_bit("FEW_PIXELS", np.asarray(pixel_fraction) < FLAG_MIN_PIXEL_FRACTION)
+    if physical_range is not None and len(labels):
+        with np.errstate(invalid="ignore"):
+            impossible = ~np.isfinite(labels) | (labels < physical_range[:, 0]) | (labels > physical_range[:, 1])
+        set_bit("UNPHYSICAL", impossible.any(1))
     return flag.astype(np.int32)
