@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -126,12 +128,12 @@ def test_report_numbers_in_order_and_outputs(df, tmp_path):
     assert list(kept.index) == [100, 103, 108, 109]
     assert rep.n_input == 10 and rep.n_output == 4
     frame = rep.to_frame()
-    assert list(frame.columns) == ["name", "reason", "before", "removed", "kept"]
+    assert list(frame.columns) == ["name", "criterion", "reason", "before", "removed", "kept"]
     assert frame["reason"][0] == "SNR > 70" and frame["kept"].tolist() == [8, 6, 5, 4]
     md = rep.to_markdown()
-    assert "| 1 | snr | SNR > 70 | 10 | 2 | 8 |" in md and "kept after all cuts: 4" in md
+    assert "| 1 | snr | SNR > 70 | SNR > 70 | 10 | 2 | 8 |" in md and "kept after all cuts: 4" in md
     text = str(rep)
-    assert "star_bad" in text and text.splitlines()[0].split()[:2] == ["cut", "reason"]
+    assert "star_bad" in text and text.splitlines()[0].split()[:3] == ["cut", "criterion", "reason"]
     csv_path, md_path = rep.save(tmp_path / "out" / "reports")
     assert csv_path.name == "cut_report.csv" and md_path.name == "cut_report.md"
     pd.testing.assert_frame_equal(pd.read_csv(csv_path), frame)
@@ -220,3 +222,30 @@ def test_shipped_cut_configs(df):
 def test_load_cuts_unknown_name():
     with pytest.raises(FileNotFoundError, match="dr17_science"):
         load_cuts("no_such_cut_set")
+
+
+def test_report_shows_the_threshold_that_ran_not_the_configs_text():
+    """An override of a threshold (data.cuts.snr.min=50) keeps the YAML's reason text; the report's
+    criterion column is written from the spec that ran."""
+    df = pd.DataFrame({"SNR": [10.0, 60.0, 80.0, 200.0]})
+    kept, report = apply_cuts(df, {"snr": {"column": "SNR", "min": 50, "reason": "SNR > 70 (per pixel)"}})
+    assert len(kept) == 3
+    row = report.to_frame().iloc[0]
+    assert row["criterion"] == "SNR > 50" and row["reason"] == "SNR > 70 (per pixel)"
+    assert "| snr | SNR > 50 | SNR > 70 (per pixel) | 4 | 1 | 3 |" in report.to_markdown()
+    assert "SNR > 50" in str(report)
+
+
+@pytest.mark.parametrize("fractions,message", [
+    ({"train": 0.9, "val": -0.1, "test": 0.2}, "split.fractions.val must be a number in [0, 1], got -0.1"),
+    ({"train": 0.8, "val": 0.1}, "must sum to 1"),
+    ({"train": 0.8, "val": 0.1, "tset": 0.1}, "unknown split(s) ['tset']"),
+    ({"train": 0.0, "val": 0.5, "test": 0.5}, "split.fractions.train must be > 0"),
+    ({"train": "0.8", "val": 0.1, "test": 0.1}, "split.fractions.train must be a number in [0, 1], got '0.8'"),
+])
+def test_bad_split_fractions_are_refused(fractions, message):
+    from stellarnet.data.splits import assign_splits
+
+    df = pd.DataFrame({"FIELD": list("abcdefgh"), "APOGEE_ID": [f"s{i}" for i in range(8)]})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        assign_splits(df, fractions)

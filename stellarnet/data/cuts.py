@@ -93,25 +93,27 @@ class CutRow:
     before: int
     removed: int
     kept: int
+    criterion: str = ""  # what was applied, from the spec itself (e.g. "SNR >= 50"): overrides show here
 
 
 @dataclass
 class CutReport:
-    """Ordered record of the cuts applied: name, reason, rows before, removed, kept."""
+    """Ordered record of the cuts applied: name, criterion (written from the spec that ran, so an
+    override of a threshold shows), reason (the config's free text), rows before, removed, kept."""
 
     rows: list[CutRow] = field(default_factory=list)
     n_input: int = 0
 
-    COLUMNS = ("name", "reason", "before", "removed", "kept")
+    COLUMNS = ("name", "criterion", "reason", "before", "removed", "kept")
 
     @property
     def n_output(self) -> int:
         return self.rows[-1].kept if self.rows else self.n_input
 
     def to_frame(self) -> pd.DataFrame:
-        """DataFrame with columns name, reason, before, removed, kept (one row per cut)."""
+        """DataFrame with columns name, criterion, reason, before, removed, kept (one row per cut)."""
         return pd.DataFrame(
-            [[r.name, r.reason, r.before, r.removed, r.kept] for r in self.rows],
+            [[r.name, r.criterion, r.reason, r.before, r.removed, r.kept] for r in self.rows],
             columns=list(self.COLUMNS),
         ).astype({"before": "int64", "removed": "int64", "kept": "int64"})
 
@@ -122,25 +124,25 @@ class CutReport:
             return str(s).replace("|", "\\|").replace("\n", " ")
 
         lines = [
-            "| # | cut | reason | before | removed | kept |",
-            "| ---: | --- | --- | ---: | ---: | ---: |",
+            "| # | cut | criterion | reason | before | removed | kept |",
+            "| ---: | --- | --- | --- | ---: | ---: | ---: |",
         ]
         for i, r in enumerate(self.rows, 1):
             lines.append(
-                f"| {i} | {esc(r.name)} | {esc(r.reason)} | {r.before} | {r.removed} | {r.kept} |"
+                f"| {i} | {esc(r.name)} | {esc(r.criterion)} | {esc(r.reason)} | {r.before} | {r.removed} | {r.kept} |"
             )
         lines.append("")
         lines.append(f"Input rows: {self.n_input}; kept after all cuts: {self.n_output}.")
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
-        head = ("cut", "reason", "before", "removed", "kept")
-        body = [(r.name, r.reason, str(r.before), str(r.removed), str(r.kept)) for r in self.rows]
+        head = ("cut", "criterion", "reason", "before", "removed", "kept")
+        body = [(r.name, r.criterion, r.reason, str(r.before), str(r.removed), str(r.kept)) for r in self.rows]
         w = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
 
         def fmt(cells) -> str:
             return "  ".join(
-                c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(cells)
+                c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(cells)
             ).rstrip()
 
         out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(b) for b in body]
@@ -373,10 +375,10 @@ def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None) -> tuple[pd.Dat
         before = len(cur)
         cur = cur[keep]
         reason = spec.get("reason") or desc
-        report.rows.append(CutRow(name, str(reason), before, before - len(cur), len(cur)))
+        report.rows.append(CutRow(name, str(reason), before, before - len(cur), len(cur), str(desc)))
         if len(cur) == 0 and before > 0:
             raise EmptySelectionError(
-                f"cut {name!r} ({reason}) removed all {before} remaining rows; "
+                f"cut {name!r} ({reason}; applied: {desc}) removed all {before} remaining rows; "
                 f"report so far:\n{report}",
                 cut=name,
                 report=report,

@@ -8,7 +8,7 @@ seeded random order until each split reaches its target fraction of rows.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,25 @@ def _union_find_groups(regions: np.ndarray, star_ids: np.ndarray) -> np.ndarray:
     return roots[region_index]
 
 
+def check_split_fractions(fractions: Mapping[str, Any], where: str = "split.fractions") -> None:
+    """ValueError unless ``fractions`` maps only ``SPLITS`` names to numbers in [0, 1] that sum to 1
+    (± 1e-6) with a training fraction > 0; the message names the key and the value."""
+    if not isinstance(fractions, Mapping) or not fractions:
+        raise ValueError(f"{where} must map split names {list(SPLITS)} to fractions, got {fractions!r}")
+    unknown = [k for k in fractions if k not in SPLITS]
+    if unknown:
+        raise ValueError(f"{where} has unknown split(s) {unknown}; the splits are {list(SPLITS)}")
+    for name, value in fractions.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or not 0 <= value <= 1:
+            raise ValueError(f"{where}.{name} must be a number in [0, 1], got {value!r}")
+    total = float(sum(float(v) for v in fractions.values()))
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{where} must sum to 1, got {dict(fractions)} (sum {total:g})")
+    if float(fractions.get("train", 0)) <= 0:
+        raise ValueError(f"{where}.train must be > 0, got {fractions.get('train', 0)!r}")
+
+
 def assign_splits(
     df: pd.DataFrame,
     fractions: Mapping[str, float],
@@ -53,10 +72,9 @@ def assign_splits(
     for col in (by, star_id):
         if col not in df.columns:
             raise ValueError(f"cannot split: column {col!r} is missing (split.by={by!r})")
+    check_split_fractions(fractions)
     names = [s for s in fractions if fractions[s] > 0]
     frac = np.array([float(fractions[s]) for s in names])
-    if len(names) == 0 or np.any(frac < 0):
-        raise ValueError(f"split fractions must be non-negative with at least one > 0: {dict(fractions)}")
     frac = frac / frac.sum()
     groups = _union_find_groups(df[by].astype(str).to_numpy(), df[star_id].astype(str).to_numpy())
     uniq, counts = np.unique(groups, return_counts=True)

@@ -738,7 +738,8 @@ def _run_baselines(train: Mapping[str, Any], val: Mapping[str, Any] | None, test
             tb.fit(train, val, train_pca=tr_p, val_pca=va_p)
             fit_s = time.perf_counter() - t0
         except ImportError as exc:
-            msg = f"{method} unavailable: {exc}"
+            msg = (f"{method} unavailable ({exc}): install the optional dependency with "
+                   f"pip install 'stellarnet[baselines]' (or pip install {method})")
             log.warning("skipping baseline %s", msg)
             results[method] = {"skipped": True, "reason": msg}
             continue
