@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.errors import report_errors
 from stellarnet.data.shards import ShardReader, load_manifest
 from stellarnet.eval.figures import method_comparison_figure, save_figure
 from stellarnet.eval.network import load_split, network_report
@@ -113,6 +114,7 @@ def _write_importance(results: dict[str, Any], test: dict[str, Any], icfg: dict[
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="baselines")
+@report_errors
 def main(cfg: DictConfig) -> None:
     results, paths = baselines(cfg)
     print(Path(paths["markdown"]).read_text())

@@ -16,6 +16,7 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.errors import report_errors
 from stellarnet.data.catalogs import read_allstar
 from stellarnet.features.tabular import build_feature_table, default_output_path, write_features
 from stellarnet.paths import CONF_DIR
@@ -48,6 +49,7 @@ def build_features(cfg: DictConfig) -> tuple[pd.DataFrame, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="build_features")
+@report_errors
 def main(cfg: DictConfig) -> None:
     table, path = build_features(cfg)
     stats = table.attrs.get("feature_stats") or {}

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.errors import report_errors
 from stellarnet.data.bitmasks import ASPCAPFLAG
 from stellarnet.data.catalogs import MissingColumnError, allstar_columns, read_allstar
 from stellarnet.data.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
@@ -343,6 +344,7 @@ def _json_default(o: Any) -> Any:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="crossval")
+@report_errors
 def main(cfg: DictConfig) -> None:
     out = cfg.get("output_dir") or cfg.paths.output_dir
     report = run_crossval(cfg, out)

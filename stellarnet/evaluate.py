@@ -19,6 +19,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.errors import report_errors
 from stellarnet.data.shards import load_manifest
 from stellarnet.eval.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report, subset_rows
 from stellarnet.eval.figures import write_standard_figures
@@ -124,6 +125,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+@report_errors
 def main(cfg: DictConfig) -> None:
     report, paths = evaluate(cfg)
     print(Path(paths["markdown"]).read_text())

@@ -41,6 +41,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stellarnet.errors import report_errors
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import atomic_write_text, to_plain, write_json
 
@@ -609,6 +610,7 @@ def _write_summary(root: Path, rows: list[dict[str, Any]], ctx: Context) -> None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
+@report_errors
 def main(cfg: DictConfig) -> None:
     run_pipeline(cfg)
     print()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 # torch, the model and the writers are imported inside predict(): spawned reader processes
 # re-import this module as their __main__ when it runs as ``python -m stellarnet.predict``
+from stellarnet.errors import report_errors
 from stellarnet.data.sources import SpectrumFileReader, open_source, resolve_num_workers, source_kind
 from stellarnet.paths import CONF_DIR
 
@@ -143,6 +144,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+@report_errors
 def main(cfg: DictConfig) -> None:
     summary, paths = predict(cfg)
     print(f"{summary['stars']} stars ({summary['read_errors']} unreadable, {summary['flagged_bad']} with a bad "

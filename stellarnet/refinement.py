@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from stellarnet.errors import report_errors
 from stellarnet.eval.calibration import fit_sigma_two_term
 from stellarnet.eval.network import load_split, predict_split
 from stellarnet.models.forward import emulator_state, fit_settings, fit_label_calibration, refine_labels, train_emulator
@@ -180,6 +181,7 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refinement")
+@report_errors
 def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.refinement ckpt_path=<model folder>")

@@ -28,11 +28,12 @@ import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from stellarnet.errors import report_errors
 from stellarnet.data.shards import MANIFEST, load_manifest
 from stellarnet.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import to_jsonable, to_plain, write_json
-from stellarnet.workflow import ensure_shards
+from stellarnet.workflow import check_data_config, ensure_shards
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def prepare_shards(data_cfg: Mapping[str, Any], timeout_s: float = DEFAULT_SHARD
     shared by all nodes (two nodes writing one directory would corrupt it); with node-local
     storage, build the shards on every node before the job and set ``shards_wait_timeout_s=0``.
     """
+    check_data_config(data_cfg)  # every rank: a bad value fails here, not as a wait that times out
     out_dir = Path(data_cfg["shards"]["out_dir"])
     launch = launch_id()
     if not env_global_rank_is_zero():
@@ -305,6 +307,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     value = metrics.get(cfg.get("optimized_metric"))

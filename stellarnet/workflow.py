@@ -34,8 +34,41 @@ def resolve_survey(data_cfg: Mapping[str, Any]) -> tuple[Path, Path]:
     return Path(paths["allstar"]), root
 
 
+def _check_int(value: Any, key: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_data_config(data_cfg: Mapping[str, Any]) -> None:
+    """Fail before any work on values of the ``data`` config that cannot work (the message names
+    the full key): split fractions, rows per shard, workers, grid, spectra kind, simulated stars."""
+    from stellarnet.data import grids
+    from stellarnet.data.shards import SPECTRA_LAYOUT
+    from stellarnet.data.splits import check_split_fractions
+
+    sh = data_cfg["shards"]
+    check_split_fractions((sh.get("split") or {}).get("fractions"), where="data.shards.split.fractions")
+    _check_int(sh.get("rows_per_shard"), "data.shards.rows_per_shard", 1)
+    _check_int(sh.get("n_workers", 1), "data.shards.n_workers", 0)
+    try:
+        grids.grid_name(sh.get("grid"))
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"data.shards.grid: {exc}") from exc
+    kind = data_cfg["survey"].get("spectra_kind", "aspcapStar")
+    if kind not in SPECTRA_LAYOUT:
+        raise ValueError(f"data.survey.spectra_kind must be one of {sorted(SPECTRA_LAYOUT)}, got {kind!r}")
+    if not data_cfg["survey"].get("allstar"):
+        _check_int(data_cfg["survey"]["simulate"].get("n_stars"), "data.survey.simulate.n_stars", 10)
+    dm = data_cfg.get("datamodule") or {}
+    if "batch_size" in dm:
+        _check_int(dm["batch_size"], "data.datamodule.batch_size", 1)
+    if "num_workers" in dm:
+        _check_int(dm["num_workers"], "data.datamodule.num_workers", 0)
+
+
 def ensure_shards(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Build (or resume, or reuse when current) the shard dataset; returns its manifest."""
+    check_data_config(data_cfg)
     allstar, spectra_root = resolve_survey(data_cfg)
     sh = data_cfg["shards"]
     return build_shards(

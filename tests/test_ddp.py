@@ -232,7 +232,10 @@ def test_launch_id(no_rank_env):
 
 
 def _data_cfg(out: Path) -> dict:
-    return {"shards": {"out_dir": str(out)}}
+    """A valid data config (prepare_shards checks it on every rank before building or waiting)."""
+    return {"shards": {"out_dir": str(out), "grid": "dr12", "rows_per_shard": 64, "n_workers": 1,
+                       "split": {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}}},
+            "survey": {"allstar": None, "spectra_kind": "aspcapStar", "simulate": {"n_stars": 100}}}
 
 
 def test_rank0_builds_and_marks_the_launch(no_rank_env, tmp_path):

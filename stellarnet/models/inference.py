@@ -116,7 +116,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> S
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}: pass ckpt_path=<run>/model (the model folder a training run "
+                              "writes) or a Lightning .ckpt file")
     ckpt = _read_checkpoint(path, map_location)
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp, dict):
