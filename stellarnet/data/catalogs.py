@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -366,8 +367,18 @@ def _build_frame(
 def allstar_columns(path: str | os.PathLike, hdu: int | str = 1) -> list[str]:
     """Column names of the table in HDU ``hdu`` of an allStar file (reads headers only)."""
     path = Path(path)
-    with _open(path, memmap=True) as hdul:
-        return list(_select_hdu(hdul, hdu, path).columns.names)
+    with damaged_file_errors(path, hdu), _open(path, memmap=True) as hdul:
+        return _column_names(_select_hdu(hdul, hdu, path), path)
+
+
+def _column_names(h: fits.BinTableHDU, path: Path) -> list[str]:
+    """The table's column names; CatalogFormatError when one is missing (a damaged TTYPEn card)."""
+    names = list(h.columns.names)
+    unnamed = [i + 1 for i, n in enumerate(names) if not isinstance(n, str) or not n.strip()]
+    if unnamed:
+        raise CatalogFormatError(f"{path}: column(s) {unnamed} have no name (TTYPEn card missing or damaged); "
+                                 "the file is damaged: download or write it again")
+    return names
 
 
 def read_allstar(
@@ -395,20 +406,31 @@ def read_allstar(
     CatalogFormatError: the HDU is not a table, or the file is truncated/corrupt.
     """
     path = Path(path)
-    hdul, h = _open_table(path, hdu, memmap)
-    try:
-        plan = _resolve_columns(list(h.columns.names), columns, required, path)
-        data = _table_data(h, hdu, path)
+    with damaged_file_errors(path, hdu):
+        hdul, h = _open_table(path, hdu, memmap)
         try:
+            plan = _resolve_columns(_column_names(h, path), columns, required, path)
+            data = _table_data(h, hdu, path)
             return _build_frame(data, plan, 0, len(data))
-        except CatalogFormatError:
-            raise
-        except (OSError, ValueError, TypeError, IndexError) as exc:
-            raise CatalogFormatError(
-                f"cannot read the table in HDU {hdu!r} of {path} (truncated or corrupt?): {exc}"
-            ) from exc
-    finally:
-        hdul.close()
+        finally:
+            hdul.close()
+
+
+@contextmanager
+def damaged_file_errors(path: Path, hdu: int | str = 1) -> Iterator[None]:
+    """Inside the block, any error a damaged FITS file makes astropy or numpy raise (``KeyError:
+    'BITPIX'``, ``VerifyError``, ``AttributeError`` on a mangled header card, …) becomes a
+    :class:`CatalogFormatError` naming the file (the original is chained); the project's own
+    errors and a missing file pass unchanged."""
+    try:
+        yield
+    except (CatalogFormatError, MissingColumnError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file can make the FITS library raise anything
+        raise CatalogFormatError(
+            f"cannot read the table in HDU {hdu!r} of {path}: the file is damaged (a corrupt header or data block, "
+            f"or truncated): {type(exc).__name__}: {exc}; download or write it again"
+        ) from exc
 
 
 def read_allstar_chunks(
@@ -429,12 +451,16 @@ def read_allstar_chunks(
         raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows!r}")
     chunk_rows = int(chunk_rows)
     path = Path(path)
-    hdul, h = _open_table(path, hdu, memmap=True)
+    with damaged_file_errors(path, hdu):
+        hdul, h = _open_table(path, hdu, memmap=True)
     try:
-        plan = _resolve_columns(list(h.columns.names), columns, required, path)
-        data = _table_data(h, hdu, path)
-        nrows = len(data)
+        with damaged_file_errors(path, hdu):
+            plan = _resolve_columns(_column_names(h, path), columns, required, path)
+            data = _table_data(h, hdu, path)
+            nrows = len(data)
         for start in range(0, nrows, chunk_rows):
-            yield _build_frame(data, plan, start, min(start + chunk_rows, nrows))
+            with damaged_file_errors(path, hdu):
+                frame = _build_frame(data, plan, start, min(start + chunk_rows, nrows))
+            yield frame
     finally:
         hdul.close()

@@ -461,10 +461,39 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
             f"{path} has schema_version {version}, newer than this stellarnet supports ({SCHEMA_VERSION}); "
             "upgrade stellarnet or rebuild the shards"
         )
-    for key in ("shards", "label_names", "label_mean", "label_std", "phot_features", "grid"):
+    for key in ("shards", "label_names", "label_mean", "label_std", "phot_features", "grid", "build_hash"):
         if key not in manifest:
             raise ShardError(f"{path} lacks required key {key!r}")
+    _check_manifest_types(manifest, path)
     return manifest
+
+
+def _check_manifest_types(manifest: Mapping[str, Any], path: Path) -> None:
+    """ShardError naming the first manifest entry of the wrong type (a hand-edited or damaged file)."""
+    def bad(key: str, expected: str) -> ShardError:
+        return ShardError(f"{path}: {key} must be {expected}, got {manifest.get(key)!r:.80}")
+
+    if not isinstance(manifest["build_hash"], str):
+        raise bad("build_hash", "a string")
+    try:
+        grids.grid_name(manifest["grid"]) if isinstance(manifest["grid"], str) else None
+    except (ValueError, KeyError):
+        raise bad("grid", "a grid name ('dr17' or 'dr12')") from None
+    if not isinstance(manifest["grid"], str):
+        raise bad("grid", "a grid name ('dr17' or 'dr12')")
+    for key in ("label_names", "phot_features"):
+        if not isinstance(manifest[key], list) or not all(isinstance(v, str) for v in manifest[key]):
+            raise bad(key, "a list of names")
+    n_labels = len(manifest["label_names"])
+    for key in ("label_mean", "label_std"):
+        v = manifest[key]
+        if not isinstance(v, list) or len(v) != n_labels or not all(isinstance(x, (int, float)) for x in v):
+            raise bad(key, f"a list of {n_labels} numbers")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(
+            isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("rows"), int)
+            and isinstance(sh.get("sha256"), str) and isinstance(sh.get("split"), str) for sh in shards):
+        raise bad("shards", "a list of {file, split, rows, sha256} entries")
 
 
 def verify_dataset(dataset_dir: str | Path, manifest: Mapping[str, Any] | None = None, check_sha: bool = True) -> None:
@@ -487,7 +516,7 @@ def verify_dataset(dataset_dir: str | Path, manifest: Mapping[str, Any] | None =
         want = manifest.get("build_hash")
         if isinstance(shard_hash, bytes):
             shard_hash = shard_hash.decode()
-        if want is not None and (shard_hash != want or not complete):
+        if shard_hash != want or not complete:
             raise ShardError(
                 f"shard {p} belongs to another build (build hash {shard_hash}, manifest {want}): the directory "
                 "was partly rebuilt with other settings; rerun the build to finish it"

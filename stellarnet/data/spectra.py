@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from numpy.polynomial import chebyshev
@@ -513,6 +513,33 @@ def _checked_grid(crval: float, cdelt: float, crpix: float, naxis1: int) -> np.n
     return wave
 
 
+class VisitIndexError(IndexError):
+    """A visit index out of range for the star (:func:`read_apstar` ``row=k``)."""
+
+
+class _RowArgumentError(ValueError):
+    """A ``row`` argument of :func:`read_apstar` that is not 'combined', 'global' or an int."""
+
+
+def _damaged_file_errors(reader: Callable[..., Spectrum]) -> Callable[..., Spectrum]:
+    """Decorate a file reader: any error a damaged file makes astropy or numpy raise (a mangled
+    header card: ``VerifyError``, ``KeyError: 'BITPIX'``, ``AttributeError`` …) becomes a
+    :class:`SpectrumFormatError` naming the file (original chained); the readers' own errors pass."""
+
+    @functools.wraps(reader)
+    def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> Spectrum:
+        try:
+            return reader(path, *args, **kwargs)
+        except (SpectrumFormatError, SpectrumQualityError, FileNotFoundError, VisitIndexError, _RowArgumentError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file can make the FITS library raise anything
+            raise SpectrumFormatError(
+                f"{path}: damaged FITS file (corrupt header or data, or truncated): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    return wrapper
+
+
 def _open(path: str | Path) -> tuple[Path, Any]:
     from astropy.io import fits
 
@@ -553,6 +580,7 @@ def _image(path: Path, hdus: Any, i: int, what: str) -> np.ndarray:
     return data
 
 
+@_damaged_file_errors
 def read_apstar(path: str | Path, row: str | int = "combined") -> Spectrum:
     """Read an apStar/asStar file (HDU1 flux, HDU2 error, HDU3 pixmask).
 
@@ -562,7 +590,7 @@ def read_apstar(path: str | Path, row: str | int = "combined") -> Spectrum:
     Raises :class:`SpectrumFormatError` for a bad file, ``IndexError`` for a visit out of range.
     """
     if isinstance(row, bool) or not (isinstance(row, (int, np.integer)) or row in ("combined", "global")):
-        raise ValueError(f"row must be 'combined', 'global' or a visit index, got {row!r}")
+        raise _RowArgumentError(f"row must be 'combined', 'global' or a visit index, got {row!r}")
     path, hdus = _open(path)
     with hdus:
         flux = _image(path, hdus, 1, "flux")
@@ -590,7 +618,7 @@ def read_apstar(path: str | Path, row: str | int = "combined") -> Spectrum:
         else:
             k = int(row)
             if not 0 <= k < n_visits:
-                raise IndexError(f"{path}: visit index {k} out of range; the star has {n_visits} visit(s)")
+                raise VisitIndexError(f"{path}: visit index {k} out of range; the star has {n_visits} visit(s)")
             r = 0 if n_visits == 1 else k + 2
         sel = (lambda a: a) if flux.ndim == 1 else (lambda a: a[r])
         wave = _wavelength(path, hdus, grids.N_PIX_FULL)
@@ -608,6 +636,7 @@ def read_apstar(path: str | Path, row: str | int = "combined") -> Spectrum:
         )
 
 
+@_damaged_file_errors
 def read_aspcapstar(path: str | Path, header: bool = True) -> Spectrum:
     """Read an aspcapStar file: HDU1 normalized flux, HDU2 error, HDU3 ASPCAP model (optional),
     all (8575,). ``pixmask`` is zeros (the file has none); ``normalized`` is True. With
@@ -642,6 +671,7 @@ def read_aspcapstar(path: str | Path, header: bool = True) -> Spectrum:
         )
 
 
+@_damaged_file_errors
 def read_spectrum(path: str | Path, **kwargs: Any) -> Spectrum:
     """Read any APOGEE spectrum file: by filename prefix (``apStar``/``asStar`` →
     :func:`read_apstar`, ``aspcapStar`` → :func:`read_aspcapstar`), else by HDU structure

@@ -232,7 +232,7 @@ def _candidates(value: str | Sequence[str] | None) -> list[str]:
 
 def _resolve(available: Sequence[str], names: Sequence[str]) -> str | None:
     """The first of ``names`` present in ``available`` (case-insensitive), as spelled in the file."""
-    upper = {a.upper(): a for a in available}
+    upper = {a.upper(): a for a in available if isinstance(a, str)}  # a damaged header can leave a column unnamed
     for n in names:
         if n.upper() in upper:
             return upper[n.upper()]
