@@ -105,6 +105,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             torch.set_num_threads(int(torch_threads))
         kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
                                       spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader)
+        if n == 0:
+            raise PredictionError(f"the input {inp} holds no stars: nothing to predict")
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",
                  n, kind, inp, num_workers, torch.get_num_threads(), batch_size,
                  "bf16 autocast" if predictor.precision == "bf16" else "float32")

@@ -582,3 +582,122 @@ def test_source_audit_catches_the_patterns():
             "torch.load(p, map_location=f(x), weights_only=True)", "np.load(p)", "# pickle.load(f)"]
     for s in safe:
         assert not _audit(s), s
+
+
+# ============================================================================ second round (issue 20)
+def _data_cfg(**changes) -> dict:
+    cfg = {"shards": {"out_dir": "/nonexistent", "grid": "dr12", "rows_per_shard": 64, "n_workers": 1,
+                      "split": {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}}},
+           "survey": {"allstar": None, "spectra_kind": "aspcapStar", "simulate": {"n_stars": 100}},
+           "datamodule": {"batch_size": 16, "num_workers": 0}}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"shards__rows_per_shard": 0}, "data.shards.rows_per_shard must be an integer >= 1, got 0"),
+    ({"shards__rows_per_shard": "64"}, "data.shards.rows_per_shard must be an integer >= 1, got '64'"),
+    ({"shards__n_workers": -1}, "data.shards.n_workers must be an integer >= 0, got -1"),
+    ({"shards__grid": "dr99"}, "data.shards.grid: unknown APOGEE grid 'dr99'"),
+    ({"survey__spectra_kind": "apVisit"}, "data.survey.spectra_kind must be one of ['apStar', 'aspcapStar'], got 'apVisit'"),
+    ({"survey__simulate": {"n_stars": 0}}, "data.survey.simulate.n_stars must be an integer >= 10, got 0"),
+    ({"datamodule__batch_size": 0}, "data.datamodule.batch_size must be an integer >= 1, got 0"),
+    ({"datamodule__num_workers": -2}, "data.datamodule.num_workers must be an integer >= 0, got -2"),
+    ({"shards__split": {"fractions": {"train": 0.9, "val": -0.1, "test": 0.2}}},
+     "data.shards.split.fractions.val must be a number in [0, 1], got -0.1"),
+    ({"shards__split": {"fractions": {"train": 0.7, "val": 0.1, "test": 0.1}}}, "data.shards.split.fractions must sum to 1"),
+])
+def test_data_config_values_fail_before_any_work(changes, message):
+    from stellarnet.workflow import ensure_shards
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ensure_shards(_data_cfg(**changes))  # nothing is simulated: the check comes first
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("build_hash", 7, "build_hash must be a string"),
+    ("build_hash", None, "build_hash must be a string"),
+    ("grid", "dr99", "grid must be a grid name"),
+    ("label_names", "TEFF", "label_names must be a list of names"),
+    ("label_mean", [1.0], "label_mean must be a list of 4 numbers"),
+    ("shards", [{"file": "train-00000.h5", "rows": "64"}], "shards must be a list of {file, split, rows, sha256} entries"),
+])
+def test_manifest_entries_of_the_wrong_type(small_shards, tmp_path, key, value, message):
+    work = _copy(small_shards, tmp_path / "ds")
+    m = json.loads((work / "manifest.json").read_text())
+    m[key] = value
+    (work / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=re.escape(message)):
+        load_manifest(work)
+
+
+def test_truncated_gzipped_allstar(small_survey, tmp_path):
+    import gzip
+
+    gz = tmp_path / "allStar-dr17-synspec_rev1.fits.gz"
+    gz.write_bytes(gzip.compress(small_survey["allstar"].read_bytes())[:3000])
+    with pytest.raises(CatalogFormatError, match="allStar-dr17-synspec_rev1.fits.gz"):
+        read_allstar(gz)
+
+
+def test_unreadable_lock_file_refuses_the_build(small_survey, small_shards, tmp_path):
+    work = _copy(small_shards, tmp_path / "ds")
+    (work / ".build.lock").write_text("garbage")
+    with pytest.raises(ShardError, match=r"another build is writing .* delete the lock file if no build is running"):
+        _build(small_survey["allstar"], work, small_survey["root"])
+
+
+def test_inf_weights_and_buffers_are_refused(model_dir, tmp_path):
+    ck = _ckpt(model_dir)
+    buffers = [k for k, v in ck["state_dict"].items() if "running_var" in k]
+    name = buffers[0] if buffers else next(iter(ck["state_dict"]))
+    ck["state_dict"][name] = torch.full_like(ck["state_dict"][name], float("inf"))
+    torch.save(ck, tmp_path / "inf.ckpt")
+    with pytest.raises(CheckpointError, match="hold NaN or inf"):
+        load_model(tmp_path / "inf.ckpt")
+
+
+@pytest.mark.parametrize("row,error,message", [
+    ("stacked", ValueError, "row must be 'combined', 'global' or a visit index"),
+    (99, IndexError, "visit index 99 out of range"),
+])
+def test_apstar_row_arguments(reference_dir, row, error, message):
+    from stellarnet.data.spectra import read_apstar
+
+    with pytest.raises(error, match=re.escape(message)):
+        read_apstar(reference_dir / "apStar-dr17-2M17335483-2753043.fits", row=row)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "no spectrum files match"),
+    ("/no/such/dir/*.fits", "no spectrum files match"),
+    ("/no/such/file.fits", "spectrum file(s) not found"),
+])
+def test_file_list_inputs(spec, message):
+    from stellarnet.data.sources import expand_files
+
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        expand_files(spec)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("overwrite=yes", "overwrite must be true or false, got overwrite='yes'"),
+    ("ckpt_path=null", "ckpt_path is required"),
+    ("input=null", "input is required"),
+])
+def test_predict_cli_rejects_bad_switches(tmp_path, override, message):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stellarnet.paths import CONF_DIR
+    from stellarnet.predict import predict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="predict", overrides=[f"ckpt_path={tmp_path / 'nowhere.ckpt'}",
+                                                        f"input={tmp_path}", f"output_dir={tmp_path / 'o'}", override])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        predict(cfg)

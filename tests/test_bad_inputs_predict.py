@@ -188,3 +188,70 @@ def test_unphysical_labels_are_flagged():
     unphysical = STELLARNET_FLAG.any_set(flag, ["UNPHYSICAL"])
     assert unphysical.tolist() == [False, True, True, True]
     assert STELLARNET_FLAG.any_set(flag, STELLARNET_FLAG.bad_bits).all()  # NOT_REFINED + UNPHYSICAL
+
+
+def _apstar_negated(dst: Path) -> Path:
+    src = Path(__file__).resolve().parents[1] / "data" / "reference" / "apStar-dr17-2M17335483-2753043.fits"
+    with fits.open(src) as hdul:
+        hdul[1].data = -hdul[1].data
+        hdul.writeto(dst)
+    return dst
+
+
+@pytest.mark.parametrize("case,message", [
+    ("all_zero", "has no good pixel"),
+    ("no_error_hdu", "missing HDU2 (flux error)"),
+])
+def test_broken_aspcapstar_files_are_reported_per_star(model_dir, survey, tmp_path, case, message):
+    files = [str(f) for f in survey["files"][:3]]
+    bad = tmp_path / Path(files[0]).name
+    with fits.open(files[0]) as hdul:
+        if case == "all_zero":
+            hdul[1].data = np.zeros_like(hdul[1].data)
+            hdul.writeto(bad)
+        else:
+            fits.HDUList([hdul[0].copy(), hdul[1].copy()]).writeto(bad)
+    files[0] = str(bad)
+    summary, paths = predict(_cfg(model_dir, _files(files), tmp_path / "out"))
+    cat = _catalogue(paths["csv"])
+    assert summary["read_errors"] == 1 and message in cat["READ_ERROR"][0]
+    assert np.isnan(float(cat["TEFF"][0] or "nan")) and np.isfinite(cat["TEFF"][1:].astype(float)).all()
+
+
+def test_negated_apstar_is_reported(tmp_path):
+    """Un-normalized (apStar) flux that is negative: a clear per-star error, not a flipped continuum."""
+    from stellarnet.data.sources import iter_files
+
+    bad = _apstar_negated(tmp_path / "apStar-dr17-2M17335483-2753043.fits")
+    chunk = next(iter_files([str(bad)], "dr12"))
+    assert "not positive: negated or corrupt flux" in chunk["error"][0]
+    assert not chunk["pix_mask"][0].any()
+
+
+def test_an_empty_catalogue_is_an_error(model_dir, survey, tmp_path):
+    from astropy.table import Table
+
+    empty = tmp_path / "allStar-empty.fits"
+    t = Table.read(survey["allstar"], hdu=1)[:0]
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(t)]).writeto(empty)
+    with pytest.raises(PredictionError, match="holds no stars: nothing to predict"):
+        predict(_cfg(model_dir, str(empty), tmp_path / "out", f"spectra_root={survey['root']}"))
+
+
+def test_catalogue_without_the_path_columns(model_dir, survey, tmp_path):
+    from astropy.table import Table
+
+    from stellarnet.data.catalogs import MissingColumnError
+
+    t = Table.read(survey["allstar"], hdu=1)
+    t.remove_column("TELESCOPE")
+    bad = tmp_path / "allStar-notel.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(t)]).writeto(bad)
+    with pytest.raises(MissingColumnError, match="'TELESCOPE'"):
+        predict(_cfg(model_dir, str(bad), tmp_path / "out", f"spectra_root={survey['root']}"))
+
+
+def test_a_folder_without_a_model(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*model.pt: pass ckpt_path=<run>/model"):
+        predict(_cfg(tmp_path / "run", str(tmp_path), tmp_path / "out"))
