@@ -701,3 +701,24 @@ def test_predict_cli_rejects_bad_switches(tmp_path, override, message):
     GlobalHydra.instance().clear()
     with pytest.raises(ValueError, match=re.escape(message)):
         predict(cfg)
+
+
+def test_manifest_row_count_that_does_not_match_the_shard(small_shards, tmp_path):
+    work = _copy(small_shards, tmp_path / "ds")
+    m = json.loads((work / "manifest.json").read_text())
+    m["shards"][0]["rows"] += 5
+    (work / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=r"has \d+ rows, manifest says \d+"):
+        verify_dataset(work, check_sha=False)
+
+
+def test_apstar_file_named_as_an_aspcapstar(reference_dir, tmp_path):
+    """A multi-visit apStar renamed aspcapStar-*: read by its name, refused by its shape."""
+    bad = tmp_path / "aspcapStar-dr17-2M17335483-2753043.fits"
+    shutil.copy(reference_dir / "apStar-dr17-2M17335483-2753043.fits", bad)
+    with fits.open(bad) as hdul:
+        multi = hdul[1].data.ndim == 2
+    if not multi:
+        pytest.skip("this reference apStar has one visit (1-D arrays)")
+    with pytest.raises(SpectrumFormatError, match=r"aspcapStar flux/error must be \(8575,\)"):
+        read_spectrum(bad)
