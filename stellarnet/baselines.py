@@ -30,6 +30,13 @@ from stellarnet.workflow import ensure_shards
 
 def baselines(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Fit and score the configured baselines (and the network if ``ckpt_path``)."""
+    from stellarnet.results import check_not_overwriting
+
+    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
+    check_not_overwriting([out_dir / "baselines.json", out_dir / "baselines.md"], overwrite)
     if cfg.get("dataset_dir"):
         dataset = Path(cfg.dataset_dir)
     else:
@@ -54,7 +61,6 @@ def baselines(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         results["stellarnet"] = report
     results.update(run_baselines(splits["train"], splits["val"], splits["test"], bcfg,
                                  return_models=bool(icfg.get("enabled", False))))
-    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     table = comparison_table(results)
     paths = write_report(results, out_dir, "baselines",
                          markdown=f"# Baselines vs network (test split, features: {feature_set})\n\n" + table)

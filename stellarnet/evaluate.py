@@ -92,9 +92,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.dataset_dir`` (default: the configured shards)."""
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.evaluate ckpt_path=<.ckpt or model folder>")
+    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
+    from stellarnet.results import check_not_overwriting
+
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
+    check_not_overwriting([out_dir / "evaluation.json", out_dir / "evaluation.md"], overwrite)
     predictor = load_model(cfg.ckpt_path, refine=bool(cfg.get("refine", True)))
     dataset = cfg.get("dataset_dir") or cfg.data.shards.out_dir
-    out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     report, pred, data = network_report(predictor, dataset, split=cfg.split, calib_split=cfg.get("calib_split"),
                                         mc_samples=int(cfg.mc_samples), batch_size=int(cfg.batch_size),
                                         eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True))

@@ -292,7 +292,8 @@ def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
         bcfg = to_plain(ctx.cfg.baselines)
         bcfg["features"] = fs
         bcfg.setdefault("importance", {})["enabled"] = fs == imp_set
-        c = ctx.entry_cfg("baselines", d / fs, None, baselines=bcfg, output_dir=str(d / fs), ckpt_path=None,
+        # overwrite: the pipeline reruns a stage into its own directory when the stage's inputs changed
+        c = ctx.entry_cfg("baselines", d / fs, None, baselines=bcfg, output_dir=str(d / fs), ckpt_path=None, overwrite=True,
                           dataset_dir=ctx.out("shards", "dataset_dir"),
                           features_path=ctx.out("features", "features") if fs != "spectra_pca" else None)
         results, paths = baselines(c)
@@ -345,7 +346,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
     ckpt = ctx.out("train", "checkpoint")
     dataset = ctx.out("shards", "dataset_dir")
     c = ctx.entry_cfg("evaluate", d, ctx.cfg.pipeline.get("evaluate"), ckpt_path=ckpt, dataset_dir=dataset,
-                      output_dir=str(d))
+                      output_dir=str(d), overwrite=True)  # the stage's own directory, rerun when stale
     report, paths = evaluate(c)
     outputs = {k: str(v) for k, v in paths.items() if k in ("json", "markdown")}
     numbers: dict[str, Any] = {}
@@ -383,7 +384,7 @@ def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.predict import predict
 
     c = ctx.entry_cfg("predict", d, ctx.cfg.pipeline.get("predict"), ckpt_path=ctx.out("train", "checkpoint"),
-                      input=ctx.out("shards", "dataset_dir"), output_dir=str(d))
+                      input=ctx.out("shards", "dataset_dir"), output_dir=str(d), overwrite=True)
     summary, paths = predict(c)
     return {"outputs": {"csv": str(paths["csv"]), "fits": str(paths["fits"])},
             "numbers": {"stars": summary["stars"], "read_errors": summary["read_errors"]}}

@@ -153,3 +153,16 @@ def test_crlb_section_is_skipped_when_no_star_is_inside(model_dir, tiny_shards, 
     assert block["skipped"] is True and block["n_in_box"] == 0 and "mae_over_crlb" not in block
     assert "Not computed: no star" in Path(paths["markdown"]).read_text()
     assert not math.isnan(block["n_outside_box"])
+
+
+def test_an_earlier_evaluation_is_not_overwritten(model_dir, tiny_shards, tmp_path):
+    from stellarnet.results import OutputExistsError
+
+    _, paths = evaluate(_cfg(model_dir, tiny_shards, tmp_path, "crlb.enabled=false"))
+    before = Path(paths["json"]).read_bytes()
+    assert json.loads(before)["meta"]["split"] == "test"
+    with pytest.raises(OutputExistsError, match="evaluation.json already exists .* overwrite=true"):
+        evaluate(_cfg(model_dir, tiny_shards, tmp_path, "crlb.enabled=false", "split=val"))
+    assert Path(paths["json"]).read_bytes() == before
+    report, _ = evaluate(_cfg(model_dir, tiny_shards, tmp_path, "crlb.enabled=false", "split=val", "overwrite=true"))
+    assert json.loads(Path(paths["json"]).read_text())["meta"] == {**report["meta"], "split": "val"}

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stellarnet.data.shards import ShardReader, load_manifest
+from stellarnet.data.shards import ShardReader, load_manifest, verify_dataset
 from stellarnet.eval.calibration import fit_sigma_scale
 from stellarnet.eval.report import build_report
 
@@ -16,8 +16,13 @@ SPLIT_FIELDS = ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_e
 
 
 def load_split(dataset_dir: str | Path, split: str, verify: bool = False) -> dict[str, np.ndarray]:
-    """Whole split as arrays (labels in physical units, NaN = missing)."""
-    reader = ShardReader(dataset_dir, split, load_manifest(dataset_dir), verify=verify)
+    """Whole split as arrays (labels in physical units, NaN = missing). The dataset is checked
+    first: every shard present, readable, of the manifest's build and row count (``verify``: and
+    its SHA-256)."""
+    manifest = load_manifest(dataset_dir)
+    if not verify:
+        verify_dataset(dataset_dir, manifest, check_sha=False)
+    reader = ShardReader(dataset_dir, split, manifest, verify=verify)
     try:
         return reader.read_all(SPLIT_FIELDS)
     finally:
