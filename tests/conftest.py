@@ -71,3 +71,29 @@ def copy_survey_slice(survey_root: Path, allstar: Path, root: Path, n_rows: int)
         shutil.copy(src, dst)
         files.append(dst)
     return out, df["APOGEE_ID"].tolist(), files
+
+
+def tiny_model_folder(directory: Path, photometry: bool = True, dropout: float = 0.1) -> Path:
+    """An untrained tiny network on the dr12 grid (TEFF, LOGG; the stage task) saved as a model
+    folder: for tests of reading, writing and flags, where the weights do not matter."""
+    import torch
+
+    from stellarnet.data.photometry import PHOT_FEATURES
+    from stellarnet.models import StellarNetModule, save_model_folder
+
+    net = {
+        "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
+                             "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": dropout, "out_dim": 8},
+        "photometry": ({"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4}
+                       if photometry else None),
+        "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": dropout},
+    }
+    phot = list(PHOT_FEATURES) if photometry else []
+    spec = {"grid": "dr12", "n_pixels": 7214, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
+            "label_mean": [4800.0, 2.5], "label_std": [600.0, 1.0], "phot_features": phot,
+            "class_tasks": {"stage": ["MS", "SG", "RGB", "RC"]}}
+    if photometry:
+        spec.update(phot_mean=[0.0] * len(phot), phot_std=[1.0] * len(phot))
+    torch.manual_seed(0)
+    module = StellarNetModule(net=net, data_spec=spec, log_figures=False)
+    return save_model_folder(module, directory)

@@ -478,8 +478,11 @@ def test_predictor_negative_errors_are_masked(model_dir):
     ("batch_size=0", "batch_size must be an integer >= 1, got batch_size=0"),
     ("chunk_size=-5", "chunk_size must be an integer >= 1, got chunk_size=-5"),
     ("batch_size=1.5", "batch_size must be an integer >= 1, got batch_size=1.5"),
+    ("overwrite=yes", "overwrite must be true or false, got overwrite='yes'"),
+    ("ckpt_path=null", "ckpt_path is required"),
+    ("input=null", "input is required"),
 ])
-def test_predict_cli_rejects_bad_numbers_before_loading(tmp_path, override, message):
+def test_predict_cli_rejects_bad_switches_before_loading(tmp_path, override, message):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -489,7 +492,7 @@ def test_predict_cli_rejects_bad_numbers_before_loading(tmp_path, override, mess
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="predict", overrides=[f"ckpt_path={tmp_path / 'nowhere.ckpt'}",
-                                                        f"input={tmp_path}", override])
+                                                        f"input={tmp_path}", f"output_dir={tmp_path / 'o'}", override])
     GlobalHydra.instance().clear()
     with pytest.raises(ValueError, match=re.escape(message)):
         predict(cfg)
@@ -680,27 +683,6 @@ def test_file_list_inputs(spec, message):
 
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
         expand_files(spec)
-
-
-@pytest.mark.parametrize("override,message", [
-    ("overwrite=yes", "overwrite must be true or false, got overwrite='yes'"),
-    ("ckpt_path=null", "ckpt_path is required"),
-    ("input=null", "input is required"),
-])
-def test_predict_cli_rejects_bad_switches(tmp_path, override, message):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from stellarnet.paths import CONF_DIR
-    from stellarnet.predict import predict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="predict", overrides=[f"ckpt_path={tmp_path / 'nowhere.ckpt'}",
-                                                        f"input={tmp_path}", f"output_dir={tmp_path / 'o'}", override])
-    GlobalHydra.instance().clear()
-    with pytest.raises(ValueError, match=re.escape(message)):
-        predict(cfg)
 
 
 def test_manifest_row_count_that_does_not_match_the_shard(small_shards, tmp_path):

@@ -22,34 +22,22 @@ from astropy.io import fits
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import copy_survey_slice
+from conftest import copy_survey_slice, tiny_model_folder
 
 from stellarnet.data.bitmasks import STELLARNET_FLAG
 from stellarnet.data.shards import ShardError
-from stellarnet.models import StellarNetModule, save_model_folder
 from stellarnet.models.inference import CheckpointError, physical_ranges, stellarnet_flags
 from stellarnet.paths import CONF_DIR
 from stellarnet.predict import PredictionError, predict
 from stellarnet.results import OutputExistsError
 
 N_ROWS = 12
-NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
-                         "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": 0.0, "out_dim": 8},
-    "photometry": None,
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": 0.0},
-}
 FAST = ("num_workers=0", "mc_samples=0", "torch_threads=1", "chunk_size=5")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    spec = {"grid": "dr12", "n_pixels": 7214, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
-            "label_mean": [4800.0, 2.5], "label_std": [600.0, 1.0], "phot_features": [],
-            "class_tasks": {"stage": ["MS", "SG", "RGB", "RC"]}}
-    torch.manual_seed(0)
-    module = StellarNetModule(net=NET, data_spec=spec, log_figures=False)
-    return save_model_folder(module, tmp_path_factory.mktemp("model"))
+    return tiny_model_folder(tmp_path_factory.mktemp("model"), photometry=False, dropout=0.0)
 
 
 @pytest.fixture(scope="module")

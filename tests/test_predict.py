@@ -13,34 +13,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import copy_survey_slice
+from conftest import copy_survey_slice, tiny_model_folder
 
-from stellarnet.models import StellarNetModule, save_model_folder
 from stellarnet.paths import CONF_DIR
 from stellarnet.predict import predict
 
 N_ROWS = 20
 BAD_ROWS = {"truncated": 4, "missing": 11}
-NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
-                         "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": 0.1, "out_dim": 8},
-    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4},
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": 0.1},
-}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """An untrained tiny network on the dr12 grid with photometry (weights do not matter here)."""
-    from stellarnet.data.photometry import PHOT_FEATURES
-
-    spec = {"grid": "dr12", "n_pixels": 7214, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
-            "label_mean": [4800.0, 2.5], "label_std": [600.0, 1.0], "phot_features": list(PHOT_FEATURES),
-            "phot_mean": [0.0] * len(PHOT_FEATURES), "phot_std": [1.0] * len(PHOT_FEATURES),
-            "class_tasks": {"stage": ["MS", "SG", "RGB", "RC"]}}
-    torch.manual_seed(0)
-    module = StellarNetModule(net=NET, data_spec=spec, log_figures=False)
-    return save_model_folder(module, tmp_path_factory.mktemp("model"))
+    return tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
