@@ -85,10 +85,10 @@ def load_apogee(path: str | Path, cfg: Mapping[str, Any]) -> tuple[pd.DataFrame,
 
 
 def load_predictions(path: str | Path, positions: pd.DataFrame, columns: Mapping[str, str],
-                     error_suffix: str | None = "_SIGMA") -> pd.DataFrame:
+                     error_suffix: str | None = "_ERR") -> pd.DataFrame:
     """stellarnet predictions (CSV or FITS with ``APOGEE_ID`` + label columns) joined onto the
     APOGEE positions/ids; label columns renamed to TEFF, LOGG, FE_H, ALPHA_FE (K, dex) and,
-    where ``<column><error_suffix>`` exists (e.g. ``TEFF_SIGMA``), the 1σ uncertainty to
+    where ``<column><error_suffix>`` exists (e.g. ``TEFF_ERR``), the 1σ uncertainty to
     ``<LABEL>_ERR`` (used by the errors-in-variables correction of the trend fits)."""
     path = Path(path)
     if path.suffix.lower() in (".csv", ".txt"):
@@ -286,7 +286,7 @@ def run_crossval(cfg: DictConfig | Mapping[str, Any], output_dir: str | Path | N
     if c.get("predictions"):
         references["stellarnet"] = load_predictions(c["predictions"], positions,
                                                     c.get("prediction_columns") or {},
-                                                    c.get("prediction_error_suffix", "_SIGMA"))
+                                                    c.get("prediction_error_suffix", "_ERR"))
 
     report: dict[str, Any] = {
         "survey": spec.name, "survey_catalog": str(survey_path), "apogee_catalog": str(apogee_path),

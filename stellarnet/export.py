@@ -4,7 +4,7 @@ Columns (in this order):
 
 * ``APOGEE_ID``, ``RA``, ``DEC`` (deg), ``SNR``, ``SPLIT`` (train / val / test);
 * per label (``TEFF`` [K], ``LOGG``, ``FE_H``, ``ALPHA_FE`` [dex]): the prediction and its σ
-  ``<L>_SIGMA_ALEATORIC``, ``<L>_SIGMA_EPISTEMIC``, ``<L>_SIGMA`` (total), same unit;
+  ``<L>_ERR`` (total), ``<L>_ERR_ALEATORIC``, ``<L>_ERR_EPISTEMIC``, same unit;
 * class probabilities ``P_<TASK>_<class>`` and the most probable class ``<TASK>``
   (all as written by :func:`stellarnet.results.predictions_frame`);
 * calibrated labels on external survey scales, one column per calibrated label and survey

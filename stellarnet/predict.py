@@ -38,6 +38,44 @@ class PredictionError(RuntimeError):
     """A prediction run produced nothing usable (e.g. every spectrum failed to read)."""
 
 
+def catalogue_provenance(ckpt_path: Any, predictor: Any, inp: Any) -> dict[str, Any]:
+    """What a catalogue records about how it was made: stellarnet version, the model and the
+    SHA-256 of its weights (+ emulator), what it was trained on (the model folder's
+    ``provenance.json``, written by training), whether labels are refined, the input, the date."""
+    import datetime
+    import hashlib
+    import json
+
+    import stellarnet
+    from stellarnet.models.inference import EMULATOR_FILE, MODEL_FILE
+
+    path = Path(str(ckpt_path))
+    folder = path if path.is_dir() else path.parent
+    files = [path / MODEL_FILE] if path.is_dir() else [path]
+    if predictor.emulator is not None:
+        files.append(folder / EMULATOR_FILE)
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+    out: dict[str, Any] = {"stellarnet_version": stellarnet.__version__, "model": str(path.resolve()),
+                           "model_sha256": digest.hexdigest(), "refined": predictor.emulator is not None,
+                           "input": inp if isinstance(inp, str) else f"{len(inp)} file(s)",
+                           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}
+    card = folder / "provenance.json"
+    if card.is_file():
+        try:
+            trained = json.loads(card.read_text())
+        except (OSError, json.JSONDecodeError):
+            trained = {}
+        out["training_data"] = trained.get("training_data")
+        out["training_cuts"] = trained.get("cuts_summary")
+        out["training_data_simulated"] = bool(trained.get("simulated", False))
+    return out
+
+
 def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 
@@ -88,7 +126,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from stellarnet.results import PredictionWriter, check_not_overwriting, predictions_frame
 
     precision_name(precision)  # a bad spelling fails before anything starts
-    check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv"], overwrite)
+    check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv",
+                           out_dir / "predictions.columns.json"], overwrite)
 
     # the workers start (and import the FITS reader) while this process loads the model
     reader = SpectrumFileReader(num_workers).start()
@@ -110,7 +149,12 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",
                  n, kind, inp, num_workers, torch.get_num_threads(), batch_size,
                  "bf16 autocast" if predictor.precision == "bf16" else "float32")
-        writer = PredictionWriter(out_dir, n, overwrite=overwrite)
+        provenance = catalogue_provenance(cfg.ckpt_path, predictor, inp)
+        if provenance.get("training_data_simulated"):
+            log.warning("this model was trained on simulated spectra (%s): its labels and σ on real survey "
+                        "spectra are not validated", provenance.get("training_data"))
+        writer = PredictionWriter(out_dir, n, overwrite=overwrite, label_names=predictor.label_names,
+                                  label_units=predictor.label_units, provenance=provenance)
         read_errors, flagged, first_error = 0, 0, None
         with tqdm(total=n, desc="predict", unit="star") as bar:
             for k, chunk in enumerate(chunks):

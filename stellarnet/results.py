@@ -1,17 +1,25 @@
-"""Prediction catalogues: one row per star with labels, σ (aleatoric, epistemic, total) and classes.
+"""Prediction catalogues: one row per star with labels, their errors and classes, ASPCAP-style.
 
-With a χ²-refined model (an ``emulator.pt`` in the model folder) the label columns hold the refined
-labels and also ``<LABEL>_NET`` / ``<LABEL>_NET_SIGMA`` (the network's estimate), ``REFINE_CHI2``
-(reduced χ² of the fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried).
-Every catalogue has ``STELLARNET_FLAG``, a per-star quality bitmask
-(:data:`stellarnet.data.bitmasks.STELLARNET_FLAG`, documented in ``docs/robustness.md``).
+Per label ``<L>`` (``TEFF`` [K], ``LOGG``, ``FE_H``, ``ALPHA_FE`` [dex]): ``<L>`` (the estimate),
+``<L>_ERR`` (the total 1σ error, what to use), and its parts ``<L>_ERR_ALEATORIC`` (noise; for
+refined labels the χ² fit's σ, calibrated) and ``<L>_ERR_EPISTEMIC`` (MC-dropout spread). With a
+χ²-refined model (an ``emulator.pt`` in the model folder) the label columns hold the refined labels
+and also ``<L>_NET`` / ``<L>_NET_ERR`` (the network's estimate), ``REFINE_CHI2`` (reduced χ² of the
+fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried). Every catalogue has
+``STELLARNET_FLAG``, a per-star quality bitmask (:data:`stellarnet.data.bitmasks.STELLARNET_FLAG`,
+documented in ``docs/robustness.md``), and ``READ_ERROR`` (empty when the spectrum was read).
+
+Units are in the FITS header (``TUNITn``) and, for the CSV, in the sidecar
+``<stem>.columns.json`` (:func:`column_units`); provenance (stellarnet version, model folder and its
+hash, training data, date) in FITS keywords and the sidecar.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,12 +35,12 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
             out[key.upper()] = np.asarray(chunk[key])
     for j, name in enumerate(label_names):
         out[name] = pred["labels"][:, j]
-        out[f"{name}_SIGMA_ALEATORIC"] = pred["sigma_aleatoric"][:, j]
-        out[f"{name}_SIGMA_EPISTEMIC"] = pred["sigma_epistemic"][:, j]
-        out[f"{name}_SIGMA"] = pred["sigma_total"][:, j]
+        out[f"{name}_ERR"] = pred["sigma_total"][:, j]
+        out[f"{name}_ERR_ALEATORIC"] = pred["sigma_aleatoric"][:, j]
+        out[f"{name}_ERR_EPISTEMIC"] = pred["sigma_epistemic"][:, j]
         if "labels_network" in pred:  # χ²-refined: the network's own estimate too
             out[f"{name}_NET"] = pred["labels_network"][:, j]
-            out[f"{name}_NET_SIGMA"] = pred["sigma_network"][:, j]
+            out[f"{name}_NET_ERR"] = pred["sigma_network"][:, j]
     if "refine_flag" in pred:
         out["REFINE_CHI2"] = pred["refine_chi2"]
         out["REFINE_FLAG"] = np.asarray(pred["refine_flag"]).astype(np.int16)
@@ -68,6 +76,44 @@ def check_not_overwriting(paths: Any, overwrite: bool = False) -> None:
         )
 
 
+#: Units and meanings of the non-label catalogue columns (labels and their errors: the model's units).
+FIXED_COLUMNS: dict[str, tuple[str, str]] = {
+    "APOGEE_ID": ("", "star identifier (allStar APOGEE_ID, the spectrum header's OBJID, or the file name)"),
+    "RA": ("deg", "right ascension (J2000)"), "DEC": ("deg", "declination (J2000)"),
+    "SNR": ("", "S/N per pixel of the spectrum (catalogue)"), "SPLIT": ("", "shard split the star is in"),
+    "TELESCOPE": ("", "telescope (spectrum header)"), "FIELD": ("", "field (spectrum header)"),
+    "REFINE_CHI2": ("", "reduced chi2 of the spectral fit"),
+    "REFINE_FLAG": ("", "0 refined, 1 network labels kept (fit failed or moved too far), 2 not refined"),
+    "STELLARNET_FLAG": ("", "quality bitmask, stellarnet.data.bitmasks.STELLARNET_FLAG (docs/robustness.md)"),
+    "READ_ERROR": ("", "why the spectrum could not be used (empty: fine)"),
+}
+
+
+def column_units(columns: Sequence[str], label_names: Sequence[str], label_units: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{column: {"unit", "description"}}`` for a catalogue's columns (one home for what they mean)."""
+    unit_of = dict(zip(label_names, label_units))
+    out: dict[str, dict[str, str]] = {}
+    for col in columns:
+        if col in FIXED_COLUMNS:
+            unit, text = FIXED_COLUMNS[col]
+        elif col in unit_of:
+            unit, text = unit_of[col], f"{col} estimate"
+        elif col.startswith("P_"):
+            unit, text = "", f"probability of class {col[2:]}"
+        else:
+            base = next((n for n in label_names if col.startswith(n + "_")), None)
+            suffix = col[len(base) + 1:] if base else ""
+            parts = {"ERR": "total 1-sigma error (use this)", "ERR_ALEATORIC": "1-sigma error part: noise / spectral fit",
+                     "ERR_EPISTEMIC": "1-sigma error part: model (MC dropout)", "NET": "the network's estimate",
+                     "NET_ERR": "1-sigma error of the network's estimate"}
+            if base and suffix in parts:
+                unit, text = unit_of[base], f"{base}: {parts[suffix]}"
+            else:
+                unit, text = "", "most probable class" if col.lower() in ("stage", "spectral_type", "luminosity_class") else ""
+        out[col] = {"unit": unit, "description": text}
+    return out
+
+
 def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predictions") -> dict[str, Path]:
     """Write FITS and CSV atomically (temp file + rename); returns the paths."""
     out_dir = Path(out_dir)
@@ -83,7 +129,18 @@ def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predic
 
 
 #: Fixed widths (characters) of string columns in streamed FITS output; others get DEFAULT_STR_WIDTH.
-STR_WIDTHS = {"APOGEE_ID": 64, "SPLIT": 8, "READ_ERROR": 240}
+STR_WIDTHS = {"APOGEE_ID": 64, "SPLIT": 8, "READ_ERROR": 240, "TELESCOPE": 16, "FIELD": 32}
+#: Provenance entries → (FITS keyword, comment) of the catalogue header (long values use CONTINUE cards).
+PROVENANCE_KEYWORDS = {
+    "stellarnet_version": ("SNVERS", "stellarnet version that wrote this catalogue"),
+    "model": ("SNMODEL", "model folder or checkpoint used"),
+    "model_sha256": ("SNMHASH", "SHA-256 of the model weights (+ emulator)"),
+    "training_data": ("SNTRAIN", "what the model was trained on"),
+    "training_cuts": ("SNCUTS", "quality cuts of the training data"),
+    "refined": ("SNREFINE", "labels chi2-refined with the spectral emulator"),
+    "input": ("SNINPUT", "input of the prediction run"),
+    "date": ("DATE", "UTC time the catalogue was written"),
+}
 DEFAULT_STR_WIDTH = 16
 _FITS_CODES = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 8): ("K", ">i8"), ("i", 4): ("J", ">i4"),
                ("i", 2): ("I", ">i2")}
@@ -98,10 +155,16 @@ class PredictionWriter:
     so a killed run never leaves a truncated catalogue behind.
     """
 
-    def __init__(self, out_dir: str | Path, n_rows: int, stem: str = "predictions", overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, n_rows: int, stem: str = "predictions", overwrite: bool = False,
+                 label_names: Sequence[str] = (), label_units: Sequence[str] = (),
+                 provenance: Mapping[str, Any] | None = None):
         self.out_dir = Path(out_dir)
-        self.paths = {"csv": self.out_dir / f"{stem}.csv", "fits": self.out_dir / f"{stem}.fits"}
+        self.paths = {"csv": self.out_dir / f"{stem}.csv", "fits": self.out_dir / f"{stem}.fits",
+                      "columns": self.out_dir / f"{stem}.columns.json"}
         check_not_overwriting(self.paths.values(), overwrite)
+        self.label_names, self.label_units = list(label_names), list(label_units)
+        self.provenance = dict(provenance or {})
+        self._columns: dict[str, dict[str, str]] = {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.n_rows = int(n_rows)
         self._tmp = {k: p.with_name(p.name + ".tmp") for k, p in self.paths.items()}
@@ -114,6 +177,7 @@ class PredictionWriter:
         from astropy.io import fits
 
         fields, cols = [], []
+        self._columns = column_units(list(first.columns), self.label_names, self.label_units)
         for name in first.columns:
             dt = first[name].dtype
             code = _FITS_CODES.get((dt.kind, dt.itemsize)) if dt.kind in "fi" else None
@@ -123,11 +187,14 @@ class PredictionWriter:
                 w = STR_WIDTHS.get(name, DEFAULT_STR_WIDTH)
                 code = (f"{w}A", f"S{w}")
             fields.append((name, code[1]))
-            cols.append(fits.Column(name=name, format=code[0]))
+            cols.append(fits.Column(name=name, format=code[0], unit=self._columns[name]["unit"] or None))
         self._dtype = np.dtype(fields)
         hdu = fits.BinTableHDU.from_columns(cols, nrows=0)
         hdu.header["NAXIS2"] = self.n_rows
         hdu.header["EXTNAME"] = "PREDICTIONS"
+        for key, (fits_key, comment) in PROVENANCE_KEYWORDS.items():
+            if self.provenance.get(key) is not None:
+                hdu.header[fits_key] = (str(self.provenance[key]), comment)
         self._fits = open(self._tmp["fits"], "wb")
         self._fits.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
         self._fits.write(hdu.header.tostring().encode("ascii"))
@@ -156,6 +223,10 @@ class PredictionWriter:
             self.abort()
             raise ValueError(f"wrote {self.written} rows, expected {self.n_rows}")
         self._csv.close()
+        if self._fits is None:  # no chunk was written (an empty input): an empty table still has a header
+            self._open_fits(pd.DataFrame({"APOGEE_ID": np.array([], dtype=object)}))
+        with open(self._tmp["columns"], "w") as fh:
+            fh.write(json.dumps({"columns": self._columns, "provenance": self.provenance}, indent=1, default=str))
         pad = (-self._fits.tell()) % 2880
         self._fits.write(b"\0" * pad)
         self._fits.close()

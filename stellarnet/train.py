@@ -298,6 +298,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                                          tensorboard_dir=output_dir / "tensorboard" / "refinement")
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
+            from stellarnet.data.shards import load_manifest
+            from stellarnet.eval.card import write_model_card
+
+            write_model_card(objects["model_dir"], load_manifest(datamodule.dataset_dir),
+                             simulated=not cfg.data.survey.get("allstar"),
+                             metrics={k: to_jsonable(v) for k, v in metrics.items()})
             if cfg.get("shifts") is not None and cfg.shifts.get("enabled", False):
                 from stellarnet.robustness import shift_table_from_config
 

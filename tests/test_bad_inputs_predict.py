@@ -83,7 +83,7 @@ def test_flux_that_is_not_normalized_gets_no_labels(model_dir, survey, tmp_path,
     cat = _catalogue(paths["csv"])
     assert summary["read_errors"] == 1
     assert "not that of a continuum-normalized spectrum" in cat["READ_ERROR"][1], what
-    assert cat.loc[1, ["TEFF", "LOGG", "TEFF_SIGMA"]].replace("", np.nan).astype(float).isna().all()
+    assert cat.loc[1, ["TEFF", "LOGG", "TEFF_ERR"]].replace("", np.nan).astype(float).isna().all()
     assert np.isfinite(cat.drop(index=1)[["TEFF", "LOGG"]].astype(float).to_numpy()).all()
 
 

@@ -592,7 +592,7 @@ def test_run_crossval_galah_with_predictions(world: dict, tmp_path: Path) -> Non
                          "LOGG": tr["logg"] + rng.normal(0, 0.04, len(tr)),
                          "FE_H": tr["fe_h"] + rng.normal(0, 0.02, len(tr)),
                          "ALPHA_FE": tr["alpha_fe"] + rng.normal(0, 0.02, len(tr)),
-                         "TEFF_SIGMA": 20.0}).iloc[:1500]
+                         "TEFF_ERR": 20.0}).iloc[:1500]
     pred.to_csv(tmp_path / "predictions.csv", index=False)
     cfg = _compose([f"survey_root={world['root']}", "survey=galah", f"offsets.n_boot={50}",
                     f"predictions={tmp_path / 'predictions.csv'}"])
@@ -608,7 +608,7 @@ def test_run_crossval_galah_with_predictions(world: dict, tmp_path: Path) -> Non
     assert ms["n_apogee"] == 1500 and ms["n_matched"] < ma["n_matched"]
     joint = j["references"]["stellarnet"]["comparison"]["joint"]["teff"]
     assert abs(joint["coef"]["const"] - 30.0) < 4 * joint["coef_err"]["const"] + 2
-    assert joint["x"]["errors_in_variables"] == ["TEFF_ERR"]  # from TEFF_SIGMA
+    assert joint["x"]["errors_in_variables"] == ["TEFF_ERR"]  # from the catalogue's TEFF_ERR column
     md = (out / "crossval_report.md").read_text()
     assert "n_matched" in md and "Calibration" in md and "teff_slope_per_1000K" in md
     assert report["survey"] == "galah"

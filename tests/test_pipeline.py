@@ -175,7 +175,7 @@ def test_export_catalogue(tmp_path):
 
     assert len(cat) == n and cat["APOGEE_ID"].tolist() == pred["APOGEE_ID"].tolist()
     assert list(cat.columns[:5]) == ["APOGEE_ID", "RA", "DEC", "SNR", "SPLIT"]
-    for col in ("TEFF", "TEFF_SIGMA_ALEATORIC", "TEFF_SIGMA_EPISTEMIC", "TEFF_SIGMA", "P_STAGE_RC", "STAGE",
+    for col in ("TEFF", "TEFF_ERR_ALEATORIC", "TEFF_ERR_EPISTEMIC", "TEFF_ERR", "P_STAGE_RC", "STAGE",
                 "TEFF_GALAH", "FE_H_GALAH", "READ_ERROR", "FLAG_READ_ERROR", "N_FEATURE_OUTLIERS",
                 "FEATURE_OUTLIERS", "FLAG_FEATURE_OUTLIER"):
         assert col in cat.columns, col
@@ -241,7 +241,7 @@ def test_full_tiny_pipeline_outputs_and_partial_rerun(tmp_path):
     cat = pd.read_csv(root / "export" / "stellarnet_catalogue.csv", keep_default_na=False, na_values=[""])
     assert len(cat) == n_stars and cat["APOGEE_ID"].is_unique
     assert set(cat["SPLIT"]) == {"train", "val", "test"}
-    for col in ("RA", "DEC", "TEFF", "TEFF_SIGMA", "TEFF_SIGMA_EPISTEMIC", "P_STAGE_RC", "STAGE",
+    for col in ("RA", "DEC", "TEFF", "TEFF_ERR", "TEFF_ERR_EPISTEMIC", "P_STAGE_RC", "STAGE",
                 "TEFF_LAMOST", "FLAG_READ_ERROR", "N_FEATURE_OUTLIERS", "FLAG_FEATURE_OUTLIER"):
         assert col in cat.columns, col
     assert len(Table.read(root / "export" / "stellarnet_catalogue.fits")) == n_stars

@@ -69,10 +69,10 @@ def test_pooled_predict_writes_the_in_process_catalogue(model_dir, catalog, tmp_
     assert err[BAD_ROWS["missing"]].startswith("FileNotFoundError:")
     assert (err != "").sum() == 2
     bad = list(BAD_ROWS.values())
-    labels = cat[["TEFF", "LOGG", "TEFF_SIGMA_EPISTEMIC"]].replace("", np.nan).astype(float)
+    labels = cat[["TEFF", "LOGG", "TEFF_ERR_EPISTEMIC"]].replace("", np.nan).astype(float)
     assert labels.iloc[bad].isna().all().all()  # no numbers for unreadable spectra
     assert np.isfinite(labels.drop(index=bad).to_numpy()).all()
-    assert (labels.drop(index=bad)["TEFF_SIGMA_EPISTEMIC"] > 0).mean() > 0.5  # MC dropout ran (seeded)
+    assert (labels.drop(index=bad)["TEFF_ERR_EPISTEMIC"] > 0).mean() > 0.5  # MC dropout ran (seeded)
 
 
 def test_pooled_predict_from_a_file_list_with_a_bad_file(model_dir, catalog, tmp_path):

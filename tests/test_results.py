@@ -15,7 +15,7 @@ def _chunk(start: int, n: int) -> pd.DataFrame:
     return pd.DataFrame({
         "APOGEE_ID": [f"2M{start + i:08d}+0000000" for i in range(n)],
         "TEFF": rng.normal(4800, 300, n).astype(np.float32),
-        "TEFF_SIGMA": rng.uniform(10, 50, n).astype(np.float32),
+        "TEFF_ERR": rng.uniform(10, 50, n).astype(np.float32),
         "RA": rng.uniform(0, 360, n),
         "STAGE": rng.choice(["MS", "SG", "RGB", "RC"], n),
         "READ_ERROR": [""] * (n - 1) + ["SpectrumFormatError: " + "x" * 200],
@@ -53,3 +53,40 @@ def test_wrong_row_count_is_an_error_and_leaves_nothing(tmp_path):
         writer.write(_chunk(0, 4))
     writer.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_catalogue_has_units_on_every_numeric_column_and_provenance(tmp_path):
+    """What an astronomer opens: TUNITn on every label and error column (K / dex / deg), an empty
+    unit only on dimensionless ones, the provenance keywords, and the same in the CSV's sidecar."""
+    import json
+
+    from astropy.io import fits
+
+    df = pd.DataFrame({
+        "APOGEE_ID": ["2M00000001+0000001", "2M00000002+0000002"], "RA": [10.0, 11.0], "DEC": [-5.0, 5.0],
+        "TEFF": np.float32([4800, 5000]), "TEFF_ERR": np.float32([20, 30]),
+        "TEFF_ERR_ALEATORIC": np.float32([15, 25]), "TEFF_ERR_EPISTEMIC": np.float32([5, 5]),
+        "LOGG": np.float32([2.5, 4.4]), "LOGG_ERR": np.float32([0.05, 0.04]),
+        "LOGG_NET": np.float32([2.4, 4.5]), "LOGG_NET_ERR": np.float32([0.1, 0.1]),
+        "REFINE_CHI2": np.float32([1.0, 1.2]), "STELLARNET_FLAG": np.int32([0, 4]),
+        "P_STAGE_RC": np.float32([0.9, 0.0]), "STAGE": ["RC", "MS"], "READ_ERROR": ["", ""],
+    })
+    prov = {"stellarnet_version": "9.9", "model": "/m/" + "x" * 100, "model_sha256": "ab" * 32,
+            "training_data": "a survey catalogue: allStar-dr17-synspec_rev1.fits", "refined": True,
+            "input": "allStar.fits", "date": "2026-12-06T12:00:00"}
+    writer = PredictionWriter(tmp_path, 2, label_names=["TEFF", "LOGG"], label_units=["K", "dex"], provenance=prov)
+    writer.write(df)
+    paths = writer.close()
+    with fits.open(paths["fits"]) as hdul:
+        t = Table.read(hdul[1])
+        hdr = hdul[1].header
+    units = {c: (str(t[c].unit) if t[c].unit is not None else "") for c in t.colnames}
+    assert units["TEFF"] == units["TEFF_ERR"] == units["TEFF_ERR_ALEATORIC"] == units["TEFF_ERR_EPISTEMIC"] == "K"
+    assert units["LOGG"] == units["LOGG_ERR"] == units["LOGG_NET"] == units["LOGG_NET_ERR"] == "dex"
+    assert units["RA"] == units["DEC"] == "deg"
+    assert units["REFINE_CHI2"] == units["STELLARNET_FLAG"] == units["P_STAGE_RC"] == ""
+    assert hdr["SNVERS"] == "9.9" and hdr["SNMHASH"] == "ab" * 32 and hdr["SNMODEL"] == prov["model"]  # long: CONTINUE
+    assert hdr["SNTRAIN"].startswith("a survey catalogue") and hdr["DATE"] == prov["date"] and hdr["SNREFINE"] == "True"
+    side = json.loads(paths["columns"].read_text())
+    assert side["columns"]["TEFF_ERR"] == {"unit": "K", "description": "TEFF: total 1-sigma error (use this)"}
+    assert side["provenance"] == prov
