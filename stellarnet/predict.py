@@ -110,7 +110,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     precision = str(cfg.get("precision", "32"))
     seed = _check_count(cfg, "seed", 0, allow=(None,))
     inp = cfg.input if isinstance(cfg.input, str) else list(cfg.input)
-    kind = source_kind(inp)
+    input_kind = str(cfg.get("input_kind", "auto"))
+    kind = source_kind(inp, input_kind)
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     overwrite = cfg.get("overwrite", False)
     if not isinstance(overwrite, bool):
@@ -143,7 +144,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if torch_threads is not None:
             torch.set_num_threads(int(torch_threads))
         kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
-                                      spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader)
+                                      spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader,
+                                      input_kind=input_kind)
         if n == 0:
             raise PredictionError(f"the input {inp} holds no stars: nothing to predict")
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",

@@ -243,3 +243,19 @@ def test_a_folder_without_a_model(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(CheckpointError, match=r"no checkpoint at .*model.pt: pass ckpt_path=<run>/model"):
         predict(_cfg(tmp_path / "run", str(tmp_path), tmp_path / "out"))
+
+
+def test_a_catalogue_is_recognised_by_content_and_input_kind_forces(model_dir, survey, tmp_path):
+    from stellarnet.data.sources import source_kind
+
+    mine = tmp_path / "my_targets.fits"
+    shutil.copy(survey["allstar"], mine)
+    assert source_kind(str(mine)) == "catalog"
+    assert source_kind(str(survey["files"][0])) == "files"  # an aspcapStar: images, not a table
+    assert source_kind(str(mine), "files") == "files"
+    summary, paths = predict(_cfg(model_dir, str(mine), tmp_path / "out", f"spectra_root={survey['root']}"))
+    assert summary["stars"] == N_ROWS and _catalogue(paths["csv"])["APOGEE_ID"].tolist() == survey["ids"]
+    with pytest.raises(ValueError, match="input_kind must be one of"):
+        source_kind(str(mine), "table")
+    with pytest.raises(ValueError, match="input_kind=shards but .* is not a shard dataset"):
+        source_kind(str(mine), "shards")

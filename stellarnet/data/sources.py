@@ -379,21 +379,56 @@ def iter_shards(dataset_dir: str | Path, splits: Sequence[str] = ("train", "val"
         reader.close()
 
 
-def source_kind(input: str | Sequence[str]) -> str:
-    """``"shards"``, ``"catalog"`` or ``"files"``: how :func:`open_source` will read ``input``
-    (path checks only; nothing is opened)."""
+#: Columns that make a FITS binary table a star catalogue (allStar-like) rather than a spectrum.
+CATALOG_COLUMNS = ("APOGEE_ID", "TELESCOPE", "FIELD")
+INPUT_KINDS = ("auto", "catalog", "shards", "files")
+
+
+def _is_catalog_file(path: Path) -> bool:
+    """True when ``path`` is a FITS file whose HDU1 is a binary table with :data:`CATALOG_COLUMNS`
+    (headers only are read; any file that cannot be read that way is not a catalogue)."""
+    try:
+        from astropy.io import fits
+
+        with fits.open(path, memmap=True) as hdul:
+            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+                return False
+            names = {str(n).upper() for n in hdul[1].columns.names if n}
+    except Exception:  # noqa: BLE001 - not a readable FITS table: read as spectrum files (errors per star)
+        return False
+    return all(c in names for c in CATALOG_COLUMNS)
+
+
+def source_kind(input: str | Sequence[str], input_kind: str = "auto") -> str:
+    """``"shards"``, ``"catalog"`` or ``"files"``: how :func:`open_source` will read ``input``.
+
+    ``auto``: a directory with a manifest is a shard dataset; a single ``.fits``/``.fits.gz`` file
+    whose HDU1 is a table with ``APOGEE_ID``, ``TELESCOPE`` and ``FIELD`` is a catalogue (whatever
+    its name; a file named ``allStar*`` too, so that a damaged one gets the catalogue reader's
+    message); anything else is spectrum files. ``input_kind`` forces one of them."""
     from stellarnet.data.shards import MANIFEST
 
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind must be one of {list(INPUT_KINDS)}, got {input_kind!r}")
+    if input_kind != "auto":
+        if input_kind == "shards" and not (isinstance(input, str) and (Path(input) / MANIFEST).exists()):
+            raise ValueError(f"input_kind=shards but {input} is not a shard dataset (no {MANIFEST})")
+        if input_kind == "catalog" and not (isinstance(input, str) and Path(input).is_file()):
+            raise ValueError(f"input_kind=catalog but {input} is not a file")
+        return input_kind
     if isinstance(input, str) and Path(input).is_dir() and (Path(input) / MANIFEST).exists():
         return "shards"
-    if isinstance(input, str) and input.endswith((".fits", ".fit", ".fits.gz")) and "allStar" in Path(input).name:
-        return "catalog"
+    if isinstance(input, str) and input.endswith((".fits", ".fit", ".fits.gz")) and Path(input).is_file():
+        # by content; an allStar-named file that is not a readable table is read as a catalogue too,
+        # so that its error (truncated, wrong HDU, missing columns) is reported as such
+        if _is_catalog_file(Path(input)) or Path(input).name.startswith("allStar"):
+            return "catalog"
     return "files"
 
 
 def open_source(input: str | Sequence[str], grid: str, spectra_root: str | None = None,
                 spectra_kind: str = "aspcapStar", chunk_size: int = 1024, num_workers: Any = 0,
-                reader: SpectrumFileReader | None = None) -> tuple[str, int, Iterator[Chunk]]:
+                reader: SpectrumFileReader | None = None, input_kind: str = "auto") -> tuple[str, int, Iterator[Chunk]]:
     """Detect the input kind and return (kind, n_stars, chunk iterator).
 
     ``input``: a shard dataset directory (has manifest.json), an allStar-format ``.fits``
@@ -401,7 +436,7 @@ def open_source(input: str | Sequence[str], grid: str, spectra_root: str | None 
     Spectrum files are read by ``reader`` or by ``num_workers`` processes (see :func:`iter_files`);
     shards need no reading workers. Close the iterator (``.close()``) to stop early.
     """
-    kind = source_kind(input)
+    kind = source_kind(input, input_kind)
     if kind == "shards":
         from stellarnet.data.shards import load_manifest, verify_dataset
 
