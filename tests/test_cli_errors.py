@@ -59,3 +59,33 @@ def test_unexpected_errors_say_so_and_user_errors_are_verbatim(capsys):
         main()
     assert exit_info.value.code == EXIT_FAILURE
     assert capsys.readouterr().err == "error: spectra_root /x is not a directory\n"
+
+
+def test_console_command_lists_and_dispatches(tmp_path):
+    import importlib
+
+    from stellarnet.cli import COMMANDS, main
+
+    for name, (module, _) in COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+    assert main([]) == 0 and main(["no-such-command"]) == 2
+    r = subprocess.run([sys.executable, "-m", "stellarnet", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(f"  {name}" in r.stdout for name in COMMANDS)
+    r = subprocess.run([sys.executable, "-m", "stellarnet", "predict", "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0
+    assert "ckpt_path    the model folder a training run writes" in r.stdout and "refine       true:" in r.stdout
+    r = _run(["stellarnet", "predict", f"ckpt_path={tmp_path / 'nope'}", f"input={tmp_path / 'x.fits'}"], tmp_path)
+    assert r.returncode == EXIT_FAILURE and r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint at")
+
+
+@pytest.mark.parametrize("name", ["predict", "train", "evaluate", "refinement", "baselines", "crossval", "pipeline",
+                                  "simulate", "build_features"])
+def test_every_entry_has_a_help_text_that_names_its_keys(name):
+    from omegaconf import OmegaConf
+
+    from stellarnet.paths import CONF_DIR
+
+    help_cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml").hydra.help
+    assert help_cfg.app_name == f"stellarnet {name.replace('_', '-')}"
+    assert "Main keys" in help_cfg.template and "$APP_CONFIG_GROUPS" in help_cfg.template
