@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stellarnet.errors import report_errors
 from stellarnet.data.bitmasks import ASPCAPFLAG
-from stellarnet.data.catalogs import MissingColumnError, allstar_columns, read_allstar
+from stellarnet.data.catalogs import MissingColumnError, add_derived_columns, allstar_columns, read_allstar
 from stellarnet.data.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
 from stellarnet.eval.crossmatch import MatchResult, crossmatch
 from stellarnet.eval.offsets import (
@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 APOGEE_REQUIRED = ("APOGEE_ID", "RA", "DEC", "TEFF", "LOGG", "FE_H")
 APOGEE_OPTIONAL = ("GAIAEDR3_SOURCE_ID", "SNR", "ASPCAPFLAG", "TEFF_ERR", "LOGG_ERR", "FE_H_ERR",
-                   "ALPHA_M", "ALPHA_M_ERR")
+                   "ALPHA_M", "ALPHA_M_ERR", "M_H", "ALPHA_FE", "ALPHA_FE_ERR")
 _APOGEE_LABEL_COLUMNS = ("TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FE_H", "FE_H_ERR", "ALPHA_M",
-                         "ALPHA_M_ERR", "M_H", "M_H_ERR")
+                         "ALPHA_M_ERR", "M_H", "M_H_ERR", "ALPHA_FE", "ALPHA_FE_ERR")
 
 
 def load_apogee(path: str | Path, cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -62,7 +62,7 @@ def load_apogee(path: str | Path, cfg: Mapping[str, Any]) -> tuple[pd.DataFrame,
     cfg = dict(to_plain(cfg) or {})
     available = {c.upper() for c in allstar_columns(path)}
     cols = list(APOGEE_REQUIRED) + [c for c in APOGEE_OPTIONAL if c in available]
-    df = read_allstar(path, columns=cols, required=APOGEE_REQUIRED).reset_index(drop=True)
+    df = add_derived_columns(read_allstar(path, columns=cols, required=APOGEE_REQUIRED).reset_index(drop=True))
     reports = []
     by = cfg.get("unique_by")
     if by and by in df.columns:

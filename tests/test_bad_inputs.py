@@ -192,10 +192,11 @@ def test_unphysical_labels_are_removed_and_reported(small_survey, tmp_path, capl
     path = _write_table(t, tmp_path / "allStar-range.fits")
     with caplog.at_level(logging.WARNING, logger="stellarnet.data.shards"):
         m = _build(path, tmp_path / "out", small_survey["root"])
-    lo, hi = PHYSICAL_LABEL_RANGES[column]
-    row = next(r for r in m["cut_report"] if r["name"] == f"physical_{column}")
+    label = {"ALPHA_M": "ALPHA_FE"}.get(column, column)  # [α/Fe] = ALPHA_M + M_H - FE_H is the label
+    lo, hi = PHYSICAL_LABEL_RANGES[label]
+    row = next(r for r in m["cut_report"] if r["name"] == f"physical_{label}")
     assert row["removed"] == 1 and f"[{lo:g}, {hi:g}]" in row["reason"]
-    assert f"cut 'physical_{column}' removed 1 star(s)" in caplog.text
+    assert f"cut 'physical_{label}' removed 1 star(s)" in caplog.text
     bad_id = str(t["APOGEE_ID"][0]).strip()
     assert bad_id not in _shard_ids(tmp_path / "out")
     clean = _build(small_survey["allstar"], tmp_path / "clean", small_survey["root"])
@@ -216,7 +217,7 @@ def test_missing_labels_are_not_treated_as_unphysical(small_survey, tmp_path):
     t["ALPHA_M"][5:8] = -9999.0  # legacy sentinel -> NaN -> masked, not removed
     path = _write_table(t, tmp_path / "allStar-nan.fits")
     m = _build(path, tmp_path / "out", small_survey["root"])
-    row = next(r for r in m["cut_report"] if r["name"] == "physical_ALPHA_M")
+    row = next(r for r in m["cut_report"] if r["name"] == "physical_ALPHA_FE")
     assert row["removed"] == 0
 
 

@@ -290,3 +290,23 @@ def test_read_then_cut_then_classes(allstar):
     cls = derive_classes(df)
     assert cls.loc[1, "stage"] != RC  # SPEC_RC set but TEFF is NaN (−9999) → undefined
     assert cls.loc[1, "stage"] == -1 and cls.loc[0, "stage"] == RC  # 4800 K, 2.4 dex, solar
+
+
+def test_alpha_fe_is_derived_from_dr17_alpha_m():
+    """DR17 reports [α/M] (ALPHA_M); the label [α/Fe] = ALPHA_M + M_H − FE_H, error ALPHA_M_ERR.
+    A file that has its own ALPHA_FE column (older releases) is read as it is."""
+    import pandas as pd
+
+    from stellarnet.data.catalogs import add_derived_columns, columns_to_read
+
+    dr17 = ["APOGEE_ID", "FE_H", "FE_H_ERR", "M_H", "ALPHA_M", "ALPHA_M_ERR"]
+    assert columns_to_read(["FE_H", "ALPHA_FE", "ALPHA_FE_ERR"], dr17) == ["FE_H", "ALPHA_M", "M_H", "ALPHA_M_ERR"]
+    assert columns_to_read(["ALPHA_FE", "ALPHA_FE_ERR"], dr17 + ["ALPHA_FE", "ALPHA_FE_ERR"]) == ["ALPHA_FE", "ALPHA_FE_ERR"]
+    assert columns_to_read(["NOPE"], dr17) == ["NOPE"]  # left for read_allstar to name as missing
+    df = pd.DataFrame({"FE_H": [-0.5, 0.1, np.nan], "M_H": [-0.4, 0.1, 0.0], "ALPHA_M": [0.2, 0.0, 0.1],
+                       "ALPHA_M_ERR": [0.02, 0.01, 0.03]})
+    out = add_derived_columns(df.copy())
+    np.testing.assert_allclose(out["ALPHA_FE"], [0.3, 0.0, np.nan])
+    np.testing.assert_allclose(out["ALPHA_FE_ERR"], [0.02, 0.01, 0.03])
+    own = add_derived_columns(df.assign(ALPHA_FE=[9.0, 9.0, 9.0]))
+    assert (own["ALPHA_FE"] == 9.0).all()  # never overwritten

@@ -61,9 +61,11 @@ def test_round_trip_matches_source_files(tiny_shards, tiny_survey):
         np.testing.assert_array_equal(data["flux_err"][j], er)
         np.testing.assert_array_equal(data["pix_mask"][j].astype(bool), gd)
         np.testing.assert_allclose(data["labels"][j][0], star["TEFF"], rtol=1e-6)
-        alpha = star["ALPHA_M"]
+        alpha = star["ALPHA_M"] + star["M_H"] - star["FE_H"]  # [α/Fe] from DR17's [α/M]
+        assert m["label_columns"]["ALPHA_FE"] == "ALPHA_FE"
         if np.isfinite(alpha):
-            np.testing.assert_allclose(data["labels"][j][3], alpha, rtol=1e-6)
+            np.testing.assert_allclose(data["labels"][j][3], alpha, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(data["label_err"][j][3], star["ALPHA_M_ERR"], rtol=1e-6)
         else:
             assert np.isnan(data["labels"][j][3])
     assert np.isfinite(data["flux"]).all() and np.isfinite(data["flux_err"]).all()

@@ -42,6 +42,9 @@ from stellarnet.data.bitmasks import PARAM_ORDER
 
 __all__ = [
     "ALLSTAR_COLUMNS",
+    "DERIVED_COLUMNS",
+    "add_derived_columns",
+    "columns_to_read",
     "EXPANDED_ARRAY_COLUMNS",
     "SENTINELS",
     "CatalogFormatError",
@@ -60,6 +63,44 @@ EXPANDED_ARRAY_COLUMNS: tuple[str, ...] = ("PARAM", "FPARAM", "PARAMFLAG")
 #: Default columns the pipeline reads (architecture.md, "allStar schema"); absent ones are
 #: skipped when ``columns=None``. The ``*FLAGS`` name strings (S256) are not read by default:
 #: the integer bitmasks carry the same information at a fraction of the memory.
+#: Label columns allStar does not hold, derived from ones it does: name → (terms, error column).
+#: ``ALPHA_FE`` = [α/Fe] = ``ALPHA_M + M_H − FE_H`` (DR17 reports [α/M]; [α/Fe] = [α/M] + [M/H] −
+#: [Fe/H]); its error is ``ALPHA_M_ERR`` (the errors of M_H and FE_H are strongly correlated and
+#: largely cancel in the difference). Terms are (sign, column).
+DERIVED_COLUMNS: dict[str, tuple[tuple[tuple[int, str], ...], str]] = {
+    "ALPHA_FE": (((1, "ALPHA_M"), (1, "M_H"), (-1, "FE_H")), "ALPHA_M_ERR"),
+}
+
+
+def columns_to_read(names: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The file columns needed for ``names``: a name the file has is read as it is; a
+    :data:`DERIVED_COLUMNS` name it lacks is replaced by its terms (and ``<name>_ERR`` by its error
+    column); anything else is kept, so that :func:`read_allstar` names it as missing."""
+    have = {str(a).upper() for a in available}
+    out: list[str] = []
+    for name in names:
+        base = name[:-4] if name.endswith("_ERR") else name
+        if name.upper() not in have and base in DERIVED_COLUMNS:
+            terms, err = DERIVED_COLUMNS[base]
+            out += [err] if name.endswith("_ERR") else [c for _, c in terms]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def add_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each :data:`DERIVED_COLUMNS` column (and its ``_ERR``) added where the file did
+    not have it and its terms are present (NaN where a term is NaN)."""
+    for name, (terms, err) in DERIVED_COLUMNS.items():
+        if name in df.columns or not all(c in df.columns for _, c in terms):
+            continue
+        value = sum(sign * df[c].to_numpy(np.float64) for sign, c in terms)
+        df[name] = value
+        if err in df.columns and name + "_ERR" not in df.columns:
+            df[name + "_ERR"] = df[err].to_numpy(np.float64)
+    return df
+
+
 ALLSTAR_COLUMNS: tuple[str, ...] = (
     "APOGEE_ID", "TELESCOPE", "FIELD",
     "RA", "DEC", "GLON", "GLAT",

@@ -58,7 +58,9 @@ MANIFEST = "manifest.json"
 BUILDING_MARKER = ".building"
 #: Held (created exclusively, holding the builder's host and pid) by the one build writing the directory.
 BUILD_LOCK = ".build.lock"
-DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_M"}
+#: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.data.catalogs.DERIVED_COLUMNS`,
+#: [α/Fe] = ALPHA_M + M_H − FE_H; DR17's ALPHA_M is [α/M])
+DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_FE"}
 LABEL_UNITS = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex", "ALPHA_FE": "dex"}
 SPECTRA_LAYOUT = {
     "aspcapStar": "apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits",
@@ -287,8 +289,12 @@ def build_shards(
     allstar_sha = sha256_file(allstar)
     required = ["APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR"]
     required += list(label_columns.values()) + [c + "_ERR" for c in label_columns.values()]
-    df = read_allstar(allstar, required=required)
-    _check_numeric(df, [c for c in required if c not in ("APOGEE_ID", "TELESCOPE", "FIELD")], allstar)
+    from stellarnet.data.catalogs import add_derived_columns, allstar_columns, columns_to_read
+
+    to_read = columns_to_read(required, allstar_columns(allstar))
+    df = read_allstar(allstar, required=to_read)
+    _check_numeric(df, [c for c in to_read if c not in ("APOGEE_ID", "TELESCOPE", "FIELD")], allstar)
+    df = add_derived_columns(df)  # e.g. ALPHA_FE = ALPHA_M + M_H - FE_H
     df["_ROW"] = np.arange(len(df), dtype=np.int64)  # row in the allStar file, kept through the cuts
     # physically impossible labels (e.g. Teff = 99999 K, logg = 9) are removed after the user's cuts
     # and reported like a cut (physical_<COLUMN> rows in the cut report); label_ranges={} disables

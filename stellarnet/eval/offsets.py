@@ -6,8 +6,8 @@ Conventions
   [α/Fe] in dex). Inputs are two *row-aligned* DataFrames (e.g. from
   :meth:`stellarnet.eval.crossmatch.MatchResult.matched_frames`).
 * A label is ``name → (reference column(s), survey column)``; the reference side may list
-  candidates (first present wins), e.g. ``("ALPHA_M", "ALPHA_FE")`` so the APOGEE allStar
-  (``ALPHA_M``) and stellarnet predictions (``ALPHA_FE``) both work.
+  candidates (first present wins), e.g. ``("ALPHA_FE", "ALPHA_M")``: [α/Fe] from stellarnet
+  predictions or derived from the allStar (``ALPHA_M + M_H − FE_H``), [α/M] only as a fallback.
 * Trend axes are *reference* labels, scaled as ``x = (value − center) / scale``
   (:data:`TREND_AXES`: Teff → (Teff − 5000 K)/1000 K, logg → logg − 2.5 dex, [Fe/H] → [Fe/H]).
 * Robust statistics: scatter = 1.4826 · MAD; fits use iteratively reweighted least squares
@@ -62,7 +62,7 @@ DEFAULT_LABELS: dict[str, tuple[tuple[str, ...], str]] = {
     "teff": (("TEFF",), "TEFF"),
     "logg": (("LOGG",), "LOGG"),
     "fe_h": (("FE_H",), "FE_H"),
-    "alpha_fe": (("ALPHA_M", "ALPHA_FE"), "ALPHA_FE"),
+    "alpha_fe": (("ALPHA_FE", "ALPHA_M"), "ALPHA_FE"),  # [α/Fe] (derived from ALPHA_M + M_H − FE_H) first
 }
 #: trend axis name → (reference label name, center, scale): x = (value − center) / scale.
 TREND_AXES: dict[str, tuple[str, float, float]] = {

@@ -7,8 +7,9 @@ row. Column names and FITS dtypes follow the "allStar schema" of ``docs/architec
 Measured labels = truth + N(0, σ) with the reported σ (calibrated errors) —
 TEFF_ERR = (30 + 3000/SNR) K × 1.5 for Teff < 4,000 K or > 6,000 K; LOGG_ERR = 0.03 + 3/SNR;
 FE_H_ERR = 0.008 + 1/SNR; ALPHA_M_ERR = 0.01 + 1.5/SNR; C_FE/N_FE/MG_FE errors 0.02 + 2/SNR,
-0.03 + 3/SNR, 0.01 + 1.5/SNR dex. ``M_H`` ≈ ``FE_H`` (ASPCAP's scaled-solar [M/H]) and ``ALPHA_M``
-is the measured [α/Fe] label (the simulation's truth uses [α/M] = [α/Fe]).
+0.03 + 3/SNR, 0.01 + 1.5/SNR dex. ``M_H`` ≈ ``FE_H`` (ASPCAP's scaled-solar [M/H], measured with
+its own 0.01 dex scatter) and ``ALPHA_M`` is [α/M] as in DR17: the measured [α/Fe] + ``FE_H`` −
+``M_H``, so that ``ALPHA_M + M_H − FE_H`` is the measured [α/Fe] (the truth file has [M/H] = [Fe/H]).
 
 Flags (names from :mod:`stellarnet.data.bitmasks`):
 
@@ -332,6 +333,8 @@ def allstar_columns(
     meas["C_FE"][cn_missing] = np.nan
     meas["N_FE"][cn_missing] = np.nan
     meas["MG_FE"][rng.random(n) < 0.01] = np.nan
+    # the stars' abundance ratio is [α/Fe] ("ALPHA_M" above); allStar reports [α/M] = [α/Fe] + [Fe/H] − [M/H]
+    meas["ALPHA_M"] = meas["ALPHA_M"] + meas["FE_H"] - meas["M_H"]
     for k in ("TEFF", "LOGG", "M_H", "ALPHA_M", "FE_H", "C_FE", "N_FE", "MG_FE"):
         col[k] = meas[k]
         col[k + "_ERR"] = np.where(np.isfinite(meas[k]), errs[k], np.nan)
