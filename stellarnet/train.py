@@ -185,14 +185,16 @@ def return_spawn_results(trainer: L.Trainer) -> bool:
 
 
 def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path) -> Path:
-    """Model folder (weights + plain config + data spec) with a σ scale fitted on the val split."""
-    from stellarnet.eval.network import validation_sigma_scale
+    """Model folder (weights + plain config + data spec) with a σ scale per label and a temperature
+    per class task (class probabilities) fitted on the val split."""
+    from stellarnet.eval.network import validation_calibration
     from stellarnet.models.inference import Predictor, load_module, save_model_folder
 
     module = load_module(ckpt)
-    scale = validation_sigma_scale(Predictor(module), dataset_dir, "val")
-    module.hparams["data_spec"]["sigma_scale"] = [float(v) for v in scale]
-    module.data_spec["sigma_scale"] = module.hparams["data_spec"]["sigma_scale"]
+    scale, temperature = validation_calibration(Predictor(module), dataset_dir, "val")
+    for spec in (module.hparams["data_spec"], module.data_spec):
+        spec["sigma_scale"] = [float(v) for v in scale]
+        spec["class_temperature"] = temperature
     return save_model_folder(module, out)
 
 

@@ -277,3 +277,41 @@ def test_fit_sigma_two_term_recovers_scale_and_floor_through_catalogue_noise():
     assert abs(a0[0] - a_true) < 0.1 and b0[0] < 0.05
     an, bn = cal.fit_sigma_two_term(np.array([[1.0], [np.nan]]), np.zeros((2, 1)), np.ones((2, 1)), np.ones((2, 1)))
     assert np.isnan(an[0]) and np.isnan(bn[0])
+
+
+def test_temperature_scaling_fixes_over_confident_probabilities():
+    """Probabilities sharpened by T = 1/3 (over-confident): the fitted temperature is ~3, the ECE
+    drops, accuracy is unchanged; the Predictor applies a folder's temperature."""
+    from stellarnet.eval.calibration import expected_calibration_error, fit_temperature
+    from stellarnet.models.inference import apply_temperature
+
+    rng = np.random.default_rng(0)
+    n, k = 4000, 4
+    logits = rng.normal(0, 1.0, (n, k))
+    true_p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in true_p])
+    sharp = apply_temperature(true_p, 1 / 3)  # what an over-confident network reports
+    t = fit_temperature(sharp, y)
+    assert 2.6 < t < 3.4
+    fixed = apply_temperature(sharp, t)
+    assert expected_calibration_error(fixed, y) < 0.03 < expected_calibration_error(sharp, y)
+    assert (fixed.argmax(1) == sharp.argmax(1)).all()
+    np.testing.assert_allclose(fixed.sum(1), 1.0)
+    assert fit_temperature(sharp[:5], y[:5]) == 1.0  # too few rows: no change
+    assert np.isnan(expected_calibration_error(sharp, -np.ones(n)))
+
+
+def test_predictor_applies_the_model_folders_class_temperature(tmp_path):
+    from conftest import tiny_model_folder
+
+    from stellarnet.models import load_model
+    from stellarnet.models.inference import apply_temperature
+
+    model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
+    rng = np.random.default_rng(1)
+    flux = (1 - 0.2 * rng.random((6, model.n_pixels))).astype(np.float32)
+    err = np.full_like(flux, 0.01)
+    plain = model.predict(flux, err)["class_probs"]["stage"]
+    model.data_spec["class_temperature"] = {"stage": 4.0}
+    scaled = model.predict(flux, err)["class_probs"]["stage"]
+    np.testing.assert_allclose(scaled, apply_temperature(plain, 4.0), rtol=1e-5, atol=1e-6)

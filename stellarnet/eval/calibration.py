@@ -241,3 +241,49 @@ def apply_sigma_scale(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
     scale = np.where(np.isfinite(scale), scale, 1.0)
     sigma = np.asarray(sigma, dtype=float)
     return sigma * (scale if sigma.ndim > 1 else scale.reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# class probabilities: temperature scaling (Guo et al. 2017) and expected calibration error
+# --------------------------------------------------------------------------------------------
+def expected_calibration_error(probs: np.ndarray, codes: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: Σ_bins (n_bin / N) |accuracy − mean confidence| over equal-width confidence bins of
+    the top-class probability; rows with code −1 are ignored (NaN when none is left)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(codes).astype(int).ravel()
+    keep = (y >= 0) & np.isfinite(p).all(1)
+    p, y = p[keep], y[keep]
+    if not len(y):
+        return float("nan")
+    conf = p.max(1)
+    correct = p.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def fit_temperature(probs: np.ndarray, codes: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature T minimizing the negative log-likelihood of ``codes`` under ``probs`` ** (1/T)
+    (renormalized; the same as softmax(logits / T)); rows with code −1 are ignored. Returns 1.0
+    when fewer than 10 rows are usable."""
+    from stellarnet.models.inference import apply_temperature
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(codes).astype(int).ravel()
+    keep = (y >= 0) & (y < p.shape[1]) & np.isfinite(p).all(1)
+    p, y = p[keep], y[keep]
+    if len(y) < 10:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        q = apply_temperature(p, float(np.exp(log_t)))
+        return float(-np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-300))))
+
+    res = optimize.minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                                   options={"xatol": 1e-4})
+    return float(np.exp(res.x))

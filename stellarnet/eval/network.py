@@ -53,6 +53,21 @@ def validation_sigma_scale(predictor: Any, dataset_dir: str | Path, split: str =
     return fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"])
 
 
+def validation_calibration(predictor: Any, dataset_dir: str | Path, split: str = "val",
+                           batch_size: int = 1024) -> tuple[np.ndarray, dict[str, float]]:
+    """(per-label σ scale as :func:`validation_sigma_scale`, {class task: temperature}) fitted on
+    ``split`` in one pass (temperatures by :func:`stellarnet.eval.calibration.fit_temperature`)."""
+    from stellarnet.eval.calibration import fit_temperature
+
+    data = load_split(dataset_dir, split)
+    pred, _ = predict_split(predictor, data, 0, batch_size)
+    scale = fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"])
+    tasks = list(predictor.class_tasks)
+    temperature = {t: fit_temperature(pred["class_probs"][t], data["classes"][:, j]) for j, t in enumerate(tasks)
+                   if t in pred["class_probs"]}
+    return scale, temperature
+
+
 def _refine_meta(pred: Mapping[str, Any]) -> dict[str, Any]:
     """Report metadata on the χ² refinement stage (labels = refined ones where ``refine_flag`` is 0)."""
     if "refine_flag" not in pred:
@@ -85,7 +100,7 @@ def network_report(predictor: Any, dataset_dir: str | Path, split: str = "test",
         pred["labels"], data["labels"], spec["label_names"], sigma=pred["sigma_total"],
         label_err=data["label_err"], sigma_scale=scale, pred_classes=class_codes(pred, tasks),
         true_classes=data["classes"], class_tasks=tasks, class_names=spec["class_tasks"],
-        snr=data["snr"], snr_edges=eval_cfg.get("snr_edges", (0, 50, 100, 200, float("inf"))),
+        class_probs=pred["class_probs"], snr=data["snr"], snr_edges=eval_cfg.get("snr_edges", (0, 50, 100, 200, float("inf"))),
         outlier_k=eval_cfg.get("outlier_k", 3.0), outlier_abs=eval_cfg.get("outlier_abs"),
         predict_rate=rate, meta={"split": split, "n": int(len(data["flux"])), "mc_samples": mc_samples,
                                  **_refine_meta(pred)},

@@ -46,6 +46,7 @@ def build_report(
     true_classes: np.ndarray | None = None,
     class_tasks: Sequence[str] | None = None,
     class_names: Mapping[str, Sequence[str]] | None = None,
+    class_probs: Mapping[str, np.ndarray] | None = None,
     snr: np.ndarray | None = None,
     snr_edges: Sequence[float] | None = DEFAULT_SNR_EDGES,
     groups: np.ndarray | None = None,
@@ -109,6 +110,13 @@ def build_report(
             rep["calibration"] = calibration_report(pred_labels, true_labels, sigma, label_err, names)
     if pred_classes is not None and true_classes is not None:
         rep["classification"] = classification_report(pred_classes, true_classes, class_tasks, class_names)
+        if class_probs:  # expected calibration error of the class probabilities, beside accuracy
+            from stellarnet.eval.calibration import expected_calibration_error
+
+            tc = np.asarray(true_classes).reshape(len(true_classes), -1)
+            for j, task in enumerate(class_tasks or []):
+                if task in class_probs and str(task) in rep["classification"]:
+                    rep["classification"][str(task)]["ece"] = expected_calibration_error(class_probs[task], tc[:, j])
     rep["train_time_s"] = train_time_s
     rep["predict_rate"] = predict_rate
     return to_jsonable(rep)
@@ -193,8 +201,9 @@ def report_to_markdown(report: Mapping[str, Any], name: str = "report") -> str:
     cls = report.get("classification")
     if cls:
         out += ["## Classification", ""]
-        out += [_md_table(["task", "n", "accuracy", "macro F1"],
-                          [[t, _fmt(m.get("n")), _fmt(m.get("accuracy")), _fmt(m.get("macro_f1"))] for t, m in cls.items()]), ""]
+        out += [_md_table(["task", "n", "accuracy", "macro F1", "ECE"],
+                          [[t, _fmt(m.get("n")), _fmt(m.get("accuracy")), _fmt(m.get("macro_f1")), _fmt(m.get("ece"))]
+                           for t, m in cls.items()]), ""]
         for t, m in cls.items():
             out += [f"### {t}", ""]
             rows = [[c, _fmt(pc.get("precision")), _fmt(pc.get("recall")), _fmt(pc.get("f1")), _fmt(pc.get("support"))]

@@ -477,6 +477,9 @@ class Predictor:
             t: (np.concatenate([p["class_probs"][t] for p in parts]) if parts else np.zeros((0, len(names)), np.float32))
             for t, names in self.class_tasks.items()
         }
+        for t, temperature in (self.data_spec.get("class_temperature") or {}).items():
+            if t in res["class_probs"] and n:  # temperature scaling fitted on the validation split
+                res["class_probs"][t] = apply_temperature(res["class_probs"][t], temperature).astype(np.float32)
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
         if refine and n:
             self._refine(res, flux, flux_err, mask, batch_size)
@@ -517,6 +520,16 @@ class Predictor:
         if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
             res["refine_lsf_variance"] = r.lsf_variance
         res["sigma_refined"] = sigma.astype(np.float32)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Class probabilities (N, K) scaled by ``temperature`` T: ``p ** (1/T)`` renormalized, which is
+    ``softmax(logits / T)`` (T > 1 softens over-confident probabilities); float64."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-300, None)
+    logp = np.log(p) / float(temperature)
+    logp -= logp.max(axis=1, keepdims=True)
+    q = np.exp(logp)
+    return q / q.sum(axis=1, keepdims=True)
 
 
 def physical_ranges(label_names: list[str]) -> np.ndarray:
