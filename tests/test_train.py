@@ -76,3 +76,34 @@ def test_train_without_a_logger(tmp_path, tiny_survey, loose_cuts, override):
     assert not objects["trainer"].loggers
     assert not any(isinstance(c, LearningRateMonitor) for c in objects["trainer"].callbacks)
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_a_real_tiny_training_run_exports_a_working_model_folder(tmp_path, tiny_survey, loose_cuts):
+    """No fast_dev_run: 2 epochs, then the export path users get (σ scale and class temperatures
+    fitted on val, the refinement stage, the evaluation report, the model card) — values checked."""
+    import numpy as np
+
+    from stellarnet.models import load_model
+
+    cfg = make_cfg(tmp_path, tiny_survey, loose_cuts, ["trainer.max_epochs=2", "shifts.enabled=false",
+                                                       "refine.epochs=3", "refine.hidden=16", "logger=none"])
+    metrics, objects = train(cfg)
+    folder = tmp_path / "run" / "model"
+    for name in ("model.pt", "emulator.pt", "provenance.json", "MODEL_CARD.md", "refinement.json"):
+        assert (folder / name).is_file(), name
+    model = load_model(folder)
+    spec = model.data_spec
+    assert len(spec["sigma_scale"]) == 4 and all(0.05 < s < 20 for s in spec["sigma_scale"])
+    assert set(spec["class_temperature"]) == {"spectral_type", "luminosity_class", "stage"}
+    assert all(0.05 <= t <= 20 for t in spec["class_temperature"].values())
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["simulated"] is False  # the test passes its survey as data.survey.allstar
+    assert prov["split_rows"] == json.loads((tmp_path / "shards" / "manifest.json").read_text())["split_rows"]
+    report = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert report["meta"]["labels"].startswith("network + χ² refinement")
+    assert 0 <= report["classification"]["stage"]["ece"] <= 1
+    assert all(np.isfinite(report["regression"]["overall"][k]["mae"]) for k in ("TEFF", "LOGG", "FE_H", "ALPHA_FE"))
+    tm = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert tm["labels"]["TEFF"]["unit"] == "K" and 0 < tm["labels"]["TEFF"]["mae"] < 3000  # 2 epochs: rough
+    assert tm["labels"]["TEFF"]["n"] == report["regression"]["overall"]["TEFF"]["n"]
+    assert np.isfinite(metrics["eval/mae_TEFF"])
