@@ -114,6 +114,27 @@ def column_units(columns: Sequence[str], label_names: Sequence[str], label_units
     return out
 
 
+def to_qtable(pred: Mapping[str, Any], label_names: Sequence[str], label_units: Sequence[str],
+              class_tasks: Mapping[str, list[str]] | None = None) -> Any:
+    """A :meth:`Predictor.predict` result as an astropy ``QTable``: the catalogue's columns
+    (:func:`predictions_frame`) with units from :func:`column_units` (K, dex) and descriptions."""
+    import astropy.units as u
+    from astropy.table import QTable
+
+    n = len(pred["labels"])
+    frame = predictions_frame({"apogee_id": np.array([str(i) for i in range(n)], dtype=object)}, pred,
+                              list(label_names), class_tasks)
+    frame = frame.drop(columns=["APOGEE_ID", "READ_ERROR"])
+    meta = column_units(list(frame.columns), label_names, label_units)
+    table = QTable()
+    for col in frame.columns:
+        values = frame[col].to_numpy()
+        unit = meta[col]["unit"]
+        table[col] = values * u.Unit(unit) if unit else values
+        table[col].info.description = meta[col]["description"]
+    return table
+
+
 def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predictions") -> dict[str, Path]:
     """Write FITS and CSV atomically (temp file + rename); returns the paths."""
     out_dir = Path(out_dir)

@@ -315,3 +315,29 @@ def test_predictor_applies_the_model_folders_class_temperature(tmp_path):
     model.data_spec["class_temperature"] = {"stage": 4.0}
     scaled = model.predict(flux, err)["class_probs"]["stage"]
     np.testing.assert_allclose(scaled, apply_temperature(plain, 4.0), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_accepts_pandas_and_astropy_and_returns_a_qtable(tmp_path):
+    import astropy.units as u
+    import pandas as pd
+    from astropy.table import Table
+
+    from conftest import tiny_model_folder
+
+    from stellarnet.models import load_model
+
+    model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
+    rng = np.random.default_rng(2)
+    flux = (1 - 0.2 * rng.random((3, model.n_pixels))).astype(np.float32)
+    err = np.full_like(flux, 0.01)
+    ref = model.predict(flux, err)["labels"]
+    for f, e in ((pd.DataFrame(flux), pd.DataFrame(err)),
+                 (Table({"FLUX": flux}), Table({"FLUX_ERR": err})),
+                 (flux * u.dimensionless_unscaled, err * u.dimensionless_unscaled), (flux.tolist(), err.tolist())):
+        np.testing.assert_allclose(model.predict(f, e)["labels"], ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="must be dimensionless"):
+        model.predict(flux * u.erg, err)
+    table = model.predict(flux, err, output="table")
+    assert table["TEFF"].unit == u.K and table["TEFF_ERR"].unit == u.K and table["LOGG_ERR"].unit == u.dex
+    np.testing.assert_allclose(table["TEFF"].value, ref[:, 0], rtol=1e-6)
+    assert "STELLARNET_FLAG" in table.colnames and "P_STAGE_RC" in table.colnames

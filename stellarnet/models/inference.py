@@ -389,12 +389,15 @@ class Predictor:
         seed: int | None = None,
         precision: str | None = None,
         refine: bool | None = None,
-    ) -> dict[str, Any]:
+        output: str = "dict",
+    ) -> Any:
         """Predict labels (with σ) and classes.
 
         Args:
-            flux: (N, P) or (P,) continuum-normalized flux on the model's grid (dimensionless).
-            flux_err: same shape, normalized flux error.
+            flux: (N, P) or (P,) continuum-normalized flux on the model's grid (dimensionless): a
+                numpy array, a pandas DataFrame (rows = stars), an astropy Table / Column, a
+                dimensionless Quantity, or a list.
+            flux_err: same shape, normalized flux error (same kinds).
             photometry: raw (unstandardized) features (N, F) in ``phot_features`` order with NaN for
                 missing, a DataFrame with those columns, or None (no photometry).
             pix_mask: (N, P) 1/True = good pixel; None: pixels with finite flux and positive finite
@@ -405,6 +408,8 @@ class Predictor:
             seed: seed for the MC-dropout masks (None: torch's global RNG).
             precision: this call's precision (see :func:`resolve_precision`); None: ``self.precision``.
             refine: χ²-refine the labels with the emulator; None: when the predictor has one.
+            output: ``"dict"`` (below) or ``"table"``: an astropy ``QTable`` with the catalogue's
+                columns (``TEFF``, ``TEFF_ERR``, … as ``predict`` writes them) carrying units.
 
         Returns:
             dict of numpy arrays in physical units (``label_units``): ``labels``, ``sigma_aleatoric``,
@@ -422,6 +427,16 @@ class Predictor:
             raise ValueError("refine=True but this predictor has no spectrum emulator (model folder without "
                              f"{EMULATOR_FILE}; build one with python -m stellarnet.refinement)")
         refine = self.emulator is not None if refine is None else bool(refine)
+        if output not in ("dict", "table"):
+            raise ValueError(f"output must be 'dict' or 'table', got {output!r}")
+        if output == "table":
+            from stellarnet.results import to_qtable  # the catalogue's one definition of columns and units
+
+            res = self.predict(flux, flux_err, photometry=photometry, pix_mask=pix_mask, mc_samples=mc_samples,
+                               batch_size=batch_size, seed=seed, precision=precision, refine=refine)
+            return to_qtable(res, self.label_names, self.label_units, self.class_tasks)
+        flux, flux_err = _as_array(flux, "flux"), _as_array(flux_err, "flux_err")
+        pix_mask = None if pix_mask is None else _as_array(pix_mask, "pix_mask")
         batch_size = _count("batch_size", batch_size, minimum=1)
         mc_samples = _count("mc_samples", mc_samples, minimum=0)
         prec = self.precision if precision is None else resolve_precision(precision, self.device)
@@ -520,6 +535,22 @@ class Predictor:
         if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
             res["refine_lsf_variance"] = r.lsf_variance
         res["sigma_refined"] = sigma.astype(np.float32)
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    """A 1-D/2-D numpy array from numpy, pandas (DataFrame / Series), astropy (Table, Column,
+    dimensionless Quantity) or a list."""
+    if hasattr(x, "unit") and hasattr(x, "value") and not hasattr(x, "colnames"):  # Quantity
+        unit = getattr(x, "unit", None)
+        if unit is not None and str(unit) not in ("", "dimensionless"):
+            raise ValueError(f"{name} must be dimensionless (continuum-normalized), got unit {unit}")
+        return np.asarray(x.value)
+    if hasattr(x, "colnames"):  # astropy Table: one column per pixel, or one array column
+        cols = [np.asarray(x[c]) for c in x.colnames]
+        return cols[0] if len(cols) == 1 and cols[0].ndim == 2 else np.stack(cols, axis=1)
+    if hasattr(x, "to_numpy"):  # pandas
+        return x.to_numpy()
+    return np.asarray(x)
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
