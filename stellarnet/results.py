@@ -30,7 +30,7 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
                       class_tasks: Mapping[str, list[str]] | None = None) -> pd.DataFrame:
     """Table of one chunk: APOGEE_ID, labels, σ per kind, class probabilities and classes."""
     out: dict[str, Any] = {"APOGEE_ID": np.asarray(chunk["apogee_id"]).astype(str)}
-    for key in ("ra", "dec", "snr", "split"):
+    for key in ("ra", "dec", "snr", "telescope", "field", "split"):
         if key in chunk:
             out[key.upper()] = np.asarray(chunk[key])
     for j, name in enumerate(label_names):

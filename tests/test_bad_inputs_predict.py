@@ -259,3 +259,16 @@ def test_a_catalogue_is_recognised_by_content_and_input_kind_forces(model_dir, s
         source_kind(str(mine), "table")
     with pytest.raises(ValueError, match="input_kind=shards but .* is not a shard dataset"):
         source_kind(str(mine), "shards")
+
+
+def test_file_list_predictions_carry_positions_from_the_headers(model_dir, survey, tmp_path):
+    files = survey["files"][:3]
+    _, paths = predict(_cfg(model_dir, _files(files), tmp_path / "out", "num_workers=1"))
+    cat = _catalogue(paths["csv"])
+    for i, f in enumerate(files):
+        with fits.open(f) as hdul:
+            h = hdul[0].header
+        assert cat["RA"][i] == pytest.approx(h["RA"]) and cat["DEC"][i] == pytest.approx(h["DEC"])
+        assert cat["TELESCOPE"][i] == h["TELESCOP"] and cat["FIELD"][i] == h["FIELD"]
+    with fits.open(paths["fits"]) as hdul:
+        assert hdul[1].columns["RA"].unit == "deg"

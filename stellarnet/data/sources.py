@@ -47,11 +47,19 @@ class SpectrumReaderError(RuntimeError):
 
 # --------------------------------------------------------------------------- one file
 
-def _read_file_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(flux, flux_err, pixmask, apogee_id) of any spectrum file, as :func:`read_spectrum` reads it."""
+def _read_file_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, dict[str, Any]]:
+    """(flux, flux_err, pixmask, apogee_id, header) of any spectrum file, as :func:`read_spectrum`
+    reads it; ``header`` holds at least the position keywords (RA, DEC, SNR, TELESCOP, FIELD) present."""
     # aspcapStar: skip the header dictionary prediction never uses (the grid check is cached in spectra)
     spec = read_aspcapstar(path, header=False) if Path(path).name.startswith("aspcapStar") else read_spectrum(path)
-    return spec.flux, spec.flux_err, spec.pixmask, spec.apogee_id
+    return spec.flux, spec.flux_err, spec.pixmask, spec.apogee_id, spec.header
+
+
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _read_files(files: Sequence[str], grid: str, normalized: bool | None, mask_dtype: Any = np.float32) -> Chunk:
@@ -63,9 +71,13 @@ def _read_files(files: Sequence[str], grid: str, normalized: bool | None, mask_d
     err = np.full((n, n_pix), 1.0, np.float32)
     good = np.zeros((n, n_pix), mask_dtype)
     ids, errors = [], []
+    pos = np.full((n, 3), np.nan)  # RA, DEC (deg), SNR from the spectrum's header
+    telescope, field = [""] * n, [""] * n
     for i, f in enumerate(files):
         try:
-            fl, er, pm, apogee_id = _read_file_arrays(f)
+            fl, er, pm, apogee_id, header = _read_file_arrays(f)
+            pos[i] = [_number(header.get(k)) for k in ("RA", "DEC", "SNR")]
+            telescope[i], field[i] = str(header.get("TELESCOP", "") or ""), str(header.get("FIELD", "") or "")
             norm = normalized if normalized is not None else Path(f).name.startswith("aspcapStar")
             fl, er, gd = prepare_spectrum(fl, er, pm, grid=grid, normalized=norm)
             flux[i], err[i], good[i] = fl, er, gd
@@ -75,7 +87,8 @@ def _read_files(files: Sequence[str], grid: str, normalized: bool | None, mask_d
             ids.append(Path(f).stem)
             errors.append(f"{type(exc).__name__}: {exc}")
     return {"apogee_id": np.array(ids, dtype=object), "flux": flux, "flux_err": err, "pix_mask": good,
-            "error": np.array(errors, dtype=object)}
+            "error": np.array(errors, dtype=object), "ra": pos[:, 0], "dec": pos[:, 1], "snr": pos[:, 2],
+            "telescope": np.array(telescope, dtype=object), "field": np.array(field, dtype=object)}
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -93,8 +106,9 @@ def _read_block(files: list[str], grid: str, normalized: bool | None) -> tuple[n
     Plain numpy arrays only (no objects) travel back to the parent process.
     """
     c = _read_files(files, grid, normalized, mask_dtype=bool)
-    return (c["flux"], c["flux_err"], c["pix_mask"],
-            np.asarray(c["apogee_id"], dtype=str), np.asarray(c["error"], dtype=str))
+    return (c["flux"], c["flux_err"], c["pix_mask"], np.asarray(c["apogee_id"], dtype=str),
+            np.asarray(c["error"], dtype=str), np.stack([c["ra"], c["dec"], c["snr"]], 1),
+            np.asarray(c["telescope"], dtype=str), np.asarray(c["field"], dtype=str))
 
 
 #: Share of the CPU time per star that reading + preprocessing an aspcapStar file takes in
@@ -212,8 +226,12 @@ class SpectrumFileReader:
         flux = np.concatenate([p[0] for p in parts])
         err = np.concatenate([p[1] for p in parts])
         good = np.concatenate([p[2] for p in parts]).astype(np.float32)
+        pos = np.concatenate([p[5] for p in parts])
         return {"apogee_id": np.concatenate([p[3] for p in parts]).astype(object), "flux": flux, "flux_err": err,
-                "pix_mask": good, "error": np.concatenate([p[4] for p in parts]).astype(object)}
+                "pix_mask": good, "error": np.concatenate([p[4] for p in parts]).astype(object),
+                "ra": pos[:, 0], "dec": pos[:, 1], "snr": pos[:, 2],
+                "telescope": np.concatenate([p[6] for p in parts]).astype(object),
+                "field": np.concatenate([p[7] for p in parts]).astype(object)}
 
     def read(self, files: Sequence[str], grid: str, normalized: bool | None = None) -> Chunk:
         """Read and prepare ``files`` (see the class doc)."""
@@ -349,9 +367,11 @@ def iter_catalog(allstar: str | Path, spectra_root: str | Path | None, grid: str
         for chunk, part in chunks:
             chunk["apogee_id"] = part["APOGEE_ID"].astype(str).to_numpy(dtype=object)
             chunk["photometry"] = photometric_features(part)[list(PHOT_FEATURES)].to_numpy(np.float32)
-            for col in ("RA", "DEC", "SNR"):
+            for col in ("RA", "DEC", "SNR"):  # the catalogue's values, not the spectrum headers'
                 if col in part:
                     chunk[col.lower()] = part[col].to_numpy(np.float64)
+            for col in ("TELESCOPE", "FIELD"):
+                chunk[col.lower()] = part[col].astype(str).to_numpy(dtype=object)
             yield chunk
 
 

@@ -450,6 +450,14 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
+#: Primary-header keywords every reader keeps (even ``header=False``): where and how the star was observed.
+POSITION_KEYWORDS = ("RA", "DEC", "SNR", "TELESCOP", "FIELD")
+
+
+def _header_dict_of(header: Any, keys: Iterable[str]) -> dict[str, Any]:
+    return {k: _plain(header[k]) for k in keys if k in header}
+
+
 def _header_dict(header: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in header:
@@ -663,7 +671,7 @@ def read_aspcapstar(path: str | Path, header: bool = True) -> Spectrum:
             pixmask=np.zeros(flux.shape, dtype=np.int64),
             wavelength=_wavelength(path, hdus, grids.N_PIX_FULL),
             apogee_id=_apogee_id(path, primary),
-            header=_header_dict(primary) if header else {},
+            header=_header_dict(primary) if header else _header_dict_of(primary, POSITION_KEYWORDS),
             model=model,
             kind="aspcapStar",
             path=str(path),
