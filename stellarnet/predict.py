@@ -145,7 +145,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             torch.set_num_threads(int(torch_threads))
         kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
                                       spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader,
-                                      input_kind=input_kind)
+                                      input_kind=input_kind, spectra_layout=cfg.get("spectra_layout"))
         if n == 0:
             raise PredictionError(f"the input {inp} holds no stars: nothing to predict")
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",

@@ -43,7 +43,7 @@ def check_data_config(data_cfg: Mapping[str, Any]) -> None:
     """Fail before any work on values of the ``data`` config that cannot work (the message names
     the full key): split fractions, rows per shard, workers, grid, spectra kind, simulated stars."""
     from stellarnet.data import grids
-    from stellarnet.data.shards import SPECTRA_LAYOUT
+    from stellarnet.data.shards import SPECTRA_LAYOUT, spectra_layout
     from stellarnet.data.splits import check_split_fractions
 
     sh = data_cfg["shards"]
@@ -57,6 +57,10 @@ def check_data_config(data_cfg: Mapping[str, Any]) -> None:
     kind = data_cfg["survey"].get("spectra_kind", "aspcapStar")
     if kind not in SPECTRA_LAYOUT:
         raise ValueError(f"data.survey.spectra_kind must be one of {sorted(SPECTRA_LAYOUT)}, got {kind!r}")
+    try:
+        spectra_layout(kind, data_cfg["survey"].get("spectra_layout"))
+    except ValueError as exc:
+        raise ValueError(f"data.survey.{exc}") from None
     if not data_cfg["survey"].get("allstar"):
         _check_int(data_cfg["survey"]["simulate"].get("n_stars"), "data.survey.simulate.n_stars", 10)
     dm = data_cfg.get("datamodule") or {}
@@ -83,4 +87,5 @@ def ensure_shards(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
         label_columns=sh["labels"],
         classes_cfg=data_cfg.get("classes"),
         n_workers=int(sh.get("n_workers", 1)),
+        layout=data_cfg["survey"].get("spectra_layout"),
     )

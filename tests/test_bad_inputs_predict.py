@@ -272,3 +272,25 @@ def test_file_list_predictions_carry_positions_from_the_headers(model_dir, surve
         assert cat["TELESCOPE"][i] == h["TELESCOP"] and cat["FIELD"][i] == h["FIELD"]
     with fits.open(paths["fits"]) as hdul:
         assert hdul[1].columns["RA"].unit == "deg"
+
+
+def test_another_release_layout_is_configurable(model_dir, survey, tmp_path):
+    """Spectra mirrored flat as <root>/spectra/<APOGEE_ID>.fits: spectra_layout finds them, for
+    predict and for the shard build; a template without {APOGEE_ID} is refused."""
+    from stellarnet.data.shards import build_shards
+
+    mirror = tmp_path / "mirror"
+    (mirror / "spectra").mkdir(parents=True)
+    for apogee_id, f in zip(survey["ids"], survey["files"]):
+        shutil.copy(f, mirror / "spectra" / f"{apogee_id}.fits")
+    layout = "spectra/{APOGEE_ID}.fits"
+    summary, _ = predict(_cfg(model_dir, str(survey["allstar"]), tmp_path / "out", f"spectra_root={mirror}",
+                              f"spectra_layout='{layout}'"))
+    assert summary["stars"] == N_ROWS and summary["read_errors"] == 0
+    m = build_shards(survey["allstar"], tmp_path / "ds", {}, spectra_root=mirror, layout=layout, grid="dr12",
+                     rows_per_shard=64, n_workers=1, progress=False,
+                     split={"by": "FIELD", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1})
+    assert m["sources"]["spectra_layout"] == layout and m["spectra_missing"]["count"] == 0
+    with pytest.raises(ValueError, match=r"must contain \{APOGEE_ID\}"):
+        predict(_cfg(model_dir, str(survey["allstar"]), tmp_path / "out2", f"spectra_root={mirror}",
+                     "spectra_layout='spectra/{FIELD}.fits'"))

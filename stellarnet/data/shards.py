@@ -88,11 +88,28 @@ def _stable_hash(obj: Any) -> str:
 
 
 
-def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apogee_id: str) -> Path:
-    """Path of a star's spectrum file in the real SDSS directory layout."""
+def spectra_layout(kind: str, layout: str | None = None) -> str:
+    """The path template of ``kind``'s spectrum files below the spectra root: ``layout`` when given
+    (another data release or a local mirror; fields ``{TELESCOPE}``, ``{FIELD}``, ``{APOGEE_ID}``),
+    else DR17's (:data:`SPECTRA_LAYOUT`). ValueError names a bad kind or template."""
     if kind not in SPECTRA_LAYOUT:
         raise ValueError(f"unknown spectra_kind {kind!r}; use one of {sorted(SPECTRA_LAYOUT)}")
-    rel = SPECTRA_LAYOUT[kind].format(TELESCOPE=telescope, FIELD=field, APOGEE_ID=apogee_id)
+    if not layout:
+        return SPECTRA_LAYOUT[kind]
+    try:
+        layout.format(TELESCOPE="t", FIELD="f", APOGEE_ID="a")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"spectra_layout {layout!r} is not a path template with {{TELESCOPE}}, {{FIELD}} and "
+                         f"{{APOGEE_ID}} fields ({type(exc).__name__}: {exc})") from None
+    if "{APOGEE_ID}" not in layout:
+        raise ValueError(f"spectra_layout {layout!r} must contain {{APOGEE_ID}} (one file per star)")
+    return layout
+
+
+def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apogee_id: str,
+                  layout: str | None = None) -> Path:
+    """Path of a star's spectrum file in the SDSS directory layout (DR17's, or ``layout``)."""
+    rel = spectra_layout(kind, layout).format(TELESCOPE=telescope, FIELD=field, APOGEE_ID=apogee_id)
     return Path(root) / rel
 
 
@@ -255,12 +272,14 @@ def build_shards(
     n_workers: int = 2,
     progress: bool = True,
     label_ranges: Mapping[str, Sequence[float]] | None = None,
+    layout: str | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) a shard dataset from an allStar file and its spectra; return the manifest.
 
     ``allstar``: an allStar-format FITS. ``spectra_root``: root of the SDSS directory tree
     (defaults to the allStar's directory). ``cuts``: ordered mapping of named cuts
     (``conf/data/cuts``). ``grid``: 'dr17' (7,514 px) or 'dr12' (7,214 px).
+    ``layout``: the spectra's path template below ``spectra_root`` (default DR17's, :data:`SPECTRA_LAYOUT`).
     ``label_ranges``: physical range per allStar label column (default
     :data:`stellarnet.data.cuts.PHYSICAL_LABEL_RANGES`; ``{}`` disables); stars with a label outside
     are removed after ``cuts`` and reported as ``physical_<COLUMN>`` rows of the cut report.
@@ -305,7 +324,8 @@ def build_shards(
             log.warning("cut %r removed %d star(s): %s", row.name, row.removed, row.reason)
 
     # Spectra availability is part of the selection, reported like a cut.
-    paths = [spectrum_path(spectra_root, spectra_kind, t, f, a)
+    layout = spectra_layout(spectra_kind, layout)
+    paths = [spectrum_path(spectra_root, spectra_kind, t, f, a, layout)
              for t, f, a in zip(kept["TELESCOPE"], kept["FIELD"], kept["APOGEE_ID"])]
     exists = np.array([p.exists() for p in paths])
     missing_ids = kept["APOGEE_ID"].to_numpy()[~exists][:20].tolist()
@@ -314,7 +334,7 @@ def build_shards(
     if len(kept) == 0:
         raise ShardError(
             f"no spectra found under {spectra_root} for the {int(exists.size)} stars that passed the cuts "
-            f"(layout {SPECTRA_LAYOUT[spectra_kind]!r})"
+            f"(layout {layout!r}; set data.survey.spectra_layout for another release's tree)"
         )
 
     phot = photometric_features(kept)
@@ -347,7 +367,8 @@ def build_shards(
     build_cfg = {"allstar_sha256": allstar_sha, "cuts": cuts, "label_ranges": range_cuts,
                  "classes": to_plain(classes_cfg), "grid": grid, "rows_per_shard": rows_per_shard,
                  "split": split, "labels": label_columns,
-                 "spectra_kind": spectra_kind, "schema_version": SCHEMA_VERSION}
+                 "spectra_kind": spectra_kind, "schema_version": SCHEMA_VERSION,
+                 **({"spectra_layout": layout} if layout != SPECTRA_LAYOUT[spectra_kind] else {})}
     build_hash = _stable_hash(build_cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -404,7 +425,7 @@ def build_shards(
             "schema_version": SCHEMA_VERSION,
             "build_hash": build_hash,
             "sources": {"allstar": str(allstar), "allstar_sha256": allstar_sha, "spectra_root": str(spectra_root),
-                        "spectra_kind": spectra_kind, "spectra_layout": SPECTRA_LAYOUT[spectra_kind]},
+                        "spectra_kind": spectra_kind, "spectra_layout": layout},
             "cuts": cuts,
             "label_ranges": range_cuts,
             "cut_report": report.to_frame().to_dict(orient="records"),

@@ -332,25 +332,23 @@ def iter_files(files: Sequence[str], grid: str, chunk_size: int = 1024, normaliz
 
 def iter_catalog(allstar: str | Path, spectra_root: str | Path | None, grid: str, spectra_kind: str = "aspcapStar",
                  chunk_size: int = 1024, cuts: Any = None, num_workers: Any = 0,
-                 reader: SpectrumFileReader | None = None) -> Iterator[Chunk]:
+                 reader: SpectrumFileReader | None = None, layout: str | None = None) -> Iterator[Chunk]:
     """Chunks for the rows of an allStar-format catalogue (optionally cut) with their spectra
     (``num_workers`` / ``reader`` as in :func:`iter_files`)."""
     from stellarnet.data.catalogs import read_allstar
     from stellarnet.data.cuts import apply_cuts
     from stellarnet.data.photometry import PHOT_FEATURES, photometric_features
-    from stellarnet.data.shards import SPECTRA_LAYOUT, spectrum_path
+    from stellarnet.data.shards import spectra_layout, spectrum_path
 
-    if spectra_kind not in SPECTRA_LAYOUT:
-        raise ValueError(f"unknown spectra_kind {spectra_kind!r}")
+    layout = spectra_layout(spectra_kind, layout)
     allstar = Path(allstar)
     root = Path(spectra_root) if spectra_root else allstar.parent
-    layout_top = Path(SPECTRA_LAYOUT[spectra_kind]).parts[0]
+    layout_top = Path(layout).parts[0]
     if not root.is_dir():
-        raise FileNotFoundError(f"spectra_root {root} is not a directory: it must hold the SDSS tree "
-                                f"({SPECTRA_LAYOUT[spectra_kind]})")
-    if not (root / layout_top).is_dir():
+        raise FileNotFoundError(f"spectra_root {root} is not a directory: it must hold the spectra tree ({layout})")
+    if "{" not in layout_top and not (root / layout_top).is_dir():
         raise FileNotFoundError(f"spectra_root {root} has no {layout_top}/ directory: the spectra are looked for at "
-                                f"{root}/{SPECTRA_LAYOUT[spectra_kind]}; is spectra_root the directory above apogee/?")
+                                f"{root}/{layout}; is spectra_root the directory above {layout_top}/?")
     df = read_allstar(allstar, required=["APOGEE_ID", "TELESCOPE", "FIELD"])
     if cuts:
         df, _ = apply_cuts(df, cuts)
@@ -358,7 +356,7 @@ def iter_catalog(allstar: str | Path, spectra_root: str | Path | None, grid: str
     def jobs() -> Iterator[tuple[list[str], bool, Any]]:
         for start in range(0, len(df), chunk_size):
             part = df.iloc[start:start + chunk_size]
-            files = [str(spectrum_path(root, spectra_kind, t, f, a))
+            files = [str(spectrum_path(root, spectra_kind, t, f, a, layout))
                      for t, f, a in zip(part["TELESCOPE"], part["FIELD"], part["APOGEE_ID"])]
             yield files, spectra_kind == "aspcapStar", part
 
@@ -448,7 +446,8 @@ def source_kind(input: str | Sequence[str], input_kind: str = "auto") -> str:
 
 def open_source(input: str | Sequence[str], grid: str, spectra_root: str | None = None,
                 spectra_kind: str = "aspcapStar", chunk_size: int = 1024, num_workers: Any = 0,
-                reader: SpectrumFileReader | None = None, input_kind: str = "auto") -> tuple[str, int, Iterator[Chunk]]:
+                reader: SpectrumFileReader | None = None, input_kind: str = "auto",
+                spectra_layout: str | None = None) -> tuple[str, int, Iterator[Chunk]]:
     """Detect the input kind and return (kind, n_stars, chunk iterator).
 
     ``input``: a shard dataset directory (has manifest.json), an allStar-format ``.fits``
@@ -473,6 +472,6 @@ def open_source(input: str | Sequence[str], grid: str, spectra_root: str | None 
 
         n = len(read_allstar(input, columns=["APOGEE_ID"]))
         return "catalog", n, iter_catalog(input, spectra_root, grid, spectra_kind, chunk_size,
-                                          num_workers=num_workers, reader=reader)
+                                          num_workers=num_workers, reader=reader, layout=spectra_layout)
     files = expand_files(input)
     return "files", len(files), iter_files(files, grid, chunk_size, num_workers=num_workers, reader=reader)
