@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
-                                   "calibration_degree": 2, "device": "auto",
+                                   "calibration_degree": 2, "device": "auto", "unresolved_sigma_floor": "upper",
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                            "continuum_degree": 4, "pixel_clip": 5.0,
                                            "fit_lsf": True}}
@@ -150,8 +150,10 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     used = vpred["refine_flag"] == 0
     # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
     # does not below the emulator's own (a single scale over-covered at S/N < 100, under-covered at ≥ 200)
+    # a floor the validation labels cannot resolve (their errors dwarf it) is taken at its 68 % upper limit
     scale, floor = fit_sigma_two_term(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
-                                      vpred["sigma_network"][used], val["label_err"][used])
+                                      vpred["sigma_network"][used], val["label_err"][used],
+                                      unresolved_floor=str(cfg.get("unresolved_sigma_floor", "upper")))
     scale = np.where(np.isfinite(scale), scale, 1.0)
     floor = np.where(np.isfinite(floor), floor, 0.0)
     summary = {"training": info, "sigma_scale": [float(v) for v in scale],

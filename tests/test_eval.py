@@ -341,3 +341,26 @@ def test_predict_accepts_pandas_and_astropy_and_returns_a_qtable(tmp_path):
     assert table["TEFF"].unit == u.K and table["TEFF_ERR"].unit == u.K and table["LOGG_ERR"].unit == u.dex
     np.testing.assert_allclose(table["TEFF"].value, ref[:, 0], rtol=1e-6)
     assert "STELLARNET_FLAG" in table.colnames and "P_STAGE_RC" in table.colnames
+
+
+def test_an_unresolvable_sigma_floor_is_not_assumed_zero():
+    """Reference errors (50) dwarf a floor of 5: maximum likelihood may put the floor at ~0, the
+    'upper' rule takes the largest floor the data allow at 1σ; a floor the data measure is kept."""
+    from stellarnet.eval.calibration import fit_sigma_two_term
+
+    rng = np.random.default_rng(3)
+    n = 1200
+    s_fit = rng.uniform(2, 6, n)
+    s_net = np.full(n, 15.0)
+    truth = np.sqrt(s_fit**2 + (0.35 * s_net) ** 2)  # a floor b = 0.35
+    err = np.full(n, 50.0)
+    pred = rng.normal(0, truth) + rng.normal(0, err)
+    a_ml, b_ml = fit_sigma_two_term(pred, np.zeros(n), s_fit, s_net, err)
+    a_up, b_up = fit_sigma_two_term(pred, np.zeros(n), s_fit, s_net, err, unresolved_floor="upper")
+    assert b_up[0] > b_ml[0] and b_up[0] >= 0.2
+    # well measured (small reference errors): the rule changes nothing
+    pred2 = rng.normal(0, truth) + rng.normal(0, 1.0, n)
+    a1, b1 = fit_sigma_two_term(pred2, np.zeros(n), s_fit, s_net, np.ones(n))
+    a2, b2 = fit_sigma_two_term(pred2, np.zeros(n), s_fit, s_net, np.ones(n), unresolved_floor="upper")
+    np.testing.assert_allclose([a1[0], b1[0]], [a2[0], b2[0]])
+    assert 0.25 < b1[0] < 0.45

@@ -193,9 +193,12 @@ def fit_sigma_two_term(
     err: np.ndarray | None = None,
     *,
     bounds: tuple[float, float] = (1e-3, 1e3),
+    unresolved_floor: str = "ml",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label ``(a, b)`` of the σ model ``sqrt((a·sigma)² + (b·sigma_floor)²)``, fitted on a
     validation split by Gaussian maximum likelihood with ``pred − true ~ N(0, model² + err²)``.
+    ``unresolved_floor="upper"``: where the data cannot exclude b = 0, b is the upper end of its
+    68 % profile-likelihood interval instead (:func:`_floor_if_unresolved`).
 
     ``sigma`` is a statistical σ that shrinks with S/N (e.g. the formal σ of a χ² fit),
     ``sigma_floor`` one that does not (e.g. the network's σ, which carries its systematic floor):
@@ -232,7 +235,38 @@ def fit_sigma_two_term(
             if best is None or res.fun < best.fun:
                 best = res
         a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
+        if unresolved_floor == "upper":
+            a_out[j], b_out[j] = _floor_if_unresolved(nll, best.fun, a_out[j], b_out[j], bounds)
     return a_out, b_out
+
+
+def _floor_if_unresolved(nll: Any, nll_min: float, a: float, b: float, bounds: tuple[float, float],
+                         delta: float = 0.5) -> tuple[float, float]:
+    """(a, b) at the upper end of b's 68 % profile-likelihood interval when the data cannot exclude
+    b = 0 (no floor), else the maximum-likelihood (a, b) unchanged.
+
+    A floor the validation labels cannot resolve (their own errors dwarf it, e.g. catalogue Teff
+    errors of ~50 K against a refined σ of ~5 K) is not assumed to be zero: the largest floor the
+    data allow at 1σ (Δ NLL = 0.5) is used, with ``a`` refitted for it — a σ that is honest rather
+    than optimistic when it cannot be measured.
+    """
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+
+    def profile(log_b: float) -> tuple[float, float]:
+        res = optimize.minimize_scalar(lambda la: nll(np.array([la, log_b])), bounds=(lo, hi), method="bounded",
+                                       options={"xatol": 1e-4})
+        return float(res.fun), float(res.x)
+
+    if profile(lo)[0] - nll_min > delta:  # b = 0 excluded: the floor is measured
+        return a, b
+    grid = np.linspace(np.log(max(b, bounds[0])), np.log(min(10.0, bounds[1])), 60)
+    best = (a, b)
+    for log_b in grid:
+        value, log_a = profile(log_b)
+        if value - nll_min > delta:
+            break
+        best = (float(np.exp(log_a)), float(np.exp(log_b)))
+    return best
 
 
 def apply_sigma_scale(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
