@@ -233,3 +233,67 @@ def test_recalibrate_keeps_the_emulator_and_refits_the_calibration(refined_dir, 
         shutil.copytree(folder, empty)
         (empty / EMULATOR_FILE).unlink()
         build_refinement(empty, tiny_shards, SETTINGS, progress=False, recalibrate=True)
+
+
+# ---------------------------------------------------------------- behaviours a bug would break
+def test_model_folder_sigma_scales_are_applied(refined_dir, tiny_shards):
+    """The folder's σ calibration is what predict reports: a network σ scale of 2 doubles the
+    network's aleatoric σ; the refined σ is sqrt((a·σ_fit·√χ²)² + (b·σ_network)²) with the folder's a, b."""
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    args = (data["flux"][:12], data["flux_err"][:12], data["photometry"][:12], data["pix_mask"][:12])
+    net = load_model(folder, refine=False)
+    base = net.predict(*args)
+    net.sigma_scale = (np.ones(4) if net.sigma_scale is None else net.sigma_scale) * 2
+    doubled = net.predict(*args)
+    np.testing.assert_allclose(doubled["sigma_aleatoric"], 2 * base["sigma_aleatoric"], rtol=1e-5)
+    np.testing.assert_allclose(doubled["labels"], base["labels"])
+
+    model = load_model(folder)
+    model.refine_sigma_scale = np.ones(4)
+    model.refine_sigma_network_scale = np.zeros(4)
+    plain = model.predict(*args)
+    ok = plain["refine_flag"] == 0
+    assert ok.any()
+    model.refine_sigma_scale = np.full(4, 3.0)
+    model.refine_sigma_network_scale = np.full(4, 0.5)
+    two_term = model.predict(*args)
+    want = np.sqrt((3 * plain["sigma_aleatoric"]) ** 2 + (0.5 * plain["sigma_network"]) ** 2)
+    np.testing.assert_allclose(two_term["sigma_aleatoric"][ok], want[ok], rtol=1e-4)
+    spread = two_term["sigma_aleatoric"][ok] / two_term["sigma_network"][ok]
+    assert np.ptp(spread, axis=0).max() > 0  # per star, not a constant
+
+
+def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
+    """A fit that moves more than REFINE_MAX_SHIFT network σ keeps the network's labels (flag 1,
+    STELLARNET_FLAG REFINE_FAILED); non-finite network labels are not refined (flag 2, NOT_REFINED)."""
+    import stellarnet.models.inference as inference
+    from stellarnet.data.bitmasks import STELLARNET_FLAG
+
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    args = (data["flux"][:8], data["flux_err"][:8], data["photometry"][:8], data["pix_mask"][:8])
+    model = load_model(folder)
+    monkeypatch.setattr(inference, "REFINE_MAX_SHIFT", 0.0)  # every move is "too large"
+    out = model.predict(*args)
+    assert (out["refine_flag"] == 1).all()
+    np.testing.assert_array_equal(out["labels"], out["labels_network"])
+    assert STELLARNET_FLAG.any_set(out["stellarnet_flag"], ["REFINE_FAILED"]).all()
+    monkeypatch.setattr(inference, "REFINE_MAX_SHIFT", 5.0)
+
+    res = load_model(folder, refine=False).predict(*args)
+    res["labels"][0, 1] = np.nan
+    mask = np.asarray(args[3], np.float32)
+    model._refine(res, np.asarray(args[0]), np.asarray(args[1]), mask, 64)
+    assert res["refine_flag"][0] == 2 and (res["refine_flag"][1:] != 2).all()
+    flags = inference.stellarnet_flags(res, mask.mean(1), None)
+    assert STELLARNET_FLAG.any_set(flags[:1], ["NOT_REFINED"]).all()
+
+
+def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
+    from stellarnet.refinement import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device("auto") == "cuda" and _device(None) == "cuda" and _device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device("auto") == "cpu"
