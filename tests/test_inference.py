@@ -104,3 +104,48 @@ def test_load_model_passes_precision(native_bf16, module, tmp_path):
     assert load_model(folder).precision == "32"
     assert load_model(folder, precision="bf16").precision == "bf16"
     assert load_model(folder, precision="auto").precision == "bf16"
+
+
+# ------------------------------------------------- mutants that survived the first benchmark
+def test_batch_size_one_and_empty_inputs(tmp_path):
+    """batch_size=1 is valid and gives the batched numbers; zero spectra give empty (0, L) arrays."""
+    from conftest import tiny_model_folder
+
+    from stellarnet.models import load_model
+
+    model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
+    rng = np.random.default_rng(4)
+    flux = (1 - 0.2 * rng.random((3, model.n_pixels))).astype(np.float32)
+    err = np.full_like(flux, 0.01)
+    one = model.predict(flux, err, batch_size=1)
+    many = model.predict(flux, err, batch_size=128)
+    np.testing.assert_allclose(one["labels"], many["labels"], rtol=1e-5, atol=1e-4)
+    empty = model.predict(flux[:0], err[:0])
+    for key in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
+        assert empty[key].shape == (0, 2), key
+    assert empty["class_probs"]["stage"].shape == (0, 4) and empty["stellarnet_flag"].shape == (0,)
+
+
+def test_total_sigma_adds_the_parts_in_quadrature(tmp_path):
+    """σ_total = √(σ_aleatoric² + σ_epistemic²) after the folder's σ scale (MC dropout on)."""
+    from conftest import tiny_model_folder
+
+    from stellarnet.models import load_model
+
+    model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.3))
+    model.sigma_scale = np.array([1.7, 0.6], np.float32)
+    rng = np.random.default_rng(5)
+    flux = (1 - 0.2 * rng.random((5, model.n_pixels))).astype(np.float32)
+    out = model.predict(flux, np.full_like(flux, 0.01), mc_samples=8, seed=3)
+    assert (out["sigma_epistemic"] > 0).all()
+    np.testing.assert_allclose(out["sigma_total"], np.hypot(out["sigma_aleatoric"], out["sigma_epistemic"]), rtol=1e-5)
+
+
+def test_bf16_native_asks_the_gpu(monkeypatch):
+    from stellarnet.models.inference import _bf16_native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert _bf16_native(torch.device("cuda")) is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert _bf16_native(torch.device("cuda")) is False
+    assert _bf16_native(torch.device("meta")) is False

@@ -255,11 +255,16 @@ def test_model_folder_sigma_scales_are_applied(refined_dir, tiny_shards):
     plain = model.predict(*args)
     ok = plain["refine_flag"] == 0
     assert ok.any()
+    model.refine_sigma_scale = np.full(4, 3.0)  # a scales the fit's σ linearly
+    scaled = model.predict(*args)
+    np.testing.assert_allclose(scaled["sigma_aleatoric"][ok], 3 * plain["sigma_aleatoric"][ok], rtol=1e-4)
+    model.refine_sigma_scale = np.ones(4)
+    model.refine_sigma_network_scale = np.full(4, 0.5)  # b adds the network's σ in quadrature
+    floor = model.predict(*args)
+    want = np.sqrt(plain["sigma_aleatoric"] ** 2 + (0.5 * plain["sigma_network"]) ** 2)
+    np.testing.assert_allclose(floor["sigma_aleatoric"][ok], want[ok], rtol=1e-4)
     model.refine_sigma_scale = np.full(4, 3.0)
-    model.refine_sigma_network_scale = np.full(4, 0.5)
     two_term = model.predict(*args)
-    want = np.sqrt((3 * plain["sigma_aleatoric"]) ** 2 + (0.5 * plain["sigma_network"]) ** 2)
-    np.testing.assert_allclose(two_term["sigma_aleatoric"][ok], want[ok], rtol=1e-4)
     spread = two_term["sigma_aleatoric"][ok] / two_term["sigma_network"][ok]
     assert np.ptp(spread, axis=0).max() > 0  # per star, not a constant
 
@@ -297,3 +302,24 @@ def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
     assert _device("auto") == "cuda" and _device(None) == "cuda" and _device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _device("auto") == "cpu"
+
+
+def test_disagreement_threshold_is_three_combined_sigma():
+    """NET_REFINE_DISAGREE at |refined − network| > 3 √(σ_net² + σ_fit²), not at any other combination."""
+    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.models.inference import stellarnet_flags
+
+    res = _flag_result(4)
+    res["sigma_network"] = np.tile([1.0, 0.03, 0.02, 0.02], (4, 1))
+    res["sigma_refined"] = np.tile([2.0, 0.03, 0.02, 0.02], (4, 1))  # Teff: combined σ = √5 = 2.236 K
+    res["labels"][:, 0] += [6.6, 6.8, 2.0, -7.0]  # threshold 3√5 = 6.708 K
+    flagged = F.any_set(stellarnet_flags(res, np.ones(4), None), ["NET_REFINE_DISAGREE"])
+    assert flagged.tolist() == [False, True, False, True]
+
+
+def test_refined_predictions_carry_the_line_shape_fit(refined_dir, tiny_shards):
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    out = load_model(folder).predict(data["flux"][:6], data["flux_err"][:6], data["photometry"][:6], data["pix_mask"][:6])
+    assert out["refine_lsf_variance"].shape == (6,) and np.isfinite(out["refine_lsf_variance"]).all()
+    assert out["sigma_refined"].shape == (6, 4) and (out["sigma_refined"] > 0).all()
