@@ -364,3 +364,23 @@ def test_an_unresolvable_sigma_floor_is_not_assumed_zero():
     a2, b2 = fit_sigma_two_term(pred2, np.zeros(n), s_fit, s_net, np.ones(n), unresolved_floor="upper")
     np.testing.assert_allclose([a1[0], b1[0]], [a2[0], b2[0]])
     assert 0.25 < b1[0] < 0.45
+
+
+def test_calibration_metrics_pin_their_definitions():
+    """z std with ddof 1, robust std about the median (a biased z keeps its spread), n = 0 when
+    nothing is usable, reliability levels 0.05 … 0.95 and 0.99; the robust σ scale ignores a bias."""
+    from stellarnet.eval.calibration import DEFAULT_LEVELS, _fit_scale_1d, calibration_metrics
+
+    z = np.array([-1.0, 0.0, 2.0])
+    m = calibration_metrics(z, np.zeros(3), np.ones(3))
+    assert m["n"] == 3 and m["z_std"] == pytest.approx(np.std(z, ddof=1)) and m["z_mean"] == pytest.approx(1 / 3)
+    rng = np.random.default_rng(6)
+    biased = 5.0 + rng.normal(0, 1, 4001)
+    mb = calibration_metrics(biased, np.zeros(4001), np.ones(4001))
+    assert mb["z_robust_std"] == pytest.approx(1.0, abs=0.05) and mb["z_mean"] == pytest.approx(5.0, abs=0.05)
+    empty = calibration_metrics(np.full(3, np.nan), np.zeros(3), np.ones(3))
+    assert empty["n"] == 0 and np.isnan(empty["z_std"])
+    assert DEFAULT_LEVELS[:2] == (0.05, 0.1) and DEFAULT_LEVELS[-2:] == (0.95, 0.99) and len(DEFAULT_LEVELS) == 20
+    r = 3.0 + rng.normal(0, 2.0, 4001)  # residuals with a bias: the robust scale is their spread, 2
+    k = _fit_scale_1d(r, np.ones(4001), np.zeros(4001), "robust", (1e-3, 1e3))
+    assert k == pytest.approx(2.0, rel=0.05)
