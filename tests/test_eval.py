@@ -384,3 +384,12 @@ def test_calibration_metrics_pin_their_definitions():
     r = 3.0 + rng.normal(0, 2.0, 4001)  # residuals with a bias: the robust scale is their spread, 2
     k = _fit_scale_1d(r, np.ones(4001), np.zeros(4001), "robust", (1e-3, 1e3))
     assert k == pytest.approx(2.0, rel=0.05)
+
+
+def test_expected_calibration_error_by_hand():
+    """Three stars in three confidence bins: |1 − 0.9|, |0 − 0.6|, |1 − 0.8| → ECE 0.3; class 0 counts."""
+    from stellarnet.eval.calibration import expected_calibration_error
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    assert expected_calibration_error(probs, np.array([0, 1, 1])) == pytest.approx(0.3)
+    assert expected_calibration_error(probs, np.array([0, -1, 1])) == pytest.approx(0.15)  # −1: ignored
