@@ -260,3 +260,46 @@ def test_concurrent_build_is_refused_and_stale_lock_taken_over(tiny_shards, tiny
     assert m == json.loads((tiny_shards / "manifest.json").read_text())
     assert not (work / ".build.lock").exists()
     assert os.path.exists(work / "manifest.json")
+
+
+def test_class_weights_inverse_frequency_capped_and_normalized():
+    from stellarnet.data.shards import _class_weights
+
+    codes = np.array([0] * 80 + [1] * 20 + [-1] * 50)  # −1 = undefined, ignored
+    np.testing.assert_allclose(_class_weights(codes, 3), [0.4, 1.6, 0.0])  # 100/(2·count), mean 1 over present
+    rare = np.array([0] * 1000 + [1])
+    w = np.array([1001 / 2000, 10.0])  # the rare class's 500.5 capped at 10
+    np.testing.assert_allclose(_class_weights(rare, 2), w / w.mean())
+
+
+def test_a_lock_held_by_another_users_process_counts_as_alive(monkeypatch):
+    import os
+
+    from stellarnet.data.shards import _pid_alive
+
+    def denied(pid, sig):
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(os, "kill", denied)
+    assert _pid_alive(12345) is True
+
+
+def test_default_split_is_80_10_10_by_field(tiny_survey, loose_cuts, tmp_path):
+    m = build_shards(tiny_survey["allstar"], tmp_path / "ds", loose_cuts, spectra_root=tiny_survey["root"], grid="dr12",
+                     rows_per_shard=256, n_workers=1, progress=False)
+    assert m["split"] == {"by": "FIELD", "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 42}
+    total = sum(m["split_rows"].values())
+    assert 0.6 < m["split_rows"]["train"] / total < 0.95
+
+
+def test_every_selected_star_is_in_exactly_one_shard(tiny_shards):
+    """No star lost or doubled across shards: the rows add up to the stars that passed the cuts and
+    have a readable spectrum, each allStar row once (several shards per split here: 64 rows each)."""
+    m, rows = _all_rows(tiny_shards)
+    kept = m["cut_report"][-1]["kept"]
+    expected = kept - m["spectra_missing"]["count"] - len(m["spectra_failed"])
+    assert sum(m["split_rows"].values()) == expected
+    assert sum(len(rows[s]["row_index"]) for s in rows) == expected
+    all_rows = np.concatenate([rows[s]["row_index"] for s in rows])
+    assert len(np.unique(all_rows)) == len(all_rows)
+    assert max(sh["rows"] for sh in m["shards"]) == 64 and len(m["shards"]) > 3
