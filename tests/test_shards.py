@@ -303,3 +303,12 @@ def test_every_selected_star_is_in_exactly_one_shard(tiny_shards):
     all_rows = np.concatenate([rows[s]["row_index"] for s in rows])
     assert len(np.unique(all_rows)) == len(all_rows)
     assert max(sh["rows"] for sh in m["shards"]) == 64 and len(m["shards"]) > 3
+
+
+def test_a_current_dataset_is_reused_not_rebuilt(tiny_shards, tiny_survey, loose_cuts, tmp_path):
+    work = tmp_path / "again"
+    shutil.copytree(tiny_shards, work)
+    stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("*")}
+    m = _rebuild(tiny_survey, loose_cuts, work, seed=1)
+    assert m == json.loads((tiny_shards / "manifest.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*")} == stamps  # nothing rewritten
