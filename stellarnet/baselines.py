@@ -33,9 +33,7 @@ def baselines(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     from stellarnet.results import check_not_overwriting
 
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
-    overwrite = cfg.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
+    overwrite = cfg.get("overwrite", False)  # checked (a boolean) by check_not_overwriting
     check_not_overwriting([out_dir / "baselines.json", out_dir / "baselines.md"], overwrite)
     if cfg.get("dataset_dir"):
         dataset = Path(cfg.dataset_dir)

@@ -95,9 +95,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     from stellarnet.results import check_not_overwriting
 
-    overwrite = cfg.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
+    overwrite = cfg.get("overwrite", False)  # checked (a boolean) by check_not_overwriting
     check_not_overwriting([out_dir / "evaluation.json", out_dir / "evaluation.md"], overwrite)
     predictor = load_model(cfg.ckpt_path, refine=bool(cfg.get("refine", True)))
     dataset = cfg.get("dataset_dir") or cfg.data.shards.out_dir

@@ -113,9 +113,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     input_kind = str(cfg.get("input_kind", "auto"))
     kind = source_kind(inp, input_kind)
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
-    overwrite = cfg.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
+    overwrite = cfg.get("overwrite", False)  # checked (a boolean) by check_not_overwriting
     if kind == "shards":  # already preprocessed: nothing for reader processes to do
         num_workers = 0
 
@@ -145,7 +143,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             torch.set_num_threads(int(torch_threads))
         kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
                                       spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader,
-                                      input_kind=input_kind, spectra_layout=cfg.get("spectra_layout"))
+                                      input_kind=kind, spectra_layout=cfg.get("spectra_layout"))  # kind resolved above, once
         if n == 0:
             raise PredictionError(f"the input {inp} holds no stars: nothing to predict")
         log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",

@@ -67,7 +67,10 @@ class OutputExistsError(FileExistsError):
 
 
 def check_not_overwriting(paths: Any, overwrite: bool = False) -> None:
-    """Raise :class:`OutputExistsError` naming the existing ``paths`` unless ``overwrite``."""
+    """Raise :class:`OutputExistsError` naming the existing ``paths`` unless ``overwrite``
+    (ValueError when ``overwrite`` is not a boolean, e.g. ``overwrite=yes`` on the command line)."""
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be true or false, got overwrite={overwrite!r}")
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise OutputExistsError(
