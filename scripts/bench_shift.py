@@ -2,7 +2,7 @@
 (:mod:`stellarnet.robustness`, docs/robustness.md). Writes JSON and a markdown table.
 
     python scripts/bench_shift.py --model <run>/model [--n 2000] [--shifts none,combined]
-        [--baselines data/shards/sim_dr12] [--out bench_shift.json] [--markdown shift_table.md]
+        [--baselines data/shards/sim_dr12] [--crlb] [--out bench_shift.json] [--markdown shift_table.md]
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shifts", default=None, help="comma-separated names (default: the whole suite)")
     ap.add_argument("--baselines", default=None, help="shard dataset whose training split trains the baselines")
+    ap.add_argument("--crlb", action="store_true",
+                    help="also score each label in units of the star's Cramér–Rao bound at the true labels")
     ap.add_argument("--out", default="bench_shift.json")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = args.shifts.split(",") if args.shifts else None
     base = train_baselines(args.baselines) if args.baselines else None
-    res = run_shift_suite(args.model, names, args.n, args.seed, base)
+    res = run_shift_suite(args.model, names, args.n, args.seed, base, crlb=args.crlb)
     Path(args.out).write_text(json.dumps(res, indent=1))
     table = shift_markdown(res)
     if args.markdown:

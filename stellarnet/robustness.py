@@ -37,7 +37,7 @@ from stellarnet.simulate.instrument import observe_spectra
 from stellarnet.simulate.population import STAGES, sample_population
 from stellarnet.simulate.shifts import Shift, shift_suite
 
-__all__ = ["simulate", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
+__all__ = ["simulate", "true_crlb", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
            "shift_table_from_config", "SNR_BIN"]
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,24 @@ def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.
             "stage": pop.stage.astype(int), "snr": snr}
 
 
-def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, names: list[str]) -> dict[str, Any]:
+def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, names: list[str],
+                  crlb: np.ndarray | None = None) -> dict[str, Any]:
+    """Per label: robust σ and median bias of ``est − truth``; with ``sigma`` the robust z std, 1σ
+    coverage and median σ; with ``crlb`` (N, L; NaN where not computed) the robust σ of
+    (est − truth) / CRLB — how far from the Cramér–Rao bound, whatever the stars' own difficulty."""
     out = {}
     for j, name in enumerate(names):
         d = est[:, j] - truth[:, j]
         ok = np.isfinite(d)
-        d = d[ok]
         m: dict[str, float] = {"n": int(ok.sum())}
+        if crlb is not None and j < crlb.shape[1]:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = d / crlb[:, j]
+            ratio = ratio[np.isfinite(ratio)]
+            if ratio.size:
+                m["robust_sigma_over_crlb"] = robust_scatter(ratio)
+                m["median_crlb"] = float(np.nanmedian(crlb[:, j]))
+        d = d[ok]
         if d.size:
             m["robust_sigma"] = robust_scatter(d)
             m["bias"] = float(np.median(d))
@@ -110,9 +121,31 @@ def train_baselines(dataset: str) -> dict[str, Any]:
     return {"cannon": cannon, "xgboost": tree}
 
 
+def true_crlb(labels: np.ndarray, snr: np.ndarray) -> np.ndarray:
+    """Per-star Cramér–Rao bound (N, 4) [K, dex, dex, dex] at the true labels, for white noise
+    1/S/N per pixel and every pixel usable (the simulator's own spectral model,
+    :func:`stellarnet.spectral_model.emulator_model`); NaN outside the model's label box. The
+    difficulty of the star itself, the same for every shift of the same stars."""
+    from stellarnet.eval.crlb import DEFAULT_STEPS, box_selection, crlb_for_stars
+    from stellarnet.spectral_model import emulator_model
+
+    model = emulator_model()
+    out = np.full((labels.shape[0], len(model.label_names)), np.nan)
+    inside, _ = box_selection(labels[:, : len(model.label_names)], snr, model.lower, model.upper)
+    if inside.any():
+        out[inside] = crlb_for_stars(model.fn, labels[inside, : len(model.label_names)], snr=snr[inside],
+                                     steps=[DEFAULT_STEPS[k] for k in model.label_names],
+                                     label_names=model.label_names, bounds=model.bounds)
+    return out
+
+
 def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = None, n: int = 1000, seed: int = 0,
-                    baselines: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Score a model folder (or a loaded :class:`Predictor`) on the named shifts (all when None)."""
+                    baselines: Mapping[str, Any] | None = None, crlb: bool = False) -> dict[str, Any]:
+    """Score a model folder (or a loaded :class:`Predictor`) on the named shifts (all when None).
+
+    With ``crlb`` every label is also scored in units of each star's Cramér–Rao bound
+    (:func:`true_crlb`), which separates what a shift does to the model from how hard the shifted
+    stars are by themselves (a population with more hot and metal-poor stars has weaker lines)."""
     predictor = model if isinstance(model, Predictor) else load_model(model)
     label_names = predictor.label_names
     source = "<Predictor>" if isinstance(model, Predictor) else str(model)
@@ -129,15 +162,17 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
         t_pred = time.perf_counter() - t0
         sel = (sim["snr"] >= SNR_BIN[0]) & (sim["snr"] < SNR_BIN[1])
         truth = sim["labels"][sel]
+        bound = true_crlb(truth, sim["snr"][sel]) if crlb else None
         entry: dict[str, Any] = {"shift": shift.to_dict(), "n_bin": int(sel.sum()), "seconds_simulate": t_sim,
                                  "seconds_predict": t_pred}
         if "labels_network" in pred:  # χ²-refined: the catalogue's labels and the network's own
-            entry["refined"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names)
-            entry["network"] = label_metrics(pred["labels_network"][sel], pred["sigma_network"][sel], truth, label_names)
+            entry["refined"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names, bound)
+            entry["network"] = label_metrics(pred["labels_network"][sel], pred["sigma_network"][sel], truth,
+                                             label_names, bound)
             entry["refined_fraction"] = float(np.mean(pred["refine_flag"] == 0))
             entry["median_chi2"] = float(np.nanmedian(pred["refine_chi2"]))
         else:
-            entry["network"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names)
+            entry["network"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names, bound)
         pred_stage = np.array([STAGES.index(s) if s in STAGES else -1 for s in pred["classes"]["stage"]]) \
             if "stage" in pred["classes"] else np.full(n, -1)
         entry["stage"] = stage_metrics(pred_stage, sim["stage"])
@@ -154,7 +189,7 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
                     lab = model.predict(split["flux"], split["flux_err"], split["pix_mask"])
                 else:
                     lab = model.predict(split)["labels"]
-                entry["baselines"][bname] = label_metrics(lab, None, truth, label_names)
+                entry["baselines"][bname] = label_metrics(lab, None, truth, label_names, bound)
         results["shifts"][name] = entry
         r = entry.get("refined", entry["network"])
         log.info("shift %-15s σ %s | stage %.3f (%.0f + %.0f s)", name,

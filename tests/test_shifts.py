@@ -136,3 +136,34 @@ def test_combined_shift_changes_flux_but_keeps_it_normalized():
     assert not np.allclose(flux1[good], flux0[good], atol=1e-3)
     assert 0.9 < np.median(flux1[good]) < 1.05
     assert np.all(np.isfinite(err1[good])) and np.all(err1[good] > 0)
+
+
+def test_errors_in_crlb_units_measure_distance_from_the_bound():
+    """label_metrics with a CRLB: errors drawn at exactly 2 × each star's bound score 2 (within the
+    sampling error of a robust σ of 4,000 draws, ~2 %), whatever the spread of the bounds; stars
+    without a bound (NaN) are left out of that number only."""
+    from stellarnet.robustness import label_metrics
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    bound = np.column_stack([rng.uniform(2, 20, n), rng.uniform(0.005, 0.05, n)])
+    truth = np.zeros((n, 2))
+    est = 2.0 * bound * rng.standard_normal((n, 2))
+    bound[:100, 0] = np.nan
+    m = label_metrics(est, None, truth, ["TEFF", "LOGG"], bound)
+    assert m["TEFF"]["robust_sigma_over_crlb"] == pytest.approx(2.0, rel=0.05)
+    assert m["LOGG"]["robust_sigma_over_crlb"] == pytest.approx(2.0, rel=0.05)
+    assert m["TEFF"]["n"] == n  # the plain metrics keep every star
+    assert m["TEFF"]["median_crlb"] == pytest.approx(np.nanmedian(bound[:, 0]))
+    assert "robust_sigma_over_crlb" not in label_metrics(est, None, truth, ["TEFF", "LOGG"])["TEFF"]
+
+
+def test_true_crlb_is_larger_at_lower_snr_and_nan_outside_the_box():
+    """The bound scales as 1/S/N (white noise) and is NaN for labels outside the spectral model's box."""
+    from stellarnet.robustness import true_crlb
+
+    labels = np.array([[4800.0, 2.5, 0.0, 0.05], [4800.0, 2.5, 0.0, 0.05], [20000.0, 2.5, 0.0, 0.05]])
+    b = true_crlb(labels, np.array([100.0, 50.0, 100.0]))
+    assert np.all(np.isfinite(b[:2])) and np.all(np.isnan(b[2]))
+    np.testing.assert_allclose(b[1] / b[0], 2.0, rtol=1e-6)
+    assert 1.0 < b[0, 0] < 15.0  # K at S/N 100 for a giant: a few K (median 4 K in the suite)
