@@ -28,6 +28,7 @@ import numpy as np
 from numpy.polynomial import chebyshev
 
 from stellarnet.data import grids
+from stellarnet.data.fitsfile import UnsupportedFITS, open_fits
 from stellarnet.data.bitmasks import APOGEE_PIXMASK, PIXMASK_ASTRONN_DEFAULT, PIXMASK_PERSIST
 from stellarnet.paths import resource
 
@@ -549,11 +550,18 @@ def _damaged_file_errors(reader: Callable[..., Spectrum]) -> Callable[..., Spect
 
 
 def _open(path: str | Path) -> tuple[Path, Any]:
+    """The file's HDUs: by :func:`stellarnet.data.fitsfile.open_fits` (plain images, ~8× faster than
+    astropy) when it handles the file exactly, else by astropy (compressed, scaled, non-standard,
+    truncated or damaged files: astropy's errors, turned into :class:`SpectrumFormatError`)."""
     from astropy.io import fits
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"spectrum file not found: {path}")
+    try:
+        return path, open_fits(path)
+    except (UnsupportedFITS, OSError):
+        pass
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
