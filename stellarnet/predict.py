@@ -14,17 +14,17 @@ chunk by chunk.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 # torch, the model and the writers are imported inside predict(): spawned reader processes
 # re-import this module as their __main__ when it runs as ``python -m stellarnet.predict``
 from stellarnet.errors import report_errors
-from stellarnet.data.sources import SpectrumFileReader, open_source, resolve_num_workers, source_kind
+from stellarnet.data.sources import resolve_num_workers, source_kind
 from stellarnet.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,39 @@ def _check_count(cfg: DictConfig, key: str, minimum: int, default: Any = None, a
     return value
 
 
-def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run a checkpoint over the configured input, streaming the catalogue to disk chunk by chunk
-    (bounded memory for any catalogue size).
+def _plan(cfg: DictConfig, provenance: dict[str, Any], dataset: Any, batch_size: int, mc_samples: int,
+          seed: Any, precision: str) -> dict[str, Any]:
+    """What the catalogue's rows depend on: a run with the same plan may reuse another's parts."""
+    return {"input": provenance["input"] if not isinstance(cfg.input, str) else str(cfg.input),
+            "files": dataset.files[:3] + dataset.files[-3:] if dataset.files else None,
+            "kind": dataset.kind, "n_stars": dataset.n_stars, "chunk_size": dataset.chunk_size,
+            "n_chunks": dataset.n_chunks, "model_sha256": provenance["model_sha256"], "refined": provenance["refined"],
+            "mc_samples": mc_samples, "seed": seed, "precision": precision, "batch_size": batch_size,
+            "spectra_root": str(cfg.get("spectra_root")), "spectra_kind": str(cfg.get("spectra_kind")),
+            "stellarnet_version": provenance["stellarnet_version"]}
 
-    Returns ({stars, read_errors, num_workers, torch_threads, batch_size, precision, refined}, output paths).
+
+def parts_directory(out_dir: Path, plan: dict[str, Any]) -> Path:
+    """``<out_dir>/predictions.parts/<plan hash>``: a rerun with the same plan resumes there."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out_dir / PARTS_DIR / digest
+
+
+#: where the part files of a run live (removed once merged into the catalogue)
+PARTS_DIR = "predictions.parts"
+
+
+def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Predict the configured input with ``Trainer.predict`` (one chunk per step, a part file per chunk,
+    merged in input order into ``predictions.fits``/``.csv`` by rank 0). ``trainer=ddp
+    trainer.devices=N`` (``trainer.num_nodes=M`` under SLURM) spreads the chunks over N × M processes;
+    a killed run resumes where it stopped (the finished parts are kept until the merge).
+
+    Returns ({stars, read_errors, flagged_bad, num_workers, torch_threads, batch_size, precision,
+    refined, chunks_skipped}, output paths); on ranks other than 0 the paths are empty.
     """
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.predict ckpt_path=<.ckpt or model folder> input=...")
@@ -114,25 +142,27 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     kind = source_kind(inp, input_kind)
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     overwrite = cfg.get("overwrite", False)  # checked (a boolean) by check_not_overwriting
-    if kind == "shards":  # already preprocessed: nothing for reader processes to do
+    if kind == "shards":  # already preprocessed: little for reader processes to do
         num_workers = 0
 
+    import shutil
+
+    import hydra.utils
     import torch
+    from torch.utils.data import DataLoader
 
     from stellarnet.data.bitmasks import STELLARNET_FLAG
+    from stellarnet.data.chunks import open_chunks, pass_through
     from stellarnet.hardware import available_cpus
     from stellarnet.models.inference import load_model, precision_name
-    from stellarnet.results import PredictionWriter, check_not_overwriting, predictions_frame
+    from stellarnet.models.prediction import PartWriter, PredictionModule
+    from stellarnet.results import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
+    from stellarnet.utils import atomic_write_text
 
     precision_name(precision)  # a bad spelling fails before anything starts
     check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv",
                            out_dir / "predictions.columns.json"], overwrite)
-
-    # the workers start (and import the FITS reader) while this process loads the model
-    reader = SpectrumFileReader(num_workers).start()
     threads_before = torch.get_num_threads()
-    chunks = None
-    writer = None
     try:
         predictor = load_model(cfg.ckpt_path, precision=precision, refine=bool(cfg.get("refine", True)))
         if _is_auto(batch_size):
@@ -141,50 +171,65 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             torch_threads = max(1, available_cpus() - num_workers)
         if torch_threads is not None:
             torch.set_num_threads(int(torch_threads))
-        kind, n, chunks = open_source(inp, predictor.grid, spectra_root=cfg.get("spectra_root"),
-                                      spectra_kind=cfg.spectra_kind, chunk_size=chunk_size, reader=reader,
-                                      input_kind=kind, spectra_layout=cfg.get("spectra_layout"))  # kind resolved above, once
-        if n == 0:
+        dataset = open_chunks(inp, predictor.grid, chunk_size, spectra_root=cfg.get("spectra_root"),
+                              spectra_kind=cfg.spectra_kind, input_kind=kind, spectra_layout=cfg.get("spectra_layout"))
+        if dataset.n_stars == 0:
             raise PredictionError(f"the input {inp} holds no stars: nothing to predict")
-        log.info("predicting %d stars from %s input %s (%d reader process(es), %d torch thread(s), batch %d, %s)",
-                 n, kind, inp, num_workers, torch.get_num_threads(), batch_size,
-                 "bf16 autocast" if predictor.precision == "bf16" else "float32")
         provenance = catalogue_provenance(cfg.ckpt_path, predictor, inp)
+        plan = _plan(cfg, provenance, dataset, int(batch_size), mc_samples, seed, predictor.precision)
+        parts_dir = parts_directory(out_dir, plan)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(parts_dir / "plan.json", __import__("json").dumps(plan, indent=1, default=str))
+        done = finished_parts(parts_dir)  # every rank lists them before any rank writes one
+        todo = [k for k in range(dataset.n_chunks) if k not in done]
+        log.info("predicting %d stars (%d chunks, %d already done) from %s input %s (%d reader process(es), "
+                 "%d torch thread(s), batch %d, %s)", dataset.n_stars, dataset.n_chunks, len(done), kind, inp,
+                 num_workers, torch.get_num_threads(), batch_size,
+                 "bf16 autocast" if predictor.precision == "bf16" else "float32")
         if provenance.get("training_data_simulated"):
             log.warning("this model was trained on simulated spectra (%s): its labels and σ on real survey "
                         "spectra are not validated", provenance.get("training_data"))
-        writer = PredictionWriter(out_dir, n, overwrite=overwrite, label_names=predictor.label_names,
+        writer_cb = PartWriter(parts_dir)
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer_cb], logger=False,
+                                          enable_model_summary=False, enable_checkpointing=False,
+                                          default_root_dir=str(out_dir))
+        if todo:
+            loader = DataLoader(dataset.only(todo), batch_size=None, shuffle=False, num_workers=num_workers,
+                                collate_fn=pass_through, prefetch_factor=2 if num_workers else None)
+            module = PredictionModule(predictor, mc_samples=mc_samples, batch_size=int(batch_size), seed=seed)
+            with warnings.catch_warnings():  # chunks are not batches of samples: no per-sample indices to track
+                warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+                trainer.predict(module, dataloaders=loader, return_predictions=False)
+        summary: dict[str, Any] = {"num_workers": num_workers, "torch_threads": torch.get_num_threads(),
+                                   "batch_size": int(batch_size), "precision": predictor.precision,
+                                   "refined": predictor.emulator is not None, "chunks_skipped": len(done),
+                                   "chunks_written_here": writer_cb.written}
+        if not trainer.is_global_zero:
+            return summary, {}
+        writer = PredictionWriter(out_dir, dataset.n_stars, overwrite=overwrite, label_names=predictor.label_names,
                                   label_units=predictor.label_units, provenance=provenance)
-        read_errors, flagged, first_error = 0, 0, None
-        with tqdm(total=n, desc="predict", unit="star") as bar:
-            for k, chunk in enumerate(chunks):
-                pred = predictor.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"],
-                                         pix_mask=chunk["pix_mask"], mc_samples=mc_samples,
-                                         batch_size=int(batch_size), seed=None if seed is None else seed + k)
-                frame = predictions_frame(chunk, pred, predictor.label_names, predictor.class_tasks)
-                read_errors += int((frame["READ_ERROR"] != "").sum())
-                if first_error is None and read_errors:
-                    first_error = str(frame.loc[frame["READ_ERROR"] != "", "READ_ERROR"].iloc[0])
-                flagged += int(STELLARNET_FLAG.any_set(frame["STELLARNET_FLAG"].to_numpy(), STELLARNET_FLAG.bad_bits).sum())
+        counts: dict[str, Any] = {"read_errors": 0, "flagged": 0, "first_error": None}
+        try:
+            for frame in iter_parts(parts_dir, dataset.n_chunks):
+                bad = frame["READ_ERROR"] != ""
+                counts["read_errors"] += int(bad.sum())
+                if counts["first_error"] is None and bad.any():
+                    counts["first_error"] = str(frame.loc[bad, "READ_ERROR"].iloc[0])
+                counts["flagged"] += int(STELLARNET_FLAG.any_set(frame["STELLARNET_FLAG"].to_numpy(),
+                                                                 STELLARNET_FLAG.bad_bits).sum())
                 writer.write(frame)
-                bar.update(len(chunk["flux"]))
-        paths = writer.close()
-        summary = {"stars": writer.written, "read_errors": read_errors, "flagged_bad": flagged, "num_workers": num_workers,
-                   "torch_threads": torch.get_num_threads(), "batch_size": int(batch_size),
-                   "precision": predictor.precision, "refined": predictor.emulator is not None}
-    except BaseException:
-        if writer is not None:
+            paths = writer.close()
+        except BaseException:
             writer.abort()
-        raise
+            raise
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)  # merged: the parts (of any plan) are done
+        summary.update(stars=writer.written, read_errors=counts["read_errors"], flagged_bad=counts["flagged"])
     finally:
-        if chunks is not None:
-            chunks.close()
-        reader.close()
         torch.set_num_threads(threads_before)
-    if summary["stars"] and read_errors == summary["stars"]:
+    if summary["stars"] and summary["read_errors"] == summary["stars"]:
         raise PredictionError(
-            f"every one of the {read_errors} spectra failed to read (the catalogue {paths['fits']} lists why); "
-            f"the first: {first_error}. Check input, spectra_root and spectra_kind"
+            f"every one of the {summary['read_errors']} spectra failed to read (the catalogue {paths['fits']} lists "
+            f"why); the first: {counts['first_error']}. Check input, spectra_root and spectra_kind"
         )
     return summary, paths
 
@@ -193,6 +238,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 @report_errors
 def main(cfg: DictConfig) -> None:
     summary, paths = predict(cfg)
+    if not paths:  # a DDP rank other than 0: rank 0 merges and reports
+        return
     print(f"{summary['stars']} stars ({summary['read_errors']} unreadable, {summary['flagged_bad']} with a bad "
           f"STELLARNET_FLAG bit) → {paths['fits']} and {paths['csv']}")
 

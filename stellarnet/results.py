@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -266,3 +266,66 @@ class PredictionWriter:
         for p in self._tmp.values():
             if p.exists():
                 p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# part files: one per chunk, written by whichever process predicted it, merged in chunk order
+
+PART_PATTERN = "part-{:07d}.npz"
+
+
+def part_path(parts_dir: str | Path, chunk_index: int) -> Path:
+    return Path(parts_dir) / PART_PATTERN.format(int(chunk_index))
+
+
+def write_part(parts_dir: str | Path, chunk_index: int, frame: pd.DataFrame) -> Path:
+    """One chunk's catalogue rows as ``part-<k>.npz`` (columns in order; strings as fixed-width
+    unicode, so that reading needs no pickle), written atomically."""
+    from stellarnet.utils import atomic_open
+
+    arrays = {"__columns__": np.array(list(frame.columns), dtype=str)}
+    for i, name in enumerate(frame.columns):
+        col = frame[name].to_numpy()
+        arrays[f"c{i}"] = col.astype(str) if col.dtype == object else col
+    path = part_path(parts_dir, chunk_index)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+def read_part(path: str | Path) -> pd.DataFrame:
+    """The frame of :func:`write_part` (string columns back to object dtype)."""
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(n) for n in z["__columns__"]]
+        data = {}
+        for i, name in enumerate(names):
+            col = z[f"c{i}"]
+            data[name] = col.astype(object) if col.dtype.kind == "U" else col
+    return pd.DataFrame(data)
+
+
+def finished_parts(parts_dir: str | Path) -> set[int]:
+    """Chunk indices whose part file exists (complete: parts are renamed into place when written)."""
+    out = set()
+    for p in Path(parts_dir).glob("part-*.npz"):
+        try:
+            out.add(int(p.stem.split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+class MissingPartsError(RuntimeError):
+    """A prediction run ended with chunks that have no part file (a process died): rerun to resume."""
+
+
+def iter_parts(parts_dir: str | Path, n_chunks: int) -> Iterator[pd.DataFrame]:
+    """Every chunk's rows, in chunk (= input) order, one part at a time. Raises
+    :class:`MissingPartsError` naming the chunks without a part before yielding anything."""
+    missing = sorted(set(range(n_chunks)) - finished_parts(parts_dir))
+    if missing:
+        raise MissingPartsError(f"{len(missing)} of {n_chunks} chunks have no part file in {parts_dir} (e.g. "
+                                f"{missing[:5]}): a process stopped early; rerun the same command to predict "
+                                f"only those")
+    for k in range(n_chunks):
+        yield read_part(part_path(parts_dir, k))

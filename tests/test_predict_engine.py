@@ -1,0 +1,116 @@
+"""``stellarnet.predict`` on Lightning's engine: 2 DDP processes write the one-process catalogue, a
+killed run resumes from its part files, part files round-trip exactly, chunks cover the input once."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import copy_survey_slice, tiny_model_folder
+from test_predict import _cfg
+
+from stellarnet.data.chunks import open_chunks
+from stellarnet.predict import PARTS_DIR, predict
+from stellarnet.results import finished_parts, read_part, write_part
+
+N_ROWS = 30
+COMMON = ("num_workers=0", "mc_samples=2", "seed=3", "chunk_size=4", "trainer.accelerator=cpu",
+          "trainer.enable_progress_bar=false")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory.mktemp("engine_model"))
+
+
+@pytest.fixture(scope="module")
+def survey(tiny_survey, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("engine_survey")
+    allstar, ids, files = copy_survey_slice(tiny_survey["root"], tiny_survey["allstar"], root, N_ROWS)
+    return {"root": root, "allstar": allstar, "ids": ids, "files": files}
+
+
+def test_chunks_cover_the_input_once_in_order(survey):
+    """Every star in exactly one chunk, chunk k holding stars 4k … 4k+3 in catalogue order."""
+    ds = open_chunks(str(survey["allstar"]), "dr12", chunk_size=4, spectra_root=str(survey["root"]))
+    assert (ds.n_stars, ds.n_chunks, len(ds)) == (N_ROWS, 8, 8)
+    ids = np.concatenate([ds[i]["apogee_id"] for i in range(len(ds))])
+    assert list(ids) == list(survey["ids"])
+    sub = ds.only([5, 2])
+    assert [sub[0]["chunk_index"], sub[1]["chunk_index"]] == [5, 2]
+    assert list(sub[1]["apogee_id"]) == list(survey["ids"][8:12])
+    assert ds.rows_of(7) == 2
+    with pytest.raises(IndexError):
+        ds.only([8])
+
+
+def test_part_files_round_trip_exactly(tmp_path):
+    frame = pd.DataFrame({"APOGEE_ID": np.array(["2M0001", "2M0002"], dtype=object), "TEFF": np.float32([4800.5, np.nan]),
+                          "RA": np.array([1.25, 2.5]), "STELLARNET_FLAG": np.int32([0, 9]),
+                          "REFINE_FLAG": np.int16([1, 2]), "STAGE": np.array(["RC", "RGB"], dtype=object),
+                          "READ_ERROR": np.array(["", "SpectrumFormatError: x"], dtype=object)})
+    path = write_part(tmp_path, 12, frame)
+    assert path.name == "part-0000012.npz" and finished_parts(tmp_path) == {12}
+    back = read_part(path)
+    pd.testing.assert_frame_equal(back, frame)
+    assert list(back.dtypes) == list(frame.dtypes)
+
+
+def _run(model_dir, survey, out, *extra):
+    return predict(_cfg(model_dir, str(survey["allstar"]), out, f"spectra_root={survey['root']}", *COMMON, *extra))
+
+
+def test_a_killed_run_resumes_from_its_parts(model_dir, survey, tmp_path, monkeypatch):
+    """A run stopped after 3 of 8 chunks leaves 3 part files and no catalogue; the same command then
+    predicts only the 5 others and writes the catalogue of an uninterrupted run (same bytes); the
+    parts are removed once merged. Another plan (other mc_samples) does not reuse them."""
+    from stellarnet.models import prediction
+
+    ref_summary, ref_paths = _run(model_dir, survey, tmp_path / "ref")
+    assert ref_summary["chunks_skipped"] == 0 and ref_summary["stars"] == N_ROWS
+
+    real = prediction.PartWriter.write_on_batch_end
+
+    def dying(self, *args, **kwargs):
+        if self.written == 3:
+            raise KeyboardInterrupt("killed")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(prediction.PartWriter, "write_on_batch_end", dying)
+    out = tmp_path / "killed"
+    with pytest.raises(BaseException):
+        _run(model_dir, survey, out)
+    parts = list((out / PARTS_DIR).glob("*/part-*.npz"))
+    assert len(parts) == 3 and not (out / "predictions.csv").exists()
+    monkeypatch.setattr(prediction.PartWriter, "write_on_batch_end", real)
+
+    other, _ = _run(model_dir, survey, tmp_path / "other_plan", "mc_samples=0")
+    assert other["chunks_skipped"] == 0
+    summary, paths = _run(model_dir, survey, out)
+    assert summary["chunks_skipped"] == 3 and summary["chunks_written_here"] == 5
+    assert Path(paths["csv"]).read_bytes() == Path(ref_paths["csv"]).read_bytes()
+    assert not (out / PARTS_DIR).exists()
+
+
+def test_two_ddp_processes_write_the_one_process_catalogue(model_dir, survey, tmp_path):
+    """``trainer=ddp trainer.devices=2`` on the CPU (gloo), launched as a user launches it: the same
+    rows, order and numbers as one process (MC-dropout seeded per chunk), byte for byte."""
+    base = [sys.executable, "-m", "stellarnet.predict", f"ckpt_path={model_dir}", f"input={survey['allstar']}",
+            f"spectra_root={survey['root']}", *COMMON, "overwrite=true"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    one = subprocess.run(base + [f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(base + [f"output_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.devices=2",
+                                 "trainer.accelerator=cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "Starting with 2 processes" in two.stderr + two.stdout
+    assert (tmp_path / "two/predictions.csv").read_bytes() == (tmp_path / "one/predictions.csv").read_bytes()
+    assert len(re.findall(r"^30 stars \(", two.stdout, flags=re.M)) == 1  # rank 0 alone reports
