@@ -5,7 +5,7 @@ Usage:
         [--n 733901] [--chunk-size 1024] [--batch-size 128] [--mc-samples 0] [--threads 2]
         [--modes stream,accumulate] [--out outputs/bench/predict_stream.json]
 
-Spectra: chunks of already preprocessed shard spectra (``stellarnet.data.sources.iter_shards``),
+Spectra: chunks of already preprocessed shard spectra (``stellarnet.data.chunks.open_chunks``),
 cycled until ``--n`` stars (reading 733,901 FITS files is measured per star in
 ``bench_inference.py``/``bench_shards.py`` instead; here the question is memory). Each mode runs
 in a fresh child process, with its RSS sampled every 0.2 s and after every chunk:
@@ -52,11 +52,14 @@ from _bench_common import (  # noqa: E402
 
 def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
     """Shard chunks, cycled over the dataset until ``n`` stars were yielded."""
-    from stellarnet.data.sources import iter_shards
+    from stellarnet.data.chunks import open_chunks
+    from stellarnet.data.shards import load_manifest
 
+    chunks = open_chunks(dataset, load_manifest(dataset)["grid"], chunk_size)
     done = 0
     while done < n:
-        for chunk in iter_shards(dataset, chunk_size=chunk_size):
+        for chunk in (chunks[i] for i in range(len(chunks))):
+            chunk.pop("chunk_index")
             take = min(len(chunk["flux"]), n - done)
             if take < len(chunk["flux"]):
                 chunk = {k: v[:take] for k, v in chunk.items()}

@@ -2,13 +2,17 @@
 
 ``input`` is an allStar-format catalogue (spectra under ``spectra_root``), a shard dataset
 directory, or aspcapStar/apStar files (glob, comma list or a .txt list). Writes
-``predictions.fits`` and ``predictions.csv`` to the run directory (or ``output_dir``).
+``predictions.fits``, ``predictions.csv`` and ``predictions.columns.json`` to the run directory
+(or ``output_dir``).
 
-Spectrum files are read and preprocessed by ``num_workers`` worker processes (``auto``: ⌈2/3⌉ of
-the CPUs, see :func:`stellarnet.data.sources.default_num_workers`; 0: in this process) that read
-the next chunk while this process runs the model on the current one (``torch_threads: auto``: the
-CPUs the readers leave, at least 1); the catalogue keeps the input order and is streamed to disk
-chunk by chunk.
+The input is cut into chunks (:class:`stellarnet.data.chunks.ChunkDataset`) that ``Trainer.predict``
+runs through the model folder (:mod:`stellarnet.models.prediction`): ``num_workers`` DataLoader
+processes read and prepare the spectrum files (``auto``: ⌈2/3⌉ of the CPUs) while the model runs
+(``torch_threads: auto``: the CPUs the readers leave); each chunk's rows go to a part file, merged in
+input order into the catalogue at the end. ``trainer=ddp trainer.devices=N [trainer.num_nodes=M]``
+spreads the chunks over processes, GPUs and nodes (docs/scaling.md); ``trainer.accelerator: auto``
+uses the GPU when torch sees one. A killed run, rerun with the same command, predicts only the
+chunks it had not finished.
 """
 
 from __future__ import annotations

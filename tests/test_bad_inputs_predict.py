@@ -208,10 +208,10 @@ def test_broken_aspcapstar_files_are_reported_per_star(model_dir, survey, tmp_pa
 
 def test_negated_apstar_is_reported(tmp_path):
     """Un-normalized (apStar) flux that is negative: a clear per-star error, not a flipped continuum."""
-    from stellarnet.data.sources import iter_files
+    from stellarnet.data.chunks import open_chunks
 
     bad = _apstar_negated(tmp_path / "apStar-dr17-2M17335483-2753043.fits")
-    chunk = next(iter_files([str(bad)], "dr12"))
+    chunk = open_chunks([str(bad)], "dr12")[0]
     assert "not positive: negated or corrupt flux" in chunk["error"][0]
     assert not chunk["pix_mask"][0].any()
 

@@ -192,7 +192,7 @@ def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_s
     """A rebuild killed after one shard leaves old shards, one new shard and the old manifest:
     no reader may take that for a dataset (doubled and missing stars); a rerun finishes it."""
     import stellarnet.data.shards as shards_mod
-    from stellarnet.data.sources import open_source
+    from stellarnet.data.chunks import open_chunks
 
     work = tmp_path / "half"
     shutil.copytree(tiny_shards, work)
@@ -214,7 +214,7 @@ def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_s
     with pytest.raises(ShardError, match="interrupted"):
         load_manifest(work)
     with pytest.raises(ShardError, match="interrupted"):
-        open_source(str(work), "dr12")
+        open_chunks(str(work), "dr12")
     # the marker alone is what says so: without it the mixed shards are still caught by their build hash
     (work / ".building").unlink()
     with pytest.raises(ShardError, match="another build"):
@@ -228,7 +228,7 @@ def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_s
 
 
 def test_modified_shard_is_refused_by_predict_source(tiny_shards, tmp_path):
-    from stellarnet.data.sources import open_source
+    from stellarnet.data.chunks import open_chunks
 
     work = tmp_path / "mod"
     shutil.copytree(tiny_shards, work)
@@ -236,7 +236,7 @@ def test_modified_shard_is_refused_by_predict_source(tiny_shards, tmp_path):
     with h5py.File(shard, "r+") as f:
         f["apogee_id"][0] = b"SOMEONE-ELSE"
     with pytest.raises(ShardError, match="SHA-256"):
-        open_source(str(work), "dr12")
+        open_chunks(str(work), "dr12")
 
 
 def test_concurrent_build_is_refused_and_stale_lock_taken_over(tiny_shards, tiny_survey, loose_cuts, tmp_path):

@@ -122,7 +122,7 @@ def test_file_reader_matches_read_spectrum_then_prepare(survey):
     from stellarnet.data.spectra import prepare_spectrum
 
     files = survey["files"][:3]
-    chunk = S._read_files(files, GRID, None)
+    chunk = S.read_spectrum_files(files, GRID, None)
     for i, f in enumerate(files):
         spec = read_spectrum(f)
         fl, er, gd = prepare_spectrum(spec.flux, spec.flux_err, spec.pixmask, grid=GRID, normalized=True)
@@ -132,47 +132,50 @@ def test_file_reader_matches_read_spectrum_then_prepare(survey):
         assert chunk["apogee_id"][i] == spec.apogee_id and chunk["error"][i] == ""
 
 
-# ------------------------------------------------------------------------------- the pool
-def test_pooled_reader_gives_the_in_process_chunk(survey):
+# ------------------------------------------------------------ reading in DataLoader workers
+def _loader_chunks(ds, num_workers: int) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from stellarnet.data.chunks import pass_through
+
+    return list(DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=pass_through))
+
+
+def test_worker_processes_give_the_in_process_chunks(survey):
+    """Spectrum files read by 2 DataLoader worker processes: the same chunks (order, arrays, per-file
+    errors) as in this process; a bad file is one row with the reader's message, good rows untouched."""
+    from stellarnet.data.chunks import open_chunks
+
     files = _mixed_files(survey)
-    ref = S.SpectrumFileReader(0).read(files, GRID)
-    with S.SpectrumFileReader(2, block_size=3) as reader:
-        got = reader.read(files, GRID)
-        again = reader.read(files[5:9], GRID)  # the pool is reused
-    _assert_same_chunk(ref, got)
-    _assert_same_chunk(S.SpectrumFileReader(0).read(files[5:9], GRID), again)
-    # bad files: one row each, in place, with the reader's message; good rows are untouched
-    errors = dict(zip(files, ref["error"]))
-    assert sum(e != "" for e in ref["error"]) == len(survey["bad"])
+    ds = open_chunks(files, GRID, chunk_size=4)
+    ref, got = _loader_chunks(ds, 0), _loader_chunks(ds, 2)
+    assert len(ref) == len(got) == -(-len(files) // 4)
+    for a, b in zip(ref, got, strict=True):
+        _assert_same_chunk(a, b)
+    errors = dict(zip(files, np.concatenate([c["error"] for c in ref])))
+    assert sum(e != "" for e in errors.values()) == len(survey["bad"])
     assert "truncated" in errors[survey["bad"]["truncated"]]
     assert errors[survey["bad"]["not_fits"]].startswith("SpectrumFormatError:") and "not a readable FITS" in \
         errors[survey["bad"]["not_fits"]]
     assert "HDU1 (flux) has shape (8000,)" in errors[survey["bad"]["short_grid"]]
     assert errors[survey["bad"]["all_nan"]].startswith("SpectrumQualityError:")
     assert "not the APOGEE 8575-pixel" in errors[survey["bad"]["wrong_wavelength"]]
+    flux = np.concatenate([c["flux"] for c in got])
+    good = np.concatenate([c["pix_mask"] for c in got])
+    ids = np.concatenate([c["apogee_id"] for c in got])
     for i, f in enumerate(files):
         if errors[f]:
-            assert not got["pix_mask"][i].any() and (got["flux"][i] == 1).all()
-            assert got["apogee_id"][i] == Path(f).stem
+            assert not good[i].any() and (flux[i] == 1).all() and ids[i] == Path(f).stem
         else:
-            assert got["pix_mask"][i].sum() > 1000
+            assert good[i].sum() > 1000
 
 
-def test_pooled_iterators_match_in_process(survey):
-    files = _mixed_files(survey)
-    ref = list(S.iter_files(files, GRID, chunk_size=4))
-    got = list(S.iter_files(files, GRID, chunk_size=4, num_workers=2))
-    assert len(ref) == len(got) == -(-len(files) // 4)
-    for a, b in zip(ref, got):
-        _assert_same_chunk(a, b)
+def test_catalogue_chunks_in_workers_match_in_process(survey):
+    from stellarnet.data.chunks import open_chunks
 
-    kind, n, chunks = S.open_source(str(survey["allstar"]), GRID, spectra_root=str(survey["root"]), chunk_size=5)
-    ref = list(chunks)
-    with S.SpectrumFileReader(2, block_size=2) as reader:
-        kind2, n2, chunks2 = S.open_source(str(survey["allstar"]), GRID, spectra_root=str(survey["root"]),
-                                           chunk_size=5, reader=reader)
-        got = list(chunks2)
-    assert (kind, n) == (kind2, n2) == ("catalog", 16)
+    ds = open_chunks(str(survey["allstar"]), GRID, chunk_size=5, spectra_root=str(survey["root"]))
+    assert (ds.kind, ds.n_stars) == ("catalog", 16)
+    ref, got = _loader_chunks(ds, 0), _loader_chunks(ds, 2)
     for a, b in zip(ref, got, strict=True):
         _assert_same_chunk(a, b)
     ids = np.concatenate([c["apogee_id"] for c in got])
@@ -183,27 +186,20 @@ def test_pooled_iterators_match_in_process(survey):
     assert sum(e != "" for e in errors) == 2
 
 
-def test_stopping_early_shuts_the_owned_pool_down(survey):
-    chunks = S.iter_files(_mixed_files(survey), GRID, chunk_size=3, num_workers=2)
-    first = next(chunks)
-    assert len(first["flux"]) == 3
-    t = time.perf_counter()
-    chunks.close()  # cancels the chunk read ahead, stops the workers
-    assert time.perf_counter() - t < 30
+def test_a_dead_worker_is_a_clear_error(survey):
+    """A reader process killed mid-run (out of memory, a signal): torch's DataLoader names it."""
+    from torch.utils.data import DataLoader
 
+    from stellarnet.data.chunks import open_chunks, pass_through
 
-def test_dead_worker_is_a_clear_error(survey):
-    reader = S.SpectrumFileReader(2).start()
-    try:
-        reader.read(survey["files"][:4], GRID)  # the workers are up
-        for pid in list(reader._pool._processes):
-            os.kill(pid, signal.SIGKILL)
-        with pytest.raises(S.SpectrumReaderError, match="worker process died|worker pool is broken"):
-            for _ in range(50):  # the pool notices the dead process within a moment
-                reader.read(survey["files"][:4], GRID)
-                time.sleep(0.1)
-    finally:
-        reader.close()
+    ds = open_chunks(list(survey["files"]) * 4, GRID, chunk_size=1)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_through))
+    next(it)
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly|killed by signal"):
+        for _ in it:
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "two", True])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stellarnet.data import grids
-from stellarnet.data.sources import Chunk, _read_files, expand_files, source_kind
+from stellarnet.data.sources import Chunk, expand_files, read_spectrum_files, source_kind
 
 __all__ = ["ChunkDataset", "open_chunks", "pass_through"]
 
@@ -87,7 +87,7 @@ class ChunkDataset(torch.utils.data.Dataset):
         from stellarnet.data.photometry import PHOT_FEATURES
 
         files = self.files[k * self.chunk_size:(k + 1) * self.chunk_size]
-        chunk = _read_files(files, self.grid, None)
+        chunk = read_spectrum_files(files, self.grid, None)
         chunk["photometry"] = np.full((len(files), len(PHOT_FEATURES)), np.nan, np.float32)
         return chunk
 
@@ -99,7 +99,7 @@ class ChunkDataset(torch.utils.data.Dataset):
         root = Path(self.spectra_root)
         files = [str(spectrum_path(root, self.spectra_kind, t, f, a, self.layout))
                  for t, f, a in zip(part["TELESCOPE"], part["FIELD"], part["APOGEE_ID"])]
-        chunk = _read_files(files, self.grid, self.spectra_kind == "aspcapStar")
+        chunk = read_spectrum_files(files, self.grid, self.spectra_kind == "aspcapStar")
         chunk["apogee_id"] = part["APOGEE_ID"].astype(str).to_numpy(dtype=object)
         chunk["photometry"] = photometric_features(part)[list(PHOT_FEATURES)].to_numpy(np.float32)
         for col in ("RA", "DEC", "SNR"):  # the catalogue's values, not the spectrum headers'
