@@ -8,7 +8,7 @@ directory, or aspcapStar/apStar files (glob, comma list or a .txt list). Writes
 The input is cut into chunks (:class:`stellarnet.data.chunks.ChunkDataset`) that ``Trainer.predict``
 runs through the model folder (:mod:`stellarnet.models.prediction`): ``num_workers`` DataLoader
 processes read and prepare the spectrum files (``auto``: ⌈2/3⌉ of the CPUs) while the model runs
-(``torch_threads: auto``: the CPUs the readers leave); each chunk's rows go to a part file, merged in
+(``torch_threads: auto``: the process's CPUs the readers leave; all of them when refining); each chunk's rows go to a part file, merged in
 input order into the catalogue at the end. ``trainer=ddp trainer.devices=N [trainer.num_nodes=M]``
 spreads the chunks over processes, GPUs and nodes (docs/scaling.md); ``trainer.accelerator: auto``
 uses the GPU when torch sees one. A killed run, rerun with the same command, predicts only the
@@ -157,7 +157,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     from stellarnet.data.bitmasks import STELLARNET_FLAG
     from stellarnet.data.chunks import open_chunks, pass_through
-    from stellarnet.hardware import available_cpus
+    from stellarnet.hardware import CpuThreadsPerRank
     from stellarnet.models.inference import load_model, precision_name
     from stellarnet.models.prediction import PartWriter, PredictionModule
     from stellarnet.results import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
@@ -171,10 +171,11 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         predictor = load_model(cfg.ckpt_path, precision=precision, refine=bool(cfg.get("refine", True)))
         if _is_auto(batch_size):
             batch_size = AUTO_BATCH_SIZE[predictor.precision]
-        if _is_auto(torch_threads):  # the CPUs the reader workers leave free (they are the busier side)
-            torch_threads = max(1, available_cpus() - num_workers)
-        if torch_threads is not None:
-            torch.set_num_threads(int(torch_threads))
+        # torch threads per process, set in each rank once it runs (CpuThreadsPerRank): auto = the
+        # process's share of the CPUs less the reader processes (network alone); with the χ²
+        # refinement, reading is ~10 % of the work and the model gets the whole share
+        threads_cb = (None if torch_threads is None else
+                      CpuThreadsPerRank(0 if predictor.emulator is not None else num_workers, torch_threads))
         dataset = open_chunks(inp, predictor.grid, chunk_size, spectra_root=cfg.get("spectra_root"),
                               spectra_kind=cfg.spectra_kind, input_kind=kind, spectra_layout=cfg.get("spectra_layout"))
         if dataset.n_stars == 0:
@@ -187,14 +188,14 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         done = finished_parts(parts_dir)  # every rank lists them before any rank writes one
         todo = [k for k in range(dataset.n_chunks) if k not in done]
         log.info("predicting %d stars (%d chunks, %d already done) from %s input %s (%d reader process(es), "
-                 "%d torch thread(s), batch %d, %s)", dataset.n_stars, dataset.n_chunks, len(done), kind, inp,
-                 num_workers, torch.get_num_threads(), batch_size,
+                 "batch %d, %s)", dataset.n_stars, dataset.n_chunks, len(done), kind, inp, num_workers, batch_size,
                  "bf16 autocast" if predictor.precision == "bf16" else "float32")
         if provenance.get("training_data_simulated"):
             log.warning("this model was trained on simulated spectra (%s): its labels and σ on real survey "
                         "spectra are not validated", provenance.get("training_data"))
         writer_cb = PartWriter(parts_dir)
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer_cb], logger=False,
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer_cb] + ([threads_cb] if threads_cb else []),
+                                          logger=False,
                                           enable_model_summary=False, enable_checkpointing=False,
                                           default_root_dir=str(out_dir))
         if todo:

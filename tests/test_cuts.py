@@ -249,3 +249,37 @@ def test_bad_split_fractions_are_refused(fractions, message):
     df = pd.DataFrame({"FIELD": list("abcdefgh"), "APOGEE_ID": [f"s{i}" for i in range(8)]})
     with pytest.raises(ValueError, match=re.escape(message)):
         assign_splits(df, fractions)
+
+
+# ------------------------------------------------------------------ mutation-benchmark survivors
+def test_physical_ranges_are_the_documented_ones_and_inclusive():
+    """docs/robustness.md: Teff 2,000–50,000 K, logg −1…6, [Fe/H] and [M/H] −5…1.5, [α/M] and [α/Fe]
+    −1…1.5, ends included; NaN kept; a column without a range gets no cut."""
+    from stellarnet.data.cuts import physical_range_cuts
+
+    cuts = physical_range_cuts(["TEFF", "LOGG", "FE_H", "M_H", "ALPHA_M", "ALPHA_FE", "VSINI", "TEFF"])
+    assert list(cuts) == [f"physical_{c}" for c in ("TEFF", "LOGG", "FE_H", "M_H", "ALPHA_M", "ALPHA_FE")]
+    assert {k: (v["min"], v["max"]) for k, v in cuts.items()} == {
+        "physical_TEFF": (2000.0, 50000.0), "physical_LOGG": (-1.0, 6.0), "physical_FE_H": (-5.0, 1.5),
+        "physical_M_H": (-5.0, 1.5), "physical_ALPHA_M": (-1.0, 1.5), "physical_ALPHA_FE": (-1.0, 1.5)}
+    frame = pd.DataFrame({"LOGG": [-1.0, 6.0, 6.01, np.nan, 0.5], "ALPHA_M": [1.5, -1.0, 0.0, 0.0, 1.51]})
+    kept, report = apply_cuts(frame, physical_range_cuts(["LOGG", "ALPHA_M"]))
+    assert kept.index.tolist() == [0, 1, 3]
+    assert report.n_output == 3 and "[-1, 6]" in report.rows[0].reason
+
+
+def test_all_set_flag_cut_is_described_with_and():
+    kept, report = apply_cuts(pd.DataFrame({"ASPCAPFLAG": np.array([0, STAR_BAD, STAR_BAD | (1 << 40)], np.int64)}),
+                              {"both": {"flag": "ASPCAPFLAG", "bits": ["STAR_BAD", 40], "mode": "all_set"}})
+    assert kept.index.tolist() == [0, 1]
+    assert " and " in report.rows[0].criterion and "not all of" in report.rows[0].criterion
+
+
+def test_text_report_aligns_names_left_and_counts_right():
+    frame = pd.DataFrame({"SNR": [10.0, 100.0, 200.0, 300.0]})
+    _, report = apply_cuts(frame, {"snr": {"column": "SNR", "min": 50}})
+    lines = str(report).splitlines()
+    header, row = lines[0], lines[2]
+    assert header.startswith("cut ") and row.startswith("snr ")
+    at = header.index("before")
+    assert row[at:at + len("before")] == "     4"  # counts right-aligned under their heading

@@ -211,7 +211,7 @@ def test_num_workers_is_checked(value):
 
 
 def test_auto_workers_leave_the_model_a_share_of_the_cpus():
-    assert [S.default_num_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [0, 2, 2, 3, 6, 11]
+    assert [S.default_num_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [0, 1, 2, 2, 4, 7]
 
 
 def test_source_kind(survey, tmp_path):

@@ -72,17 +72,18 @@ def read_spectrum_files(files: Sequence[str], grid: str, normalized: bool | None
 
 
 #: Share of the CPU time per star that reading + preprocessing an aspcapStar file takes in
-#: ``stellarnet.predict`` (the rest: the model with 20 MC-dropout passes, tables, writing): about
-#: 2/3, measured with ``scripts/bench_inference.py --e2e-only`` on 2 cores.
-READ_CPU_SHARE = 2 / 3
+#: ``stellarnet.predict`` with the network alone (the rest: the model, tables, writing): about 0.4
+#: with the fast FITS reader (0.5 ms of 1.3 ms per star on one core; docs/performance.md); with the
+#: χ² refinement much less (~0.1).
+READ_CPU_SHARE = 0.4
 
 
 def default_num_workers(cpus: int | None = None) -> int:
     """Reader processes for ``num_workers: auto``: ``ceil(READ_CPU_SHARE × cpus)`` of the CPUs this
     process may use (the model gets the rest, at least one thread); none on a single CPU.
 
-    2 CPUs → 2 (the model thread shares a core: 541 vs 327 spectra/s for 2 vs 1 readers on an idle
-    2-core machine, docs/performance.md), 4 → 3, 8 → 6, 16 → 11.
+    2 CPUs → 1 (1,218 vs 1,102 spectra/s for 1 vs 2 readers, network alone, on an idle 2-core
+    machine, docs/performance.md), 4 → 2, 8 → 4, 16 → 7.
     """
     if cpus is None:
         try:
