@@ -357,3 +357,17 @@ def test_outlier_fraction_counts_the_rejected_pixels(emulator):
     flux = np.where(hit, flux - 20 * NOISE, flux)
     r = refine_labels(emulator, flux, err, None, labels, pixel_clip=5, continuum_degree=None)
     assert abs(np.median(r.outlier_fraction) - 0.02) < 0.01
+
+
+def test_label_calibration_needs_more_stars_than_coefficients():
+    """Whatever min_stars says, a label needs more usable stars than its polynomial has coefficients
+    (degree 2 in 4 labels: 15) — an exactly determined fit would pass through the noise."""
+    from stellarnet.models.forward import fit_label_calibration
+
+    rng = np.random.default_rng(4)
+    labels = MEAN + STD * rng.uniform(-1, 1, (16, 4))
+    reference = labels + 0.1 * STD * rng.standard_normal(labels.shape)
+    exact = fit_label_calibration(labels[:15], reference[:15], degree=2, min_stars=1)
+    assert all(not np.any(c) for c in exact["coef"])
+    enough = fit_label_calibration(labels, reference, degree=2, min_stars=1)
+    assert all(np.any(c) for c in enough["coef"])
