@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import copy_survey_slice, tiny_model_folder
-from test_predict import _cfg
+from conftest import copy_survey_slice
+from test_predict import _cfg, model_dir  # noqa: F401 - the untrained tiny model folder fixture
 
 from stellarnet.data.chunks import open_chunks
 from stellarnet.predict import PARTS_DIR, predict
@@ -23,11 +23,6 @@ from stellarnet.results import finished_parts, read_part, write_part
 N_ROWS = 30
 COMMON = ("num_workers=0", "mc_samples=2", "seed=3", "chunk_size=4", "trainer.accelerator=cpu",
           "trainer.enable_progress_bar=false")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory.mktemp("engine_model"))
 
 
 @pytest.fixture(scope="module")
