@@ -86,8 +86,14 @@ def test_a_killed_run_resumes_from_its_parts(model_dir, survey, tmp_path, monkey
     assert len(parts) == 3 and not (out / "predictions.csv").exists()
     monkeypatch.setattr(prediction.PartWriter, "write_on_batch_end", real)
 
-    other, _ = _run(model_dir, survey, tmp_path / "other_plan", "mc_samples=0")
+    # another plan in the same directory (other MC samples) reuses none of them, and leaves them be
+    other, _ = _run(model_dir, survey, out, "mc_samples=0", "overwrite=true")
     assert other["chunks_skipped"] == 0
+    (out / "predictions.csv").unlink(), (out / "predictions.fits").unlink(), (out / "predictions.columns.json").unlink()
+    monkeypatch.setattr(prediction.PartWriter, "write_on_batch_end", dying)
+    with pytest.raises(BaseException):
+        _run(model_dir, survey, out)  # killed again: still the first 3 parts of this plan
+    monkeypatch.setattr(prediction.PartWriter, "write_on_batch_end", real)
     summary, paths = _run(model_dir, survey, out)
     assert summary["chunks_skipped"] == 3 and summary["chunks_written_here"] == 5
     assert Path(paths["csv"]).read_bytes() == Path(ref_paths["csv"]).read_bytes()
@@ -107,5 +113,30 @@ def test_two_ddp_processes_write_the_one_process_catalogue(model_dir, survey, tm
                                  "trainer.accelerator=cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "Starting with 2 processes" in two.stderr + two.stdout
+    assert "Traceback" not in two.stderr + two.stdout  # rank 1 ends cleanly too (it returns without merging)
     assert (tmp_path / "two/predictions.csv").read_bytes() == (tmp_path / "one/predictions.csv").read_bytes()
     assert len(re.findall(r"^30 stars \(", two.stdout, flags=re.M)) == 1  # rank 0 alone reports
+
+
+def test_the_output_directory_holds_the_catalogue_only(model_dir, survey, tmp_path):
+    """No Lightning logs, checkpoints or leftover parts next to the catalogue."""
+    _run(model_dir, survey, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "predictions.columns.json", "predictions.csv", "predictions.fits"]
+
+
+def test_provenance_without_the_simulated_key_is_not_called_simulated(model_dir, tmp_path):
+    """A model folder whose provenance.json predates the ``simulated`` key is not flagged simulated."""
+    import json
+    import shutil
+
+    from stellarnet.models.inference import load_model
+    from stellarnet.predict import catalogue_provenance
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "provenance.json").write_text(json.dumps({"training_data": "allStar-dr17 (real)"}))
+    prov = catalogue_provenance(folder, load_model(folder), "x.fits")
+    assert prov["training_data_simulated"] is False and prov["training_data"] == "allStar-dr17 (real)"
+    (folder / "provenance.json").write_text(json.dumps({"training_data": "sim", "simulated": True}))
+    assert catalogue_provenance(folder, load_model(folder), "x.fits")["training_data_simulated"] is True

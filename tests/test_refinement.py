@@ -323,3 +323,29 @@ def test_refined_predictions_carry_the_line_shape_fit(refined_dir, tiny_shards):
     out = load_model(folder).predict(data["flux"][:6], data["flux_err"][:6], data["photometry"][:6], data["pix_mask"][:6])
     assert out["refine_lsf_variance"].shape == (6,) and np.isfinite(out["refine_lsf_variance"]).all()
     assert out["sigma_refined"].shape == (6, 4) and (out["sigma_refined"] > 0).all()
+
+
+def test_predict_gives_the_refinement_all_the_cpus(refined_dir, tiny_survey, tmp_path):
+    """torch_threads=auto: with the χ² refinement the model gets every CPU of the process (reading is
+    ~10 % of the work); the network alone leaves one per reader process (docs/performance.md)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stellarnet.hardware import available_cpus
+    from stellarnet.paths import CONF_DIR
+    from stellarnet.predict import predict
+
+    folder, _ = refined_dir
+    files = ",".join(str(p) for p in sorted(Path(tiny_survey["root"]).rglob("aspcapStar-*.fits"))[:6])
+    threads = {}
+    for refine in (True, False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose(config_name="predict", overrides=[
+                f"ckpt_path={folder}", f"input='{files}'", f"output_dir={tmp_path / str(refine)}", f"refine={refine}",
+                "num_workers=1", "mc_samples=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
+        GlobalHydra.instance().clear()
+        summary, _ = predict(cfg)
+        assert summary["refined"] is refine and summary["stars"] == 6
+        threads[refine] = summary["torch_threads"]
+    assert threads == {True: available_cpus(), False: max(1, available_cpus() - 1)}
