@@ -35,10 +35,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, L
 def _project_error_types() -> tuple[type[BaseException], ...]:
     """The project's own error classes that do not derive from :data:`USER_ERRORS`."""
     from stellarnet.data.shards import ShardError
-    from stellarnet.data.sources import SpectrumReaderError
     from stellarnet.models.inference import CheckpointError
+    from stellarnet.results import MissingPartsError
 
-    out: list[type[BaseException]] = [ShardError, SpectrumReaderError, CheckpointError]
+    out: list[type[BaseException]] = [ShardError, CheckpointError, MissingPartsError]
     try:
         from stellarnet.predict import PredictionError
         out.append(PredictionError)

@@ -153,7 +153,7 @@ def _is_catalog_file(path: Path) -> bool:
 
 
 def source_kind(input: str | Sequence[str], input_kind: str = "auto") -> str:
-    """``"shards"``, ``"catalog"`` or ``"files"``: how :func:`open_source` will read ``input``.
+    """``"shards"``, ``"catalog"`` or ``"files"``: how :func:`stellarnet.data.chunks.open_chunks` will read ``input``.
 
     ``auto``: a directory with a manifest is a shard dataset; a single ``.fits``/``.fits.gz`` file
     whose HDU1 is a table with ``APOGEE_ID``, ``TELESCOPE`` and ``FIELD`` is a catalogue (whatever
