@@ -140,3 +140,27 @@ def test_provenance_without_the_simulated_key_is_not_called_simulated(model_dir,
     assert prov["training_data_simulated"] is False and prov["training_data"] == "allStar-dr17 (real)"
     (folder / "provenance.json").write_text(json.dumps({"training_data": "sim", "simulated": True}))
     assert catalogue_provenance(folder, load_model(folder), "x.fits")["training_data_simulated"] is True
+
+
+def test_prediction_from_a_shard_dataset_keeps_the_manifest_order(model_dir, tiny_shards, tmp_path):
+    """A shard dataset as input: chunks never cross a shard, every row once, in manifest order (train,
+    val, test; shard by shard), with its split; no reader processes (nothing to read but HDF5)."""
+    import json
+
+    import h5py
+
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    ds = open_chunks(str(tiny_shards), "dr12", chunk_size=16)
+    assert ds.kind == "shards" and ds.n_stars == sum(s["rows"] for s in manifest["shards"])
+    assert sum(ds.rows_of(k) for k in range(ds.n_chunks)) == ds.n_stars
+    expected = []
+    for split in ("train", "val", "test"):
+        for sh in (s for s in manifest["shards"] if s["split"] == split):
+            with h5py.File(tiny_shards / sh["file"], "r") as f:
+                expected += [(i.decode(), split) for i in f["apogee_id"][:]]
+    summary, paths = predict(_cfg(model_dir, str(tiny_shards), tmp_path / "out", "chunk_size=16", "mc_samples=0",
+                                  "num_workers=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"))
+    cat = pd.read_csv(paths["csv"], keep_default_na=False)
+    assert list(zip(cat["APOGEE_ID"], cat["SPLIT"])) == expected
+    assert summary["stars"] == len(expected) and summary["read_errors"] == 0
+    assert summary["num_workers"] == 0  # shards need no readers
