@@ -349,3 +349,66 @@ def test_predict_gives_the_refinement_all_the_cpus(refined_dir, tiny_survey, tmp
         assert summary["refined"] is refine and summary["stars"] == 6
         threads[refine] = summary["torch_threads"]
     assert threads == {True: available_cpus(), False: max(1, available_cpus() - 1)}
+
+
+# ------------------------------------------------------------------ mutation-benchmark survivors
+def test_refine_defaults_are_the_config_files():
+    """REFINE_DEFAULTS (used when a model folder's settings lack a key) say what
+    conf/refine_stage/default.yaml says: one set of defaults."""
+    from omegaconf import OmegaConf
+
+    from stellarnet.paths import CONF_DIR
+    from stellarnet.refinement import REFINE_DEFAULTS
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "refine_stage" / "default.yaml"), resolve=True)
+    assert REFINE_DEFAULTS == yaml
+
+
+def test_training_subset_is_seeded_and_consistent():
+    from stellarnet.refinement import _subset
+
+    data = {"flux": np.arange(100.0)[:, None] * np.ones((1, 3)), "labels": np.arange(100.0), "grid": "dr12"}
+    assert _subset(data, None, 0) is data and _subset(data, 100, 0) is data
+    a, b = _subset(data, 30, 1), _subset(data, 30, 1)
+    assert len(a["flux"]) == 30 and np.array_equal(a["labels"], b["labels"])
+    assert np.all(np.diff(a["labels"]) > 0) and np.array_equal(a["flux"][:, 0], a["labels"])  # rows kept together
+    assert a["grid"] == "dr12" and not np.array_equal(_subset(data, 30, 2)["labels"], a["labels"])
+
+
+def test_refined_fraction_is_that_of_the_exported_model(refined_dir, tiny_shards):
+    """val_refined_fraction is the share of validation stars whose refinement was kept (flag 0), as
+    the exported model folder predicts them (not the share rejected)."""
+    folder, summary = refined_dir
+    val = load_split(tiny_shards, "val")
+    out = load_model(folder).predict(val["flux"], val["flux_err"], val["photometry"], val["pix_mask"])
+    assert summary["val_refined_fraction"] == pytest.approx(np.mean(out["refine_flag"] == 0), abs=0.02)
+
+
+def test_a_stage_builds_without_tensorboard(tiny_shards, tmp_path):
+    manifest = load_manifest(tiny_shards)
+    torch.manual_seed(0)
+    module = StellarNetModule(net=NET, data_spec={k: manifest[k] for k in SPEC_KEYS}, log_figures=False)
+    folder = save_model_folder(module, tmp_path / "m")
+    summary = build_refinement(folder, tiny_shards, {**SETTINGS, "epochs": 1}, tensorboard_dir=None, progress=False)
+    assert (folder / EMULATOR_FILE).is_file() and summary["training"]["epochs"] == 1
+    assert not (tmp_path / "tb").exists()
+
+
+def test_the_refinement_entry_needs_a_model_folder(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "stellarnet.refinement", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ckpt_path is required")
+
+
+def test_rebuilding_a_stage_starts_from_the_network_again(refined_dir, tiny_shards, tmp_path):
+    """A folder that already has emulator.pt rebuilt with the same settings gives the same stage:
+    the emulator learns from the network's labels, never from the old stage's refined ones."""
+    folder, first = refined_dir
+    again = tmp_path / "again"
+    shutil.copytree(folder, again)
+    second = build_refinement(again, tiny_shards, SETTINGS, tensorboard_dir=None, progress=False)
+    assert second["training"]["chi2_per_pixel"] == pytest.approx(first["training"]["chi2_per_pixel"], rel=1e-5)
+    np.testing.assert_allclose(second["sigma_scale"], first["sigma_scale"], rtol=1e-5)
