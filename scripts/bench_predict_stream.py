@@ -52,13 +52,13 @@ from _bench_common import (  # noqa: E402
 
 def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
     """Shard chunks, cycled over the dataset until ``n`` stars were yielded."""
-    from stellarnet.data.chunks import open_chunks
+    from stellarnet.data.chunks import as_numpy, open_chunks
     from stellarnet.data.shards import load_manifest
 
     chunks = open_chunks(dataset, load_manifest(dataset)["grid"], chunk_size)
     done = 0
     while done < n:
-        for chunk in (chunks[i] for i in range(len(chunks))):
+        for chunk in (as_numpy(chunks[i]) for i in range(len(chunks))):
             chunk.pop("chunk_index")
             take = min(len(chunk["flux"]), n - done)
             if take < len(chunk["flux"]):

@@ -4,7 +4,8 @@ Item k is chunk k of the input — stars ``k × chunk_size`` … ``(k + 1) × ch
 order — read and prepared when it is indexed, so the ``DataLoader``'s worker processes do the reading
 and Lightning's distributed sampler hands each rank (process, GPU, node) its own chunks. Each item is
 the dict of :mod:`stellarnet.data.sources` (``apogee_id``, ``flux``, ``flux_err``, ``pix_mask``,
-``photometry``, ``error``, ``ra``/``dec``/``snr`` …) plus ``chunk_index`` k, which names the part file
+``photometry`` as torch tensors, :data:`SHARED_ARRAYS`; ``error``, ``ra``/``dec``/``snr`` … as numpy
+arrays; :func:`as_numpy` turns it back) plus ``chunk_index`` k, which names the part file
 the prediction writer writes, so that parts merge back in input order whatever rank made them.
 
 Sources: an allStar-format catalogue with its spectra tree, a shard dataset, or spectrum files
@@ -24,13 +25,25 @@ import torch
 from stellarnet.data import grids
 from stellarnet.data.sources import Chunk, expand_files, read_spectrum_files, source_kind
 
-__all__ = ["ChunkDataset", "open_chunks", "pass_through"]
+__all__ = ["ChunkDataset", "open_chunks", "pass_through", "as_numpy", "SHARED_ARRAYS"]
+
+
+#: the chunk's large arrays, handed from a DataLoader worker to the main process as torch tensors:
+#: they travel in shared memory and the pipe carries a few hundred bytes. As pickled numpy arrays
+#: (~90 kB per star) they fill the pipe, and a worker killed mid-write (out of memory, a signal)
+#: would leave the main process blocked on half a message for ever.
+SHARED_ARRAYS = ("flux", "flux_err", "pix_mask", "photometry")
 
 
 def pass_through(item: Chunk) -> Chunk:
-    """``collate_fn`` of the prediction ``DataLoader`` (``batch_size=None``): a chunk stays a dict of
-    numpy arrays (the default would turn them into tensors)."""
+    """``collate_fn`` of the prediction ``DataLoader`` (``batch_size=None``): the chunk as it is (the
+    default collate would also convert its small arrays)."""
     return item
+
+
+def as_numpy(chunk: Chunk) -> Chunk:
+    """The chunk with :data:`SHARED_ARRAYS` back as numpy arrays (no copy)."""
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in chunk.items()}
 
 
 @dataclass
@@ -81,6 +94,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         else:
             chunk = self._files_chunk(k)
         chunk["chunk_index"] = k
+        for key in SHARED_ARRAYS:
+            chunk[key] = torch.from_numpy(np.ascontiguousarray(chunk[key]))
         return chunk
 
     def _files_chunk(self, k: int) -> Chunk:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from stellarnet.data.chunks import as_numpy
 from stellarnet.models.inference import Predictor
 from stellarnet.results import predictions_frame, write_part
 
@@ -39,7 +40,11 @@ class PredictionModule(L.LightningModule):
         self.batch_size = int(batch_size)
         self.seed = seed
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # the Predictor moves each batch of spectra to its device itself
+
     def predict_step(self, chunk: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        chunk = as_numpy(chunk)
         k = int(chunk["chunk_index"])
         p = self.predictor
         pred = p.predict(chunk["flux"], chunk["flux_err"], photometry=chunk["photometry"], pix_mask=chunk["pix_mask"],
