@@ -202,9 +202,17 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             loader = DataLoader(dataset.only(todo), batch_size=None, shuffle=False, num_workers=num_workers,
                                 collate_fn=pass_through, prefetch_factor=2 if num_workers else None)
             module = PredictionModule(predictor, mc_samples=mc_samples, batch_size=int(batch_size), seed=seed)
-            with warnings.catch_warnings():  # chunks are not batches of samples: no per-sample indices to track
-                warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-                trainer.predict(module, dataloaders=loader, return_predictions=False)
+            try:
+                with warnings.catch_warnings():  # chunks are not batches of samples: no per-sample indices to track
+                    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+                    trainer.predict(module, dataloaders=loader, return_predictions=False)
+            except (ConnectionError, EOFError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and "DataLoader worker" not in str(exc):
+                    raise
+                raise PredictionError(
+                    f"a reader process died while reading spectra (killed or out of memory?): {exc}. The "
+                    f"finished chunks are kept in {parts_dir}: rerun the same command to predict the rest "
+                    f"(num_workers=0 reads in this process)") from exc
         summary: dict[str, Any] = {"num_workers": num_workers, "torch_threads": torch.get_num_threads(),
                                    "batch_size": int(batch_size), "precision": predictor.precision,
                                    "refined": predictor.emulator is not None, "chunks_skipped": len(done),

@@ -3,9 +3,7 @@ order and per-file errors), the cached aspcapStar reader fails like ``read_aspca
 
 from __future__ import annotations
 
-import os
-import signal
-import time
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +184,31 @@ def test_catalogue_chunks_in_workers_match_in_process(survey):
     assert sum(e != "" for e in errors) == 2
 
 
-def test_a_dead_worker_is_a_clear_error(survey):
-    """A reader process killed mid-run (out of memory, a signal): torch's DataLoader names it."""
-    from torch.utils.data import DataLoader
+def test_a_dead_worker_is_a_clear_error(survey, tmp_path):
+    """A reader process killed mid-run (out of memory, a signal) ends the run with an error naming it,
+    never a hang (predict turns it into a PredictionError saying the finished chunks are kept). In a
+    subprocess: torch reports a dead worker from a SIGCHLD handler, at any moment."""
+    import subprocess
+    import sys
 
-    from stellarnet.data.chunks import open_chunks, pass_through
-
-    ds = open_chunks(list(survey["files"]) * 4, GRID, chunk_size=1)
-    it = iter(DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_through))
-    next(it)
-    for w in it._workers:
-        os.kill(w.pid, signal.SIGKILL)
-    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly|killed by signal"):
-        for _ in it:
-            time.sleep(0.05)
+    script = tmp_path / "kill_workers.py"
+    script.write_text(f"""
+import os, signal, time
+from torch.utils.data import DataLoader
+from stellarnet.data.chunks import open_chunks, pass_through
+ds = open_chunks({[str(f) for f in survey["files"]] * 4!r}, {GRID!r}, chunk_size=1)
+it = iter(DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_through))
+next(it)
+for w in it._workers:
+    os.kill(w.pid, signal.SIGKILL)
+for _ in it:
+    time.sleep(0.05)
+print("finished without noticing")
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "finished without noticing" not in r.stdout
+    assert re.search(r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)|ConnectionResetError",
+                     r.stderr), r.stderr[-1500:]
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "two", True])
