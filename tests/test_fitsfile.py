@@ -162,3 +162,59 @@ def test_the_readers_use_the_fast_path_and_give_identical_spectra(monkeypatch, a
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
             assert getattr(a, field).dtype == getattr(b, field).dtype
         assert a.header == b.header and a.apogee_id == b.apogee_id and a.n_visits == b.n_visits
+
+
+def _cards(*cards: str) -> bytes:
+    text = "".join(c.ljust(80)[:80] for c in cards + ("END",))
+    return text.ljust(-(-len(text) // BLOCK) * BLOCK).encode("ascii")
+
+
+_PRIMARY = ("SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    0")
+
+
+@pytest.mark.parametrize("cards, message", [
+    (("SIMPLE  =                    F", "BITPIX  =                    8", "NAXIS   =                    0"), "SIMPLE"),
+    (_PRIMARY + ("GROUPS  =                    T",), "random groups"),
+    (("SIMPLE  =                    T", "BITPIX  =                   12", "NAXIS   =                    0"), "BITPIX"),
+    (("SIMPLE  =                    T", "BITPIX  =                  -32", "NAXIS   =                    1",
+      "NAXIS1  =                   -5"), "NAXISn"),
+    (_PRIMARY + ("PCOUNT  =                   -1",), "PCOUNT"),
+    (_PRIMARY + ("GCOUNT  =                    2",), "image with PCOUNT"),
+    (_PRIMARY + ("ZIMAGE  =                    T",), "tile-compressed"),
+    (_PRIMARY + ("A       = (1.0, 2.0)",), "complex or non-standard"),
+    (_PRIMARY + ("NUM     =                    7", "CONTINUE  'x'"), "CONTINUE after a non-string"),
+    (_PRIMARY + ("S       = 'abc&'", "CONTINUE  no quote"), "without a string"),
+    (_PRIMARY + ("S       = 'abc'", "CONTINUE  'x'"), "without '&'"),
+    (_PRIMARY + ("S       = 'unterminated",), "unterminated"),
+    (_PRIMARY + ("lower   =                    1",), "non-standard card"),
+])
+def test_headers_it_does_not_read_exactly_are_refused(tmp_path, cards, message):
+    """Hand-made headers, one oddity each: refused (UnsupportedFITS → astropy), never misread."""
+    path = tmp_path / "odd.fits"
+    path.write_bytes(_cards(*cards))
+    with pytest.raises(UnsupportedFITS, match=message):
+        open_fits(path)
+
+
+def test_extensions_it_does_not_decode(tmp_path):
+    """A table extension is listed (no data decoded); an unknown extension type or one without
+    XTENSION is refused; a CONTINUE'd long string is joined; a header without END is refused."""
+    ok = tmp_path / "table.fits"
+    ok.write_bytes(_cards(*_PRIMARY, "EXTEND  =                    T", "S       = 'ab&'", "CONTINUE  'cd'")
+                   + _cards("XTENSION= 'BINTABLE'", "BITPIX  =                    8", "NAXIS   =                    2",
+                            "NAXIS1  =                    4", "NAXIS2  =                    1",
+                            "PCOUNT  =                    0", "GCOUNT  =                    1", "TFIELDS =                    0")
+                   + b"\0" * BLOCK)
+    with open_fits(ok) as f:
+        assert len(f) == 2 and f[0].header["S"] == "abcd" and not f[1].is_image and f[1].data is None
+    for xt, message in (("'FOREIGN '", "extension type"), (None, "XTENSION")):
+        bad = tmp_path / "ext.fits"
+        ext = ([f"XTENSION= {xt}"] if xt else ["XTENSIO = 'IMAGE'"]) + ["BITPIX  =                    8",
+                                                                        "NAXIS   =                    0"]
+        bad.write_bytes(_cards(*_PRIMARY) + _cards(*ext))
+        with pytest.raises(UnsupportedFITS, match=message if xt else "trailing|XTENSION"):
+            open_fits(bad)
+    no_end = tmp_path / "noend.fits"
+    no_end.write_bytes("".join(c.ljust(80) for c in _PRIMARY).ljust(BLOCK).encode())
+    with pytest.raises(UnsupportedFITS, match="past the end"):
+        open_fits(no_end)

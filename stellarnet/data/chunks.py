@@ -94,8 +94,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         else:
             chunk = self._files_chunk(k)
         chunk["chunk_index"] = k
-        for key in SHARED_ARRAYS:
-            chunk[key] = torch.from_numpy(np.ascontiguousarray(chunk[key]))
+        for key in SHARED_ARRAYS:  # (a read-only array, e.g. pandas' copy-on-write view, is copied)
+            chunk[key] = torch.from_numpy(np.require(chunk[key], requirements=["C", "W"]))
         return chunk
 
     def _files_chunk(self, k: int) -> Chunk:
