@@ -7,9 +7,9 @@ directory, or aspcapStar/apStar files (glob, comma list or a .txt list). Writes
 
 The input is cut into chunks (:class:`stellarnet.data.chunks.ChunkDataset`) that ``Trainer.predict``
 runs through the model folder (:mod:`stellarnet.models.prediction`): ``num_workers`` DataLoader
-processes read and prepare the spectrum files (``auto``: ⌈2/3⌉ of the CPUs) while the model runs
-(``torch_threads: auto``: the process's CPUs the readers leave; all of them when refining); each chunk's rows go to a part file, merged in
-input order into the catalogue at the end. ``trainer=ddp trainer.devices=N [trainer.num_nodes=M]``
+processes read and prepare the spectrum files (``auto``: ⌈0.4 × the CPUs⌉) while the model runs
+(``torch_threads: auto``: the process's CPUs the readers leave; all of them when refining); each
+chunk's rows go to a part file, merged in input order into the catalogue at the end. ``trainer=ddp trainer.devices=N [trainer.num_nodes=M]``
 spreads the chunks over processes, GPUs and nodes (docs/scaling.md); ``trainer.accelerator: auto``
 uses the GPU when torch sees one. A killed run, rerun with the same command, predicts only the
 chunks it had not finished.
@@ -149,6 +149,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if kind == "shards":  # already preprocessed: little for reader processes to do
         num_workers = 0
 
+    import json
     import shutil
 
     import hydra.utils
@@ -184,7 +185,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         plan = _plan(cfg, provenance, dataset, int(batch_size), mc_samples, seed, predictor.precision)
         parts_dir = parts_directory(out_dir, plan)
         parts_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(parts_dir / "plan.json", __import__("json").dumps(plan, indent=1, default=str))
+        atomic_write_text(parts_dir / "plan.json", json.dumps(plan, indent=1, default=str))
         done = finished_parts(parts_dir)  # every rank lists them before any rank writes one
         todo = [k for k in range(dataset.n_chunks) if k not in done]
         log.info("predicting %d stars (%d chunks, %d already done) from %s input %s (%d reader process(es), "

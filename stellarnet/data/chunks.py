@@ -15,7 +15,7 @@ resumed run skips the finished ones).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,7 +80,7 @@ class ChunkDataset(torch.utils.data.Dataset):
         bad = [k for k in indices if not 0 <= k < self.n_chunks]
         if bad:
             raise IndexError(f"chunk indices {bad[:5]} out of range 0..{self.n_chunks - 1}")
-        return ChunkDataset(**{**self.__dict__, "indices": [int(k) for k in indices]})
+        return replace(self, indices=[int(k) for k in indices])
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -99,21 +99,20 @@ def _value(field: str) -> Any:
     raise UnsupportedFITS(f"value {token!r} (complex or non-standard)")
 
 
-def _parse_header(raw: bytes) -> tuple[FITSHeader, list[str]]:
-    """Header cards (up to END) → (header, keywords in order). Raises UnsupportedFITS for cards it
+def _parse_header(raw: bytes) -> FITSHeader:
+    """Header cards (up to END) → the header (keywords in card order). Raises UnsupportedFITS for cards it
     cannot read exactly."""
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise UnsupportedFITS("non-ASCII header") from None
     values: dict[str, Any] = {}
-    order: list[str] = []
     last_string_key: str | None = None
     for k in range(0, len(text), _CARD):
         card = text[k:k + _CARD]
         key = card[:8].rstrip()
         if key == "END":
-            return FITSHeader(values), order
+            return FITSHeader(values)
         if key == "CONTINUE":
             if last_string_key is None or not isinstance(values[last_string_key], str):
                 raise UnsupportedFITS("CONTINUE after a non-string card")
@@ -134,7 +133,6 @@ def _parse_header(raw: bytes) -> tuple[FITSHeader, list[str]]:
         value = _value(card[10:])
         if key not in values:
             values[key] = value
-            order.append(key)
             last_string_key = key if isinstance(value, str) else None
         else:
             last_string_key = None  # a repeated keyword: astropy keeps the first; its CONTINUE is ignored
@@ -269,7 +267,7 @@ def open_fits(path: str | Path) -> FITSFile:
             if hdus and os.pread(fd, 8, pos) != b"XTENSION":
                 raise UnsupportedFITS("trailing bytes that are not an extension")
             raw, data_at = _read_header(fd, pos, size)
-            header, _ = _parse_header(raw)
+            header = _parse_header(raw)
             is_image, shape, dtype, nbytes = _hdu_layout(header, primary=not hdus)
             end = data_at + -(-nbytes // BLOCK) * BLOCK
             if end > size:
