@@ -167,3 +167,16 @@ def test_true_crlb_is_larger_at_lower_snr_and_nan_outside_the_box():
     assert np.all(np.isfinite(b[:2])) and np.all(np.isnan(b[2]))
     np.testing.assert_allclose(b[1] / b[0], 2.0, rtol=1e-6)
     assert 1.0 < b[0, 0] < 15.0  # K at S/N 100 for a giant: a few K (median 4 K in the suite)
+
+
+def test_the_stress_shift_is_combined_with_every_effect_wider():
+    """``combined_2x`` keeps combined's conventions and widens every range (a stress test, not a new effect)."""
+    a, b = SHIFT_SUITE["combined"], SHIFT_SUITE["combined_2x"]
+    assert (b.normalization, b.mix) == (a.normalization, a.mix)
+    assert b.lsf[0] < a.lsf[0] and b.lsf[1] > a.lsf[1]
+    assert b.rv_kms > a.rv_kms and b.continuum_tilt > a.continuum_tilt
+    assert b.outlier_fraction[1] > a.outlier_fraction[1] and b.persistence_fraction > a.persistence_fraction
+    assert b.err_scale[0] < a.err_scale[0] and b.err_scale[1] > a.err_scale[1]
+    flux, err, _ = _observe(b)
+    good = np.isfinite(flux) & (err < 1e3)
+    assert 0.85 < np.median(flux[good]) < 1.1

@@ -113,6 +113,10 @@ SHIFT_SUITE: dict[str, Shift] = {
     "combined": Shift(lsf=(-0.15, 0.25), rv_kms=1.0, normalization="aspcap", continuum_tilt=0.02,
                       outlier_fraction=(0.005, 0.03), err_scale=(0.7, 1.5), persistence_fraction=0.2,
                       mix=SHIFTED_MIX),
+    # a stress test beyond the ranges above (about twice each effect): does σ still grow with the error?
+    "combined_2x": Shift(lsf=(-0.3, 0.4), rv_kms=2.0, normalization="aspcap", continuum_tilt=0.04,
+                         outlier_fraction=(0.01, 0.06), err_scale=(0.5, 2.0), persistence_fraction=0.4,
+                         mix=SHIFTED_MIX),
 }
 
 
