@@ -5,13 +5,17 @@ the model folder is written, ``refine.enabled``):
 
 1. the network predicts the training split (a seeded subset of ``refine.max_stars``);
 2. a :class:`~stellarnet.models.forward.SpectrumEmulator` is fitted to those spectra with the
-   network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard);
+   network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard) — in memory when
+   they fit ``refine.memory_gb``, else streamed from the shards block by block;
 3. the training stars are refined and a quadratic calibration of the refined labels to the
    catalogue scale is fitted (:func:`~stellarnet.models.forward.fit_label_calibration`);
 4. the validation split is refined and the σ model sqrt((a·σ_fit)² + (b·σ_network)²) fitted per
    label against the catalogue labels and their errors (Gaussian maximum likelihood);
 5. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
    atomically into the model folder, and ``refinement.json`` next to it.
+
+Every step reads the shards ``refine.block_stars`` stars at a time: the peak memory does not grow
+with the size of the splits (``scripts/bench_refinement_memory.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from omegaconf import DictConfig
 
 from stellarnet.errors import report_errors
 from stellarnet.eval.calibration import fit_sigma_two_term
-from stellarnet.eval.network import load_split, predict_split
-from stellarnet.models.forward import emulator_state, fit_settings, fit_label_calibration, refine_labels, train_emulator
+from stellarnet.data.shards import ShardReader, load_manifest, verify_dataset
+from stellarnet.eval.network import predict_rows
+from stellarnet.models.forward import (SpectraBlocks, emulator_state, fit_label_calibration, fit_settings, refine_labels,
+                                       train_emulator)
 from stellarnet.models.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_emulator_file, load_model
 from stellarnet.paths import CONF_DIR
 from stellarnet.utils import atomic_open, to_plain, write_json
@@ -41,17 +47,46 @@ log = logging.getLogger(__name__)
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
                                    "calibration_degree": 2, "device": "auto", "unresolved_sigma_floor": "upper",
+                                   "memory_gb": 4.0, "block_stars": 2048,
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                            "continuum_degree": 4, "pixel_clip": 5.0,
                                            "fit_lsf": True}}
 
 
-def _subset(data: dict[str, np.ndarray], max_stars: int | None, seed: int) -> dict[str, np.ndarray]:
-    n = len(data["flux"])
+def _training_rows(n: int, max_stars: int | None, seed: int) -> np.ndarray:
+    """The training stars the stage uses (ascending row numbers): all, or a seeded subset of ``max_stars``."""
     if max_stars is None or n <= int(max_stars):
-        return data
-    rows = np.sort(np.random.default_rng(seed).choice(n, int(max_stars), replace=False))
-    return {k: (v[rows] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in data.items()}
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, int(max_stars), replace=False))
+
+
+def _training_spectra(reader: ShardReader, rows: np.ndarray, memory_gb: float | None, block: int) -> SpectraBlocks:
+    """The training stars' spectra for :func:`train_emulator`, read from the shards ``block`` stars at a
+    time: once into memory when the (flux, weight) tensors need at most ``memory_gb`` (8 bytes per
+    pixel per star; None: always), else every epoch."""
+    n_pixels = int(reader.manifest["n_pixels"])
+    need_gb = 8.0 * len(rows) * n_pixels / 1e9
+    cache = memory_gb is None or need_gb <= float(memory_gb)
+    if not cache:
+        log.info("refinement: the training spectra (%.1f GB) exceed refine.memory_gb = %s: read from the shards, "
+                 "%d stars at a time, every epoch", need_gb, memory_gb, block)
+
+    def read(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = reader.rows(rows[pos], ("flux", "flux_err", "pix_mask"))
+        return d["flux"], d["flux_err"], d["pix_mask"]
+
+    return SpectraBlocks(len(rows), n_pixels, read, block, cache=cache)
+
+
+def _refine_rows(emulator: Any, reader: ShardReader, rows: np.ndarray, init: np.ndarray, settings: Mapping[str, Any],
+                 block: int) -> np.ndarray:
+    """Refined labels (N, L) of ``rows`` from ``init``, read and fitted ``block`` stars at a time."""
+    out = []
+    for s in range(0, len(rows), block):
+        d = reader.rows(rows[s:s + block], ("flux", "flux_err", "pix_mask"))
+        out.append(refine_labels(emulator, d["flux"], d["flux_err"], d["pix_mask"], init[s:s + block],
+                                 **fit_settings(settings)).labels)
+    return np.concatenate(out)
 
 
 def _device(name: Any) -> str:
@@ -65,7 +100,7 @@ def _mae(a: np.ndarray, b: np.ndarray) -> list[float]:
     return [float(np.nanmean(np.abs(a[:, j] - b[:, j]))) for j in range(a.shape[1])]
 
 
-def _fit_emulator(cfg: Mapping[str, Any], network: Predictor, train: Mapping[str, np.ndarray], labels: np.ndarray,
+def _fit_emulator(cfg: Mapping[str, Any], network: Predictor, spectra: SpectraBlocks, labels: np.ndarray,
                   writer: Any, progress: bool) -> tuple[Any, dict[str, Any]]:
     """Train the stage's spectrum emulator on the training stars (inputs: the network's ``labels``),
     with a progress bar and χ²/pixel in TensorBoard."""
@@ -84,7 +119,7 @@ def _fit_emulator(cfg: Mapping[str, Any], network: Predictor, train: Mapping[str
 
     try:
         return train_emulator(
-            labels, train["flux"], train["flux_err"], train["pix_mask"], network.label_names, network.grid,
+            labels, spectra, None, None, network.label_names, network.grid,
             hidden=int(cfg["hidden"]), epochs=int(cfg["epochs"]), clip_after=float(cfg["clip_after"]),
             clip_threshold=float(cfg["clip_threshold"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
             seed=int(cfg["seed"]), progress=on_epoch, device=_device(cfg.get("device", "auto")))
@@ -116,12 +151,17 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
                                 "first (python -m stellarnet.refinement ckpt_path=<model folder>)")
     t0 = time.perf_counter()
     network = load_model(model_dir, refine=False)
-    train = _subset(load_split(dataset_dir, "train"), cfg["max_stars"], int(cfg["seed"]))
-    if len(train["flux"]) < 10:
-        raise ValueError(f"{dataset_dir}: the training split has {len(train['flux'])} stars; the refinement "
+    block = int(cfg.get("block_stars") or 2048)
+    manifest = load_manifest(dataset_dir)
+    verify_dataset(dataset_dir, manifest, check_sha=False)
+    train = ShardReader(dataset_dir, "train", manifest, verify=False)
+    rows = _training_rows(len(train), cfg["max_stars"], int(cfg["seed"]))
+    if len(rows) < 10:
+        raise ValueError(f"{dataset_dir}: the training split has {len(rows)} stars; the refinement "
                          "stage needs at least 10")
-    pred, _ = predict_split(network, train)
-    log.info("refinement: network labels for %d training stars", len(train["flux"]))
+    catalogue = train.rows(rows, ("labels", "label_err"))
+    pred_labels = predict_rows(network, train, rows, block, keys=("labels",))[0]["labels"]
+    log.info("refinement: network labels for %d training stars", len(rows))
 
     writer = None
     if tensorboard_dir is not None:
@@ -132,21 +172,25 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
         emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
         info = dict(extras.get("training") or {})
     else:
-        emulator, info = _fit_emulator(cfg, network, train, pred["labels"], writer, progress)
-    lab = train["labels"]
+        spectra = _training_spectra(train, rows, cfg.get("memory_gb"), block)
+        emulator, info = _fit_emulator(cfg, network, spectra, pred_labels, writer, progress)
+    lab = catalogue["labels"]
     label_range = [[float(np.nanmin(lab[:, j])), float(np.nanmax(lab[:, j]))] for j in range(lab.shape[1])]
     calibration = None
     if cfg.get("calibration_degree"):
-        own = refine_labels(emulator, train["flux"], train["flux_err"], train["pix_mask"],
-                            pred["labels"].astype(np.float64), **fit_settings(cfg["fit"]))
-        calibration = fit_label_calibration(own.labels, train["labels"], train["label_err"],
+        own = _refine_rows(emulator, train, rows, pred_labels.astype(np.float64), cfg["fit"], block)
+        calibration = fit_label_calibration(own, catalogue["labels"], catalogue["label_err"],
                                             degree=int(cfg["calibration_degree"]))
-    del train, pred
+    train.close()
+    del catalogue, pred_labels
 
-    val = load_split(dataset_dir, "val")
+    val_reader = ShardReader(dataset_dir, "val", manifest, verify=False)
+    val = val_reader.rows(np.arange(len(val_reader)), ("labels", "label_err"))
     raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration,
                     chi2_scaling="two_sided")
-    vpred, rate = predict_split(raw, val)
+    vpred, rate = predict_rows(raw, val_reader, None, block, keys=("labels", "labels_network", "sigma_aleatoric",
+                                                                   "sigma_network", "refine_flag"))
+    val_reader.close()
     used = vpred["refine_flag"] == 0
     # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
     # does not below the emulator's own (a single scale over-covered at S/N < 100, under-covered at ≥ 200)
@@ -157,7 +201,7 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     scale = np.where(np.isfinite(scale), scale, 1.0)
     floor = np.where(np.isfinite(floor), floor, 0.0)
     summary = {"training": info, "sigma_scale": [float(v) for v in scale],
-               "sigma_network_scale": [float(v) for v in floor], "val_n": int(len(val["flux"])),
+               "sigma_network_scale": [float(v) for v in floor], "val_n": int(len(val["labels"])),
                "val_refined_fraction": float(used.mean()) if len(used) else 0.0,
                "val_mae_network_vs_catalogue": _mae(vpred["labels_network"], val["labels"]),
                "val_mae_refined_vs_catalogue": _mae(vpred["labels"], val["labels"]),

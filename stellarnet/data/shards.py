@@ -606,8 +606,12 @@ class ShardReader:
             local = idx[sel] - self.offsets[k]
             uniq, inverse = np.unique(local, return_inverse=True)
             f = self._file(int(k))
+            contiguous = uniq[-1] - uniq[0] + 1 == len(uniq)  # one hyperslab instead of a point list
             for name in fields:
-                block = f[name][uniq][inverse] if len(uniq) > 1 else f[name][int(uniq[0])][None][inverse]
+                if contiguous:
+                    block = f[name][int(uniq[0]):int(uniq[-1]) + 1][inverse]
+                else:
+                    block = f[name][uniq][inverse]
                 if name not in out:
                     out[name] = np.empty((len(idx),) + block.shape[1:], dtype=block.dtype)
                 out[name][sel] = block

@@ -39,6 +39,35 @@ def predict_split(predictor: Any, data: Mapping[str, np.ndarray], mc_samples: in
     return pred, rate
 
 
+def _concat(parts: list[Any]) -> Any:
+    """Join per-block prediction dicts (arrays along stars; nested dicts key by key; scalars: the first)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, np.ndarray) and first.ndim >= 1:
+        return np.concatenate(parts)
+    return first
+
+
+def predict_rows(predictor: Any, reader: ShardReader, rows: np.ndarray | None = None, block: int = 2048,
+                 mc_samples: int = 0, batch_size: int = 1024,
+                 keys: tuple[str, ...] | None = None) -> tuple[dict[str, Any], float]:
+    """Predictions for ``rows`` (ascending; None: all) of a shard split, read ``block`` stars at a time
+    (memory bounded by the block, whatever the split's size), and the model rate (spectra/s). The same
+    numbers as :func:`predict_split` on the loaded rows when ``block`` is a multiple of ``batch_size``.
+    ``keys``: keep only these entries of the predictions (the rest of each block is dropped at once)."""
+    rows = np.arange(len(reader)) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) == 0:
+        raise ValueError(f"no rows to predict in split {reader.split!r}")
+    parts, seconds = [], 0.0
+    for s in range(0, len(rows), block):
+        data = reader.rows(rows[s:s + block], ("flux", "flux_err", "pix_mask", "photometry"))
+        pred, rate = predict_split(predictor, data, mc_samples, batch_size)
+        seconds += len(data["flux"]) / rate
+        parts.append(pred if keys is None else {k: pred[k] for k in keys})
+    return _concat(parts), len(rows) / max(seconds, 1e-9)
+
+
 def class_codes(pred: Mapping[str, Any], tasks: list[str]) -> np.ndarray:
     """(N, C) predicted class codes (argmax of the probabilities), in task order."""
     return np.stack([np.argmax(pred["class_probs"][t], axis=1) for t in tasks], 1)

@@ -38,7 +38,8 @@ from torch import nn
 
 from stellarnet.data import grids
 
-__all__ = ["SpectrumEmulator", "RefineResult", "chip_segments", "fit_weights", "train_emulator", "refine_labels",
+__all__ = ["SpectrumEmulator", "RefineResult", "SpectraBlocks", "chip_segments", "fit_weights", "train_emulator",
+           "refine_labels",
            "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration", "fit_settings",
            "continuum_basis"]
 
@@ -172,22 +173,47 @@ def fit_weights(flux: np.ndarray, flux_err: np.ndarray, pix_mask: np.ndarray | N
     return w.astype(np.float32)
 
 
-def _segment_clip(resid2_w: torch.Tensor, w: torch.Tensor, seg: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Weights with the anomalous segments of each star set to 0: reduced χ² of a segment above
-    ``max(threshold, 2 × the star's median segment χ²)``; at most half of a star's segments go."""
+def _bad_segments(resid2_w: torch.Tensor, w: torch.Tensor, seg: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N, K) bool: the anomalous segments of each star, reduced χ² of a segment above
+    ``max(threshold, 2 × the star's median segment χ²)``; at most half of a star's segments."""
     n_seg = (w > 0).float() @ seg
     chi_seg = (resid2_w @ seg) / n_seg.clamp_min(1.0)
     med = chi_seg.masked_fill(n_seg == 0, float("nan")).nanmedian(dim=1, keepdim=True).values.nan_to_num(1.0)
     bad = (chi_seg > torch.clamp(2.0 * med, min=threshold)) & (n_seg > 0)
     too_many = bad.sum(1) > (n_seg > 0).sum(1) // 2
     bad[too_many] = False
-    return w * (1.0 - bad.float() @ seg.T)
+    return bad
+
+
+def _segment_clip(resid2_w: torch.Tensor, w: torch.Tensor, seg: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Weights with the anomalous segments of each star (:func:`_bad_segments`) set to 0."""
+    return w * (1.0 - _bad_segments(resid2_w, w, seg, threshold).float() @ seg.T)
+
+
+@dataclass(frozen=True)
+class SpectraBlocks:
+    """Training spectra that stay on disk, for :func:`train_emulator` with bounded memory.
+
+    ``read(positions)`` returns ``(flux, flux_err, pix_mask)``, each (len(positions), ``n_pixels``), for
+    ascending positions in 0 … ``n`` − 1 (``pix_mask`` may be None); the emulator reads ``block`` stars
+    at a time, every epoch (e.g. rows of a shard split: :meth:`stellarnet.data.shards.ShardReader.rows`).
+    """
+
+    n: int
+    n_pixels: int
+    read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    block: int = 2048
+    #: read once into memory as (flux, weight) tensors (8 bytes per pixel per star) instead of every epoch
+    cache: bool = False
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def train_emulator(
     labels: np.ndarray,
-    flux: np.ndarray,
-    flux_err: np.ndarray,
+    flux: np.ndarray | SpectraBlocks,
+    flux_err: np.ndarray | None,
     pix_mask: np.ndarray | None,
     label_names: Sequence[str],
     grid: str | None,
@@ -206,7 +232,11 @@ def train_emulator(
 
     Args:
         labels: (N, L) input labels in physical units (rows with non-finite labels are skipped).
-        flux, flux_err, pix_mask: (N, P) continuum-normalized spectra, errors, 1 = good pixel.
+        flux, flux_err, pix_mask: (N, P) continuum-normalized spectra, errors, 1 = good pixel — held
+            on ``device`` whole (~2 × 4 bytes × N × P); or ``flux`` a :class:`SpectraBlocks` (then
+            ``flux_err`` and ``pix_mask`` None): with ``cache`` read once into the same tensors (the
+            same training as from arrays), else read block by block every epoch, memory bounded by the
+            block whatever N (minibatches drawn within a block, the blocks in a fresh random order).
         label_names, grid: see :class:`SpectrumEmulator`.
         hidden, epochs, batch_size, lr, seed: MLP width and Adam/one-cycle schedule.
         clip_after: after this fraction of the epochs, segments with anomalous χ² are masked
@@ -214,13 +244,17 @@ def train_emulator(
         clip_threshold: reduced-χ² threshold of the segment clipping.
         progress: called as ``progress(epoch, chi2_per_pixel)`` after every epoch.
         init_model: continue training this model (a copy; its label standardization is kept).
-        device: where to train (the spectra are moved there whole: ~2 × 4 bytes × N × P).
+        device: where to train.
 
     Returns:
         The model (eval mode, CPU) and a summary dict (stars, epochs, final χ²/pixel, masked segment
-        fraction, seconds).
+        fraction, seconds, ``streamed``: read from a :class:`SpectraBlocks` every epoch).
     """
+    streamed = isinstance(flux, SpectraBlocks)
     labels = np.asarray(labels, np.float64)
+    n_pixels = flux.n_pixels if streamed else np.shape(flux)[1]
+    if labels.shape[0] != len(flux):
+        raise ValueError(f"labels have {labels.shape[0]} rows, the spectra {len(flux)}")
     ok = np.isfinite(labels).all(1)
     if ok.sum() < 10:
         raise ValueError(f"train_emulator needs at least 10 stars with finite labels, got {int(ok.sum())}")
@@ -232,22 +266,26 @@ def train_emulator(
     x_phys = labels[ok]
     if init_model is not None:
         model = emulator_from_state(emulator_state(init_model))
-        if model.n_pixels != flux.shape[1] or model.label_names != list(label_names):
+        if model.n_pixels != n_pixels or model.label_names != list(label_names):
             raise ValueError("init_model does not match the spectra's pixels or the label names")
         hidden = model.hidden
     else:
-        model = SpectrumEmulator(label_names, flux.shape[1], hidden, x_phys.mean(0), x_phys.std(0) + 1e-12, grid)
+        model = SpectrumEmulator(label_names, n_pixels, hidden, x_phys.mean(0), x_phys.std(0) + 1e-12, grid)
     dev = torch.device(device)
     model = model.to(dev)
     x = model.standardize(torch.as_tensor(x_phys, dtype=torch.float32, device=dev))
-    f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0, neginf=1.0)).to(dev)
-    w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok])).to(dev)
+    seg = chip_segments(n_pixels, grid).to(dev)
+    n = len(x)
+    if streamed and not flux.cache:
+        data: _TrainingSpectra = _StreamedSpectra(flux, np.flatnonzero(ok), seg, dev)
+    elif streamed:
+        data = _InMemorySpectra.from_blocks(flux, np.flatnonzero(ok), seg, dev)
+    else:
+        data = _InMemorySpectra(flux, flux_err, pix_mask, ok, seg, dev)
     if init_model is None:
         with torch.no_grad():  # start at the weighted mean spectrum
-            model.net[-1].bias.copy_((f * w).sum(0) / w.sum(0).clamp_min(1e-12))
-    seg = chip_segments(f.shape[1], grid).to(dev)
-    n = len(x)
-    steps_per_epoch = math.ceil(n / batch_size)
+            model.net[-1].bias.copy_(data.weighted_mean())
+    steps_per_epoch = data.steps_per_epoch(batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.05)
     clip_epoch = int(round(clip_after * epochs)) if 0 < clip_after < 1 else -1
@@ -257,29 +295,146 @@ def train_emulator(
     for epoch in range(epochs):
         if epoch == clip_epoch:
             with torch.no_grad():
-                resid2 = torch.cat([(f[s:s + 1024] - model(x[s:s + 1024])) ** 2 * w[s:s + 1024]
-                                    for s in range(0, n, 1024)])
-                w_new = _segment_clip(resid2, w, seg, clip_threshold)
-                masked_fraction = float(((w > 0) & (w_new == 0)).sum() / (w > 0).sum().clamp_min(1))
-                w = w_new
-        perm = torch.randperm(n, generator=gen).to(dev)
+                masked_fraction = data.clip_segments(model, x, clip_threshold)
         total = 0.0
-        for s in range(0, n, batch_size):
-            j = perm[s:s + batch_size]
-            loss = ((model(x[j]) - f[j]) ** 2 * w[j]).mean()
+        good_fraction = 0.0
+        for rows, f, w in data.batches(gen, batch_size):
+            loss = ((model(x[rows]) - f) ** 2 * w).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(j)
-        chi2 = total / n * f.shape[1] / float((w > 0).float().mean(1).mean() * f.shape[1])
+            total += float(loss.detach()) * len(rows)
+            good_fraction += float((w > 0).float().mean(1).sum())
+        chi2 = total / n * n_pixels / float(good_fraction / n * n_pixels)
         if not math.isfinite(chi2):
             raise FloatingPointError(f"spectrum emulator training diverged at epoch {epoch} (χ² = {chi2})")
         if progress is not None:
             progress(epoch, chi2)
     model = model.eval().cpu()
     return model, {"stars": int(n), "epochs": int(epochs), "hidden": int(hidden), "chi2_per_pixel": chi2,
-                   "masked_pixel_fraction": masked_fraction, "seconds": time.perf_counter() - t0}
+                   "masked_pixel_fraction": masked_fraction, "seconds": time.perf_counter() - t0,
+                   "streamed": bool(streamed and not flux.cache)}
+
+
+class _TrainingSpectra:
+    """The emulator's training spectra as (flux, weights) tensors: minibatches per epoch, the weighted
+    mean spectrum, and segment clipping (:func:`_bad_segments`) against the current model."""
+
+    def weighted_mean(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        raise NotImplementedError
+
+    def batches(self, gen: torch.Generator, batch_size: int) -> Any:
+        """Yields (rows into the label tensor, flux, weights) minibatches covering every star once."""
+        raise NotImplementedError
+
+    def clip_segments(self, model: SpectrumEmulator, x: torch.Tensor, threshold: float) -> float:
+        """Drop the anomalous segments for the rest of training; returns the fraction of good pixels dropped."""
+        raise NotImplementedError
+
+
+class _InMemorySpectra(_TrainingSpectra):
+    def __init__(self, flux: np.ndarray | None, flux_err: np.ndarray | None, pix_mask: np.ndarray | None,
+                 ok: np.ndarray | None, seg: torch.Tensor, dev: torch.device) -> None:
+        self.seg = seg
+        if flux is None:  # filled by from_blocks
+            return
+        self.f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0,
+                                                neginf=1.0)).to(dev)
+        self.w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok])).to(dev)
+
+    @classmethod
+    def from_blocks(cls, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor,
+                    dev: torch.device) -> "_InMemorySpectra":
+        """The same tensors as from whole arrays, filled block by block (no whole numpy copy at any time)."""
+        self = cls(None, None, None, None, seg, dev)
+        self.f = torch.empty(len(positions), source.n_pixels, dtype=torch.float32, device=dev)
+        self.w = torch.empty_like(self.f)
+        for s in range(0, len(positions), max(1, source.block)):
+            flux, err, mask = source.read(positions[s:s + source.block])
+            self.f[s:s + len(flux)] = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32), nan=1.0,
+                                                                     posinf=1.0, neginf=1.0))
+            self.w[s:s + len(flux)] = torch.from_numpy(fit_weights(flux, err, mask))
+        return self
+
+    def weighted_mean(self) -> torch.Tensor:
+        return (self.f * self.w).sum(0) / self.w.sum(0).clamp_min(1e-12)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.f) / batch_size)
+
+    def batches(self, gen: torch.Generator, batch_size: int) -> Any:
+        perm = torch.randperm(len(self.f), generator=gen).to(self.f.device)
+        for s in range(0, len(self.f), batch_size):
+            j = perm[s:s + batch_size]
+            yield j, self.f[j], self.w[j]
+
+    def clip_segments(self, model: SpectrumEmulator, x: torch.Tensor, threshold: float) -> float:
+        dropped = good = 0.0
+        for s in range(0, len(self.f), 1024):  # per star, so block by block (no second (N, P) copy)
+            w = self.w[s:s + 1024]
+            w_new = _segment_clip((self.f[s:s + 1024] - model(x[s:s + 1024])) ** 2 * w, w, self.seg, threshold)
+            dropped += float(((w > 0) & (w_new == 0)).sum())
+            good += float((w > 0).sum())
+            self.w[s:s + 1024] = w_new
+        return dropped / max(good, 1.0)
+
+
+class _StreamedSpectra(_TrainingSpectra):
+    """Blocks of :class:`SpectraBlocks` read every epoch; the dropped segments kept as an (N, K) mask."""
+
+    def __init__(self, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor, dev: torch.device) -> None:
+        if source.block < 1:
+            raise ValueError(f"SpectraBlocks.block must be >= 1, got {source.block}")
+        self.source, self.seg, self.dev = source, seg, dev
+        self.positions = positions  # the stars with finite labels, ascending
+        self.blocks = [np.arange(s, min(s + source.block, len(positions))) for s in range(0, len(positions), source.block)]
+        self.bad = torch.zeros(len(positions), seg.shape[1], dtype=torch.bool, device=dev)
+
+    def _load(self, rows: np.ndarray, clipped: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        flux, err, mask = self.source.read(self.positions[rows])
+        f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32), nan=1.0, posinf=1.0, neginf=1.0)).to(self.dev)
+        w = torch.from_numpy(fit_weights(flux, err, mask)).to(self.dev)
+        if clipped:
+            w = w * (1.0 - self.bad[torch.from_numpy(rows).to(self.dev)].float() @ self.seg.T)
+        return f, w
+
+    def weighted_mean(self) -> torch.Tensor:
+        num = den = None
+        for rows in self.blocks:
+            f, w = self._load(rows)
+            num = (f * w).sum(0) if num is None else num + (f * w).sum(0)
+            den = w.sum(0) if den is None else den + w.sum(0)
+        return num / den.clamp_min(1e-12)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return sum(math.ceil(len(r) / batch_size) for r in self.blocks)
+
+    def batches(self, gen: torch.Generator, batch_size: int) -> Any:
+        for b in torch.randperm(len(self.blocks), generator=gen).tolist():
+            rows = self.blocks[b]
+            f, w = self._load(rows)
+            rows_t = torch.from_numpy(rows).to(self.dev)
+            perm = torch.randperm(len(rows), generator=gen).to(self.dev)
+            for s in range(0, len(rows), batch_size):
+                j = perm[s:s + batch_size]
+                yield rows_t[j], f[j], w[j]
+
+    def clip_segments(self, model: SpectrumEmulator, x: torch.Tensor, threshold: float) -> float:
+        dropped = good = 0.0
+        for rows in self.blocks:
+            f, w = self._load(rows)
+            rows_t = torch.from_numpy(rows).to(self.dev)
+            resid2 = (f - model(x[rows_t])) ** 2 * w
+            bad = _bad_segments(resid2, w, self.seg, threshold)
+            self.bad[rows_t] |= bad
+            w_new = w * (1.0 - bad.float() @ self.seg.T)
+            dropped += float(((w > 0) & (w_new == 0)).sum())
+            good += float((w > 0).sum())
+        return dropped / max(good, 1.0)
 
 
 @dataclass
