@@ -32,7 +32,7 @@ from stellarnet.errors import report_errors
 from stellarnet.data.shards import MANIFEST, load_manifest
 from stellarnet.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
 from stellarnet.paths import CONF_DIR
-from stellarnet.utils import to_jsonable, to_plain, write_json
+from stellarnet.utils import env_global_rank_is_zero, to_jsonable, to_plain, write_json
 from stellarnet.workflow import check_data_config, ensure_shards
 
 log = logging.getLogger(__name__)
@@ -40,21 +40,6 @@ log = logging.getLogger(__name__)
 
 SHARDS_READY = ".ranks_ready.json"  # in the shard directory: rank 0 finished ensure_shards for this launch
 DEFAULT_SHARDS_WAIT_S = 7200.0
-
-
-def env_global_rank_is_zero() -> bool:
-    """Whether this process is global rank 0 according to its launcher, before any process group exists.
-
-    A process is rank 0 unless one of the rank variables a launcher sets says otherwise: ``RANK``
-    (torchrun), ``SLURM_PROCID`` (srun), ``NODE_RANK`` / ``LOCAL_RANK`` (the ranks that Lightning's
-    own ``ddp`` launcher starts: it starts them from ``trainer.fit``, after rank 0 got here). A
-    plain single-process run sets none of them.
-    """
-    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
-        value = os.environ.get(var, "").strip()
-        if value.isdigit() and int(value) != 0:
-            return False
-    return True
 
 
 def launch_id() -> str | None:

@@ -89,3 +89,18 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
     """Atomic JSON write of :func:`to_jsonable` ``(obj)``."""
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent))
+
+
+def env_global_rank_is_zero() -> bool:
+    """Whether this process is global rank 0 according to its launcher, before any process group exists.
+
+    A process is rank 0 unless one of the rank variables a launcher sets says otherwise: ``RANK``
+    (torchrun), ``SLURM_PROCID`` (srun), ``NODE_RANK`` / ``LOCAL_RANK`` (the ranks that Lightning's
+    own ``ddp`` launcher starts: it starts them from ``trainer.fit``, after rank 0 got here). A
+    plain single-process run sets none of them.
+    """
+    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) != 0:
+            return False
+    return True

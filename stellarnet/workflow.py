@@ -70,8 +70,10 @@ def check_data_config(data_cfg: Mapping[str, Any]) -> None:
         _check_int(dm["num_workers"], "data.datamodule.num_workers", 0)
 
 
-def ensure_shards(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Build (or resume, or reuse when current) the shard dataset; returns its manifest."""
+def ensure_shards(data_cfg: Mapping[str, Any], trainer: Any = None) -> dict[str, Any] | None:
+    """Build (or resume, or reuse when current) the shard dataset; returns its manifest. With a
+    Lightning ``trainer`` of a DDP launch the ranks build the shards together (rank 0 returns the
+    manifest, the others None; :func:`~stellarnet.data.shards.build_shards`)."""
     check_data_config(data_cfg)
     allstar, spectra_root = resolve_survey(data_cfg)
     sh = data_cfg["shards"]
@@ -88,4 +90,5 @@ def ensure_shards(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
         classes_cfg=data_cfg.get("classes"),
         n_workers=int(sh.get("n_workers", 1)),
         layout=data_cfg["survey"].get("spectra_layout"),
+        trainer=trainer,
     )

@@ -30,14 +30,15 @@ build resumes and ends with the same manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -47,7 +48,7 @@ import pandas as pd
 
 from stellarnet.data import grids
 from stellarnet.data.splits import SPLITS, assign_splits
-from stellarnet.utils import atomic_write_text, to_plain
+from stellarnet.utils import atomic_write_text, env_global_rank_is_zero, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ MANIFEST = "manifest.json"
 #: Present while a build runs in the directory: a killed build leaves it, and readers refuse the
 #: directory until a rerun of the build finishes (a half-rebuilt dataset never looks complete).
 BUILDING_MARKER = ".building"
+#: per-shard manifest entries written by the ranks of a distributed build (removed with the marker)
+ENTRIES_DIR = ".shard_entries"
 #: Held (created exclusively, holding the builder's host and pid) by the one build writing the directory.
 BUILD_LOCK = ".build.lock"
 #: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.data.catalogs.DERIVED_COLUMNS`,
@@ -207,7 +210,7 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
             ok[i] = True
         except Exception as exc:  # noqa: BLE001 - recorded per star, never silently
             failures.append({"file": os.path.basename(fpath), "error": f"{type(exc).__name__}: {exc}"})
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
     with h5py.File(tmp, "w", track_order=True) as f:
         kw = dict(track_times=False)
         f.create_dataset("flux", data=flux[ok], **kw)
@@ -222,6 +225,69 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     os.replace(tmp, final)
     return {"file": final.name, "rows": int(ok.sum()), "sha256": sha256_file(final),
             "failures": failures, "skipped": False}
+
+
+class ShardTasks:
+    """Item k: build shard k — read, preprocess and write it (in a ``DataLoader`` worker when there are
+    workers) — and return its manifest entry (``file``, ``rows``, ``sha256``, ``failures``, ``skipped``,
+    ``stars``). A shard already complete for this build is not rebuilt (``skipped``): a killed build
+    resumes. One ``DataLoader`` over it builds on one machine; ``Trainer.predict`` over the same
+    ``DataLoader`` spreads the shards over the processes, GPUs and nodes of a DDP launch."""
+
+    def __init__(self, tasks: Sequence[_ShardTask]) -> None:
+        self.tasks = list(tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {**_write_shard(self.tasks[k]), "stars": len(self.tasks[k].files)}
+
+
+def _entry_path(entries_dir: Path, shard_file: str) -> Path:
+    return entries_dir / f"{shard_file}.json"
+
+
+def _build_on_trainer(trainer: Any, loader: Any, entries_dir: Path, progress: bool) -> None:
+    """Build the loader's shards with ``trainer.predict``: Lightning's sampler gives each rank its own
+    shards (none twice); each entry is written to ``entries_dir`` as its shard ends; all ranks wait for
+    each other at the end (then rank 0 writes the manifest)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    class Entries(BasePredictionWriter):
+        def __init__(self) -> None:
+            super().__init__(write_interval="batch")
+            self.bar = None
+
+        def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if progress and trainer.is_global_zero:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc=f"shards → {entries_dir.parent.name} (rank 0)", unit="star")
+
+        def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                               batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+            atomic_write_text(_entry_path(entries_dir, prediction["file"]), json.dumps(prediction))
+            if self.bar is not None:
+                self.bar.update(prediction["stars"])
+
+        def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if self.bar is not None:
+                self.bar.close()
+            trainer.strategy.barrier("stellarnet-shard-entries")
+
+    class Builder(L.LightningModule):
+        def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            return batch
+
+        def predict_step(self, entry: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+            return entry
+
+    trainer.callbacks.append(Entries())
+    with warnings.catch_warnings():  # shards are not batches of samples: no per-sample indices to track
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        trainer.predict(Builder(), dataloaders=loader, return_predictions=False)
 
 
 # --------------------------------------------------------------------------- build
@@ -273,8 +339,15 @@ def build_shards(
     progress: bool = True,
     label_ranges: Mapping[str, Sequence[float]] | None = None,
     layout: str | None = None,
-) -> dict[str, Any]:
+    trainer: Any = None,
+) -> dict[str, Any] | None:
     """Build (or resume) a shard dataset from an allStar file and its spectra; return the manifest.
+
+    The shards are built by a ``DataLoader`` over :class:`ShardTasks` with ``n_workers`` reader
+    processes; with a Lightning ``trainer`` of a DDP launch (``trainer=ddp trainer.devices=N
+    [trainer.num_nodes=M]``: every rank calls this) by ``trainer.predict`` over the same loader, each
+    rank building its own shards; global rank 0 holds the build lock and writes the manifest, the other
+    ranks return None. The manifest is the same whichever way (same shards, same checksums).
 
     ``allstar``: an allStar-format FITS. ``spectra_root``: root of the SDSS directory tree
     (defaults to the allStar's directory). ``cuts``: ordered mapping of named cuts
@@ -372,7 +445,8 @@ def build_shards(
     build_hash = _stable_hash(build_cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out_dir):
+    rank_zero = env_global_rank_is_zero()
+    with (_build_lock(out_dir) if rank_zero else contextlib.nullcontext()):
         old = out_dir / MANIFEST
         marker = out_dir / BUILDING_MARKER
         if old.exists() and not marker.exists():
@@ -384,7 +458,8 @@ def build_shards(
                 log.info("shards in %s are current (build hash %s)", out_dir, build_hash)
                 return prev
         # from here until the new manifest is written the directory is not a usable dataset
-        atomic_write_text(marker, json.dumps({"build_hash": build_hash}))
+        if rank_zero:
+            atomic_write_text(marker, json.dumps({"build_hash": build_hash}))
 
         tasks: list[_ShardTask] = []
         for s in SPLITS:
@@ -396,21 +471,33 @@ def build_shards(
                     normalized=(spectra_kind == "aspcapStar"), files=[paths[i] for i in sel],
                     columns={name: arr[sel] for name, arr in columns_all.items()},
                 ))
+        from torch.utils.data import DataLoader
+
+        from stellarnet.data.chunks import pass_through
+
+        workers = 0 if n_workers <= 1 or len(tasks) == 1 else min(int(n_workers), len(tasks))
+        loader = DataLoader(ShardTasks(tasks), batch_size=None, shuffle=False, num_workers=workers,
+                            collate_fn=pass_through, prefetch_factor=1 if workers else None)
         results: dict[str, dict[str, Any]] = {}
-        bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
-        if n_workers <= 1 or len(tasks) == 1:
-            for t in tasks:
-                r = _write_shard(t)
+        if trainer is None:
+            bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
+            for r in loader:
                 results[r["file"]] = r
-                bar.update(len(t.files))
+                bar.update(r["stars"])
+            bar.close()
         else:
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=get_context("spawn")) as ex:
-                futs = {ex.submit(_write_shard, t): t for t in tasks}
-                for fut in as_completed(futs):
-                    r = fut.result()
-                    results[r["file"]] = r
-                    bar.update(len(futs[fut].files))
-        bar.close()
+            entries_dir = out_dir / ENTRIES_DIR / build_hash
+            entries_dir.mkdir(parents=True, exist_ok=True)
+            _build_on_trainer(trainer, loader, entries_dir, progress)
+            if not trainer.is_global_zero:
+                return None
+            for t in tasks:
+                name = Path(t.path).name
+                try:
+                    results[name] = json.loads(_entry_path(entries_dir, name).read_text())
+                except (OSError, json.JSONDecodeError):
+                    raise ShardError(f"no record of shard {name} from the ranks of this build: rerun it "
+                                     "(finished shards are kept)") from None
 
         train = split_names == "train"
         label_mean, label_std = _nan_stats(labels[train])
@@ -452,6 +539,7 @@ def build_shards(
         }
         atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
         report.save(out_dir)
+        shutil.rmtree(out_dir / ENTRIES_DIR, ignore_errors=True)
         marker.unlink(missing_ok=True)
         return manifest
 
