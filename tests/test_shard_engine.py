@@ -13,13 +13,31 @@ from pathlib import Path
 from stellarnet.data.shards import BUILDING_MARKER, MANIFEST, ShardTasks, _ShardTask, load_manifest
 
 
+def _overrides(survey: dict, out: Path) -> list[str]:
+    return [f"data.survey.allstar={survey['allstar']}", f"data.survey.spectra_root={survey['root']}",
+            f"data.shards.out_dir={out}", "data.shards.grid=dr12", "data.shards.rows_per_shard=40",
+            "data.shards.n_workers=0"]
+
+
 def _cli(survey: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stellarnet.build_shards", f"data.survey.allstar={survey['allstar']}",
-           f"data.survey.spectra_root={survey['root']}", f"data.shards.out_dir={out}", "data.shards.grid=dr12",
-           "data.shards.rows_per_shard=40", "data.shards.n_workers=0", f"hydra.run.dir={out.parent / (out.name + '_run')}",
-           *extra]
+    """``python -m stellarnet.build_shards`` as a user launches it."""
+    cmd = [sys.executable, "-m", "stellarnet.build_shards", *_overrides(survey, out),
+           f"hydra.run.dir={out.parent / (out.name + '_run')}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _one_process(survey: dict, out: Path) -> None:
+    """The same build in this process (the entry's config, no trainer)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from stellarnet.paths import CONF_DIR
+    from stellarnet.workflow import ensure_shards
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="train", overrides=_overrides(survey, out))
+    ensure_shards(OmegaConf.to_container(cfg.data, resolve=True))
 
 
 def _comparable(manifest: dict) -> dict:
@@ -28,8 +46,7 @@ def _comparable(manifest: dict) -> dict:
 
 
 def test_two_ddp_processes_build_the_one_process_shards_and_resume(tiny_survey, tmp_path):
-    one = _cli(tiny_survey, tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-2000:]
+    _one_process(tiny_survey, tmp_path / "one")
     ddp = ("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
     two = _cli(tiny_survey, tmp_path / "two", *ddp)
     assert two.returncode == 0, two.stderr[-2000:]
