@@ -88,3 +88,18 @@ def test_a_shard_task_is_built_once_and_then_skipped(tiny_survey, tmp_path):
     second = ShardTasks([task])[0]
     assert first["rows"] == 5 and first["stars"] == 5 and not first["skipped"] and second["skipped"]
     assert first["sha256"] == second["sha256"] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_building_shards_leaves_the_global_random_state_alone(tiny_survey, loose_cuts, tmp_path):
+    """train seeds torch, then builds missing shards, then initializes the network: the build must
+    not draw from torch's global RNG (the DataLoader's worker seed did), or the same seed gives
+    other weights depending on whether the shards existed."""
+    import torch
+
+    from stellarnet.data.shards import build_shards
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state().clone()
+    build_shards(tiny_survey["allstar"], tmp_path / "s", loose_cuts, spectra_root=tiny_survey["root"], grid="dr12",
+                 rows_per_shard=64, n_workers=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)

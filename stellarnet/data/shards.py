@@ -471,13 +471,17 @@ def build_shards(
                     normalized=(spectra_kind == "aspcapStar"), files=[paths[i] for i in sel],
                     columns={name: arr[sel] for name, arr in columns_all.items()},
                 ))
+        import torch
         from torch.utils.data import DataLoader
 
         from stellarnet.data.chunks import pass_through
 
         workers = 0 if n_workers <= 1 or len(tasks) == 1 else min(int(n_workers), len(tasks))
+        # its own generator: the loader's worker seed must not come from torch's global RNG, or a
+        # training run that builds its shards first would start from other weights than one that finds them
         loader = DataLoader(ShardTasks(tasks), batch_size=None, shuffle=False, num_workers=workers,
-                            collate_fn=pass_through, prefetch_factor=1 if workers else None)
+                            collate_fn=pass_through, prefetch_factor=1 if workers else None,
+                            generator=torch.Generator().manual_seed(0))
         results: dict[str, dict[str, Any]] = {}
         if trainer is None:
             bar = tqdm(total=len(kept), desc=f"shards → {out_dir.name}", unit="star", disable=not progress)
