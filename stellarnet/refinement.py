@@ -81,12 +81,9 @@ def _training_spectra(reader: ShardReader, rows: np.ndarray, memory_gb: float | 
 def _refine_rows(emulator: Any, reader: ShardReader, rows: np.ndarray, init: np.ndarray, settings: Mapping[str, Any],
                  block: int) -> np.ndarray:
     """Refined labels (N, L) of ``rows`` from ``init``, read and fitted ``block`` stars at a time."""
-    out = []
-    for s in range(0, len(rows), block):
-        d = reader.rows(rows[s:s + block], ("flux", "flux_err", "pix_mask"))
-        out.append(refine_labels(emulator, d["flux"], d["flux_err"], d["pix_mask"], init[s:s + block],
-                                 **fit_settings(settings)).labels)
-    return np.concatenate(out)
+    return np.concatenate([refine_labels(emulator, d["flux"], d["flux_err"], d["pix_mask"], init[at],
+                                         **fit_settings(settings)).labels
+                           for at, d in reader.blocks(rows, block, ("flux", "flux_err", "pix_mask"))])
 
 
 def _device(name: Any) -> str:

@@ -709,6 +709,12 @@ class ShardReader:
                 out[name][sel] = block
         return out
 
+    def blocks(self, indices: Sequence[int], block: int,
+               fields: Sequence[str] = FIELDS) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+        """:meth:`rows` ``block`` at a time (memory bounded by the block): (the positions in ``indices``, the rows)."""
+        for s in range(0, len(indices), block):
+            yield slice(s, s + block), self.rows(indices[s:s + block], fields)
+
     def read_all(self, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
         """Concatenate whole fields over the split (for baselines / evaluation; uses memory)."""
         out: dict[str, list[np.ndarray]] = {name: [] for name in fields}

@@ -60,8 +60,7 @@ def predict_rows(predictor: Any, reader: ShardReader, rows: np.ndarray | None = 
     if len(rows) == 0:
         raise ValueError(f"no rows to predict in split {reader.split!r}")
     parts, seconds = [], 0.0
-    for s in range(0, len(rows), block):
-        data = reader.rows(rows[s:s + block], ("flux", "flux_err", "pix_mask", "photometry"))
+    for _, data in reader.blocks(rows, block, ("flux", "flux_err", "pix_mask", "photometry")):
         pred, rate = predict_split(predictor, data, mc_samples, batch_size)
         seconds += len(data["flux"]) / rate
         parts.append(pred if keys is None else {k: pred[k] for k in keys})

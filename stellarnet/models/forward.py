@@ -206,8 +206,20 @@ class SpectraBlocks:
     #: read once into memory as (flux, weight) tensors (8 bytes per pixel per star) instead of every epoch
     cache: bool = False
 
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError(f"SpectraBlocks.block must be >= 1, got {self.block}")
+
     def __len__(self) -> int:
         return self.n
+
+    @classmethod
+    def of_arrays(cls, flux: np.ndarray, flux_err: np.ndarray, pix_mask: np.ndarray | None,
+                  block: int = 2048) -> "SpectraBlocks":
+        """Spectra already in memory, as a cached source (the emulator's tensors filled block by block)."""
+        return cls(len(flux), np.shape(flux)[1],
+                   lambda pos: (flux[pos], flux_err[pos], None if pix_mask is None else pix_mask[pos]), block,
+                   cache=True)
 
 
 def train_emulator(
@@ -250,11 +262,12 @@ def train_emulator(
         The model (eval mode, CPU) and a summary dict (stars, epochs, final χ²/pixel, masked segment
         fraction, seconds, ``streamed``: read from a :class:`SpectraBlocks` every epoch).
     """
-    streamed = isinstance(flux, SpectraBlocks)
+    source = flux if isinstance(flux, SpectraBlocks) else SpectraBlocks.of_arrays(flux, flux_err, pix_mask)
+    streamed = not source.cache
     labels = np.asarray(labels, np.float64)
-    n_pixels = flux.n_pixels if streamed else np.shape(flux)[1]
-    if labels.shape[0] != len(flux):
-        raise ValueError(f"labels have {labels.shape[0]} rows, the spectra {len(flux)}")
+    n_pixels = source.n_pixels
+    if labels.shape[0] != len(source):
+        raise ValueError(f"labels have {labels.shape[0]} rows, the spectra {len(source)}")
     ok = np.isfinite(labels).all(1)
     if ok.sum() < 10:
         raise ValueError(f"train_emulator needs at least 10 stars with finite labels, got {int(ok.sum())}")
@@ -276,12 +289,7 @@ def train_emulator(
     x = model.standardize(torch.as_tensor(x_phys, dtype=torch.float32, device=dev))
     seg = chip_segments(n_pixels, grid).to(dev)
     n = len(x)
-    if streamed and not flux.cache:
-        data: _TrainingSpectra = _StreamedSpectra(flux, np.flatnonzero(ok), seg, dev)
-    elif streamed:
-        data = _InMemorySpectra.from_blocks(flux, np.flatnonzero(ok), seg, dev)
-    else:
-        data = _InMemorySpectra(flux, flux_err, pix_mask, ok, seg, dev)
+    data = (_StreamedSpectra if streamed else _InMemorySpectra)(source, np.flatnonzero(ok), seg, dev)
     if init_model is None:
         with torch.no_grad():  # start at the weighted mean spectrum
             model.net[-1].bias.copy_(data.weighted_mean())
@@ -314,12 +322,35 @@ def train_emulator(
     model = model.eval().cpu()
     return model, {"stars": int(n), "epochs": int(epochs), "hidden": int(hidden), "chi2_per_pixel": chi2,
                    "masked_pixel_fraction": masked_fraction, "seconds": time.perf_counter() - t0,
-                   "streamed": bool(streamed and not flux.cache)}
+                   "streamed": streamed}
+
+
+def _flux_and_weights(source: SpectraBlocks, positions: np.ndarray,
+                      dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux (non-finite → 1) and :func:`fit_weights` of the stars at ``positions`` of ``source``, on ``dev``."""
+    flux, err, mask = source.read(positions)
+    f = np.nan_to_num(np.asarray(flux, np.float32), nan=1.0, posinf=1.0, neginf=1.0)
+    return torch.from_numpy(f).to(dev), torch.from_numpy(fit_weights(flux, err, mask)).to(dev)
+
+
+def _clip_block(f: torch.Tensor, w: torch.Tensor, model_flux: torch.Tensor, seg: torch.Tensor,
+                threshold: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Segment clipping of a block of stars: (bad segments (n, K), clipped weights, good pixels dropped,
+    good pixels before)."""
+    bad = _bad_segments((f - model_flux) ** 2 * w, w, seg, threshold)
+    w_new = w * (1.0 - bad.float() @ seg.T)
+    return bad, w_new, float(((w > 0) & (w_new == 0)).sum()), float((w > 0).sum())
 
 
 class _TrainingSpectra:
-    """The emulator's training spectra as (flux, weights) tensors: minibatches per epoch, the weighted
-    mean spectrum, and segment clipping (:func:`_bad_segments`) against the current model."""
+    """The emulator's training spectra (the stars of ``source`` at ``positions``, ascending) as (flux,
+    weights) tensors: minibatches per epoch, the weighted mean spectrum, and segment clipping
+    (:func:`_bad_segments`) against the current model."""
+
+    def __init__(self, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor, dev: torch.device) -> None:
+        self.source, self.seg, self.dev = source, seg, dev
+        self.blocks = [positions[s:s + source.block] for s in range(0, len(positions), source.block)]
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])  # block b is label rows starts[b]…starts[b+1]
 
     def weighted_mean(self) -> torch.Tensor:
         raise NotImplementedError
@@ -337,28 +368,15 @@ class _TrainingSpectra:
 
 
 class _InMemorySpectra(_TrainingSpectra):
-    def __init__(self, flux: np.ndarray | None, flux_err: np.ndarray | None, pix_mask: np.ndarray | None,
-                 ok: np.ndarray | None, seg: torch.Tensor, dev: torch.device) -> None:
-        self.seg = seg
-        if flux is None:  # filled by from_blocks
-            return
-        self.f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32)[ok], nan=1.0, posinf=1.0,
-                                                neginf=1.0)).to(dev)
-        self.w = torch.from_numpy(fit_weights(flux[ok], flux_err[ok], None if pix_mask is None else pix_mask[ok])).to(dev)
+    """Read once, block by block, into (N, P) flux and weight tensors (no whole numpy copy at any time)."""
 
-    @classmethod
-    def from_blocks(cls, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor,
-                    dev: torch.device) -> "_InMemorySpectra":
-        """The same tensors as from whole arrays, filled block by block (no whole numpy copy at any time)."""
-        self = cls(None, None, None, None, seg, dev)
+    def __init__(self, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor, dev: torch.device) -> None:
+        super().__init__(source, positions, seg, dev)
         self.f = torch.empty(len(positions), source.n_pixels, dtype=torch.float32, device=dev)
         self.w = torch.empty_like(self.f)
-        for s in range(0, len(positions), max(1, source.block)):
-            flux, err, mask = source.read(positions[s:s + source.block])
-            self.f[s:s + len(flux)] = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32), nan=1.0,
-                                                                     posinf=1.0, neginf=1.0))
-            self.w[s:s + len(flux)] = torch.from_numpy(fit_weights(flux, err, mask))
-        return self
+        for b, pos in enumerate(self.blocks):
+            sl = slice(self.starts[b], self.starts[b + 1])
+            self.f[sl], self.w[sl] = _flux_and_weights(source, pos, dev)
 
     def weighted_mean(self) -> torch.Tensor:
         return (self.f * self.w).sum(0) / self.w.sum(0).clamp_min(1e-12)
@@ -375,65 +393,51 @@ class _InMemorySpectra(_TrainingSpectra):
     def clip_segments(self, model: SpectrumEmulator, x: torch.Tensor, threshold: float) -> float:
         dropped = good = 0.0
         for s in range(0, len(self.f), 1024):  # per star, so block by block (no second (N, P) copy)
-            w = self.w[s:s + 1024]
-            w_new = _segment_clip((self.f[s:s + 1024] - model(x[s:s + 1024])) ** 2 * w, w, self.seg, threshold)
-            dropped += float(((w > 0) & (w_new == 0)).sum())
-            good += float((w > 0).sum())
-            self.w[s:s + 1024] = w_new
+            sl = slice(s, s + 1024)
+            _, self.w[sl], d, g = _clip_block(self.f[sl], self.w[sl], model(x[sl]), self.seg, threshold)
+            dropped, good = dropped + d, good + g
         return dropped / max(good, 1.0)
 
 
 class _StreamedSpectra(_TrainingSpectra):
-    """Blocks of :class:`SpectraBlocks` read every epoch; the dropped segments kept as an (N, K) mask."""
+    """Blocks read every epoch; the dropped segments kept as an (N, K) mask."""
 
     def __init__(self, source: SpectraBlocks, positions: np.ndarray, seg: torch.Tensor, dev: torch.device) -> None:
-        if source.block < 1:
-            raise ValueError(f"SpectraBlocks.block must be >= 1, got {source.block}")
-        self.source, self.seg, self.dev = source, seg, dev
-        self.positions = positions  # the stars with finite labels, ascending
-        self.blocks = [np.arange(s, min(s + source.block, len(positions))) for s in range(0, len(positions), source.block)]
+        super().__init__(source, positions, seg, dev)
         self.bad = torch.zeros(len(positions), seg.shape[1], dtype=torch.bool, device=dev)
 
-    def _load(self, rows: np.ndarray, clipped: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        flux, err, mask = self.source.read(self.positions[rows])
-        f = torch.from_numpy(np.nan_to_num(np.asarray(flux, np.float32), nan=1.0, posinf=1.0, neginf=1.0)).to(self.dev)
-        w = torch.from_numpy(fit_weights(flux, err, mask)).to(self.dev)
-        if clipped:
-            w = w * (1.0 - self.bad[torch.from_numpy(rows).to(self.dev)].float() @ self.seg.T)
-        return f, w
+    def _load(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block b: (its label rows, flux, weights with the dropped segments removed)."""
+        rows = torch.arange(int(self.starts[b]), int(self.starts[b + 1]), device=self.dev)
+        f, w = _flux_and_weights(self.source, self.blocks[b], self.dev)
+        return rows, f, w * (1.0 - self.bad[rows].float() @ self.seg.T)
 
     def weighted_mean(self) -> torch.Tensor:
         num = den = None
-        for rows in self.blocks:
-            f, w = self._load(rows)
+        for b in range(len(self.blocks)):
+            _, f, w = self._load(b)
             num = (f * w).sum(0) if num is None else num + (f * w).sum(0)
             den = w.sum(0) if den is None else den + w.sum(0)
         return num / den.clamp_min(1e-12)
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return sum(math.ceil(len(r) / batch_size) for r in self.blocks)
+        return sum(math.ceil(len(pos) / batch_size) for pos in self.blocks)
 
     def batches(self, gen: torch.Generator, batch_size: int) -> Any:
         for b in torch.randperm(len(self.blocks), generator=gen).tolist():
-            rows = self.blocks[b]
-            f, w = self._load(rows)
-            rows_t = torch.from_numpy(rows).to(self.dev)
+            rows, f, w = self._load(b)
             perm = torch.randperm(len(rows), generator=gen).to(self.dev)
             for s in range(0, len(rows), batch_size):
                 j = perm[s:s + batch_size]
-                yield rows_t[j], f[j], w[j]
+                yield rows[j], f[j], w[j]
 
     def clip_segments(self, model: SpectrumEmulator, x: torch.Tensor, threshold: float) -> float:
         dropped = good = 0.0
-        for rows in self.blocks:
-            f, w = self._load(rows)
-            rows_t = torch.from_numpy(rows).to(self.dev)
-            resid2 = (f - model(x[rows_t])) ** 2 * w
-            bad = _bad_segments(resid2, w, self.seg, threshold)
-            self.bad[rows_t] |= bad
-            w_new = w * (1.0 - bad.float() @ self.seg.T)
-            dropped += float(((w > 0) & (w_new == 0)).sum())
-            good += float((w > 0).sum())
+        for b in range(len(self.blocks)):
+            rows, f, w = self._load(b)
+            bad, _, d, g = _clip_block(f, w, model(x[rows]), self.seg, threshold)
+            self.bad[rows] |= bad
+            dropped, good = dropped + d, good + g
         return dropped / max(good, 1.0)
 
 
