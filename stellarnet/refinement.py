@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
                                    "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
                                    "calibration_degree": 2, "device": "auto", "unresolved_sigma_floor": "upper",
-                                   "memory_gb": 4.0, "block_stars": 2048,
+                                   "disagreement_inflation": True, "memory_gb": 4.0, "block_stars": 2048,
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                            "continuum_degree": 4, "pixel_clip": 5.0,
                                            "fit_lsf": True}}
@@ -214,7 +214,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
                                       "sigma_network_scale": summary["sigma_network_scale"],
                                       "refine": cfg["fit"], "training": to_plain(info),
                                       "label_calibration": calibration, "chi2_scaling": "two_sided",
-                                      "label_range": label_range})
+                                      "label_range": label_range,
+                                      "disagreement_inflation": bool(cfg.get("disagreement_inflation", True))})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
         torch.save(state, fh)
     write_json(model_dir / "refinement.json", summary)

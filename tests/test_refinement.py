@@ -85,14 +85,16 @@ def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir
     assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                    "continuum_degree": 4, "pixel_clip": 5.0, "fit_lsf": True}
     assert new.chi2_scaling == "two_sided" and new.label_range is not None
+    assert new.disagreement_inflation is True
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     state = torch.load(old / EMULATOR_FILE, weights_only=True)
     for key in ("continuum_degree", "pixel_clip", "fit_lsf"):  # as saved before these existed
         del state["refine"][key]
-    del state["chi2_scaling"], state["label_range"]
+    del state["chi2_scaling"], state["label_range"], state["disagreement_inflation"]
     torch.save(state, old / EMULATOR_FILE)
     loaded = load_model(old)
+    assert loaded.disagreement_inflation is False  # an old stage's σ is what it was
     assert loaded.refine_settings["continuum_degree"] is None and loaded.refine_settings["pixel_clip"] is None
     assert loaded.refine_settings["fit_lsf"] is False
     assert loaded.chi2_scaling == "at_least_one" and loaded.label_range is None
@@ -250,6 +252,7 @@ def test_model_folder_sigma_scales_are_applied(refined_dir, tiny_shards):
     np.testing.assert_allclose(doubled["labels"], base["labels"])
 
     model = load_model(folder)
+    model.disagreement_inflation = False  # the σ model alone (the inflation: its own test below)
     model.refine_sigma_scale = np.ones(4)
     model.refine_sigma_network_scale = np.zeros(4)
     plain = model.predict(*args)
@@ -457,3 +460,36 @@ def test_rebuilding_a_stage_starts_from_the_network_again(refined_dir, tiny_shar
     second = build_refinement(again, tiny_shards, SETTINGS, tensorboard_dir=None, progress=False)
     assert second["training"]["chi2_per_pixel"] == pytest.approx(first["training"]["chi2_per_pixel"], rel=1e-5)
     np.testing.assert_allclose(second["sigma_scale"], first["sigma_scale"], rtol=1e-5)
+
+
+def test_disagreement_factor_is_the_birge_ratio_of_the_two_estimates():
+    from stellarnet.models.inference import disagreement_factor
+
+    lab = np.array([[5000.0, 4.0], [5000.0, 4.0], [5000.0, 4.0]])
+    other = np.array([[5004.0, 4.0], [5030.0, 3.8], [np.nan, 4.5]])
+    sig, other_sig = np.array([[3.0, 0.1]] * 3), np.array([[4.0, 0.1]] * 3)
+    f = disagreement_factor(lab, sig, other, other_sig)
+    # 4 K against √(3² + 4²) = 5 K: consistent (1); 30 K: 6; 0.2 dex against 0.141: √2; NaN: 1
+    np.testing.assert_allclose(f, [[1.0, 1.0], [6.0, np.sqrt(2.0)], [1.0, 5.0 / np.sqrt(2.0)]])
+
+
+def test_refined_sigma_grows_where_network_and_refinement_disagree(refined_dir, tiny_shards):
+    """The stage's σ is the σ model's times the Birge ratio of refined vs network labels; switching the
+    inflation off gives the σ model's alone, the same labels, and the same flags (judged before it)."""
+    from stellarnet.models.inference import disagreement_factor
+
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    args = (data["flux"][:12], data["flux_err"][:12], data["photometry"][:12], data["pix_mask"][:12])
+    on = load_model(folder)
+    off = load_model(folder)
+    off.disagreement_inflation = False
+    a, b = on.predict(*args), off.predict(*args)
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_array_equal(a["stellarnet_flag"], b["stellarnet_flag"])
+    np.testing.assert_array_equal(a["sigma_refined"], b["sigma_refined"])
+    ok = a["refine_flag"] == 0
+    assert ok.any()
+    factor = disagreement_factor(a["labels"], a["sigma_refined"], a["labels_network"], a["sigma_network"])
+    np.testing.assert_allclose(a["sigma_aleatoric"][ok], (b["sigma_aleatoric"] * factor)[ok], rtol=1e-5)
+    assert np.all(a["sigma_total"] >= b["sigma_total"] * (1 - 1e-6))

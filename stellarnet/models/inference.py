@@ -174,7 +174,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),
                      refine_sigma_network_scale=extras.get("sigma_network_scale"),
-                     chi2_scaling=extras.get("chi2_scaling", "at_least_one"), label_range=extras.get("label_range"))
+                     chi2_scaling=extras.get("chi2_scaling", "at_least_one"), label_range=extras.get("label_range"),
+                     disagreement_inflation=bool(extras.get("disagreement_inflation", False)))
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
@@ -296,7 +297,8 @@ class Predictor:
             ``refine_sigma_scale`` a and ``refine_sigma_network_scale`` b (per label; refined
             σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
             keywords) and ``label_calibration`` (:func:`~stellarnet.models.forward.fit_label_calibration`)
-            go with it.
+            go with it. ``disagreement_inflation``: the refined σ of a label is multiplied by
+            :func:`disagreement_factor` (network and refinement inconsistent: σ grows).
     """
 
     def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
@@ -304,10 +306,11 @@ class Predictor:
                  refine_settings: dict[str, Any] | None = None,
                  label_calibration: dict[str, Any] | None = None,
                  refine_sigma_network_scale: Any = None, chi2_scaling: str = "two_sided",
-                 label_range: Any = None) -> None:
+                 label_range: Any = None, disagreement_inflation: bool = False) -> None:
         if chi2_scaling not in ("two_sided", "at_least_one"):
             raise ValueError(f"chi2_scaling must be 'two_sided' or 'at_least_one', got {chi2_scaling!r}")
         self.chi2_scaling = chi2_scaling
+        self.disagreement_inflation = bool(disagreement_inflation)
         self.label_range = None if label_range is None else np.asarray(label_range, dtype=np.float64)
         if self.label_range is not None and self.label_range.shape != (len(module.label_names), 2):
             raise CheckpointError(f"label_range has shape {self.label_range.shape}, expected ({len(module.label_names)}, 2)")
@@ -517,6 +520,10 @@ class Predictor:
         net_labels, net_sigma = res["labels"], res["sigma_total"]
         if self.refine_sigma_network_scale is not None:  # the refined labels' error floor
             sigma = np.sqrt(sigma**2 + (self.refine_sigma_network_scale * net_sigma) ** 2)
+        # the flag NET_REFINE_DISAGREE is judged on the σ model's σ, before the inflation below
+        res["sigma_refined"] = sigma.astype(np.float32)
+        if self.disagreement_inflation:
+            sigma = sigma * disagreement_factor(refined, sigma, net_labels, net_sigma)
         tried = np.isfinite(net_labels).all(1)
         shift = np.abs(refined - net_labels) / np.maximum(net_sigma, 1e-12)
         ok = tried & np.isfinite(refined).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
@@ -534,7 +541,6 @@ class Predictor:
         res["refine_masked_segments"] = r.masked_segments
         if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
             res["refine_lsf_variance"] = r.lsf_variance
-        res["sigma_refined"] = sigma.astype(np.float32)
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
@@ -569,6 +575,21 @@ def physical_ranges(label_names: list[str]) -> np.ndarray:
     from stellarnet.data.cuts import PHYSICAL_LABEL_RANGES
 
     return np.array([PHYSICAL_LABEL_RANGES.get(n, (-np.inf, np.inf)) for n in label_names], np.float64).reshape(-1, 2)
+
+
+def disagreement_factor(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
+                        other_sigma: np.ndarray) -> np.ndarray:
+    """Per star and label, max(1, |labels − other| / √(σ² + σ_other²)): the Birge ratio of two
+    estimates of the same label (here the refinement's and the network's). Where they disagree by
+    more than their σ allow, one of them carries an error its σ does not describe (an emulator
+    that is wrong for this kind of star, a spectrum unlike the training set), and the σ of the
+    reported value is scaled up by that ratio, as the Particle Data Group scales the error of
+    inconsistent measurements. (N, L) float64; non-finite inputs give 1."""
+    diff = np.abs(np.asarray(labels, np.float64) - np.asarray(other_labels, np.float64))
+    comb = np.sqrt(np.asarray(sigma, np.float64) ** 2 + np.asarray(other_sigma, np.float64) ** 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = diff / comb
+    return np.where(np.isfinite(ratio), np.maximum(1.0, ratio), 1.0)
 
 
 def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None,
