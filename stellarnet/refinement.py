@@ -49,7 +49,7 @@ REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400
                                    "calibration_degree": 2, "device": "auto", "unresolved_sigma_floor": "upper",
                                    "disagreement_inflation": True, "memory_gb": 4.0, "block_stars": 2048,
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
-                                           "continuum_degree": 4, "pixel_clip": 5.0,
+                                           "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0,
                                            "fit_lsf": True}}
 
 
@@ -192,6 +192,9 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
     # does not below the emulator's own (a single scale over-covered at S/N < 100, under-covered at ≥ 200)
     # a floor the validation labels cannot resolve (their errors dwarf it) is taken at its 68 % upper limit
+    # (fitted without the disagreement inflation, which multiplies it at prediction time: fitting the two
+    # together against the catalogue drove a → 0.001 for Teff and left σ over-confident ×1.2–1.5 vs truth)
+    inflate = bool(cfg.get("disagreement_inflation", True))
     scale, floor = fit_sigma_two_term(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
                                       vpred["sigma_network"][used], val["label_err"][used],
                                       unresolved_floor=str(cfg.get("unresolved_sigma_floor", "upper")))
@@ -215,7 +218,7 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
                                       "refine": cfg["fit"], "training": to_plain(info),
                                       "label_calibration": calibration, "chi2_scaling": "two_sided",
                                       "label_range": label_range,
-                                      "disagreement_inflation": bool(cfg.get("disagreement_inflation", True))})
+                                      "disagreement_inflation": inflate})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
         torch.save(state, fh)
     write_json(model_dir / "refinement.json", summary)

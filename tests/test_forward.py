@@ -415,3 +415,25 @@ def test_cached_blocks_train_exactly_as_arrays():
     assert not ia["streamed"] and ia["chi2_per_pixel"] == ib["chi2_per_pixel"]
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_spline_continuum_basis_is_a_partition_of_unity_per_chip():
+    from stellarnet.data import grids
+    from stellarnet.models.forward import continuum_spline_basis
+
+    basis = continuum_spline_basis(7214, "dr12", 100.0).numpy()
+    wave = grids.wavelength("dr12")
+    k = 0
+    for sl in grids.chip_slices("dr12"):
+        width = wave[sl][-1] - wave[sl][0]
+        n = int(round(width / 100.0)) + 3  # cubic B-splines on that many intervals
+        cols = basis[:, k:k + n]
+        np.testing.assert_allclose(cols[sl].sum(1), 1.0, atol=1e-5)  # a constant is in the span
+        assert np.all(np.delete(cols, np.r_[sl], axis=0) == 0) and np.all(cols >= 0)
+        k += n
+    assert k == basis.shape[1]
+    assert continuum_spline_basis(7214, "dr12", 50.0).shape[1] > basis.shape[1]
+    with pytest.raises(ValueError, match="grid"):
+        continuum_spline_basis(240, None, 100.0)
+    with pytest.raises(ValueError, match="positive"):
+        continuum_spline_basis(7214, "dr12", 0)

@@ -90,6 +90,26 @@ def test_normalization_conventions_recover_a_smooth_continuum(convention):
     assert np.allclose(ne, err / c)
 
 
+def test_smooth_convention_is_a_running_mean_that_follows_the_lines():
+    """The "smooth" convention (Ho et al. 2017): a line-free spectrum comes back flat away from the chip
+    edges, while lines pull the pseudo-continuum down — normalized flux averages ~1 on 100 Å scales."""
+    from stellarnet.data import grids
+
+    x = np.linspace(-1, 1, P)
+    cont = (4.0 + 0.5 * x + 0.3 * x**2)[None].astype(np.float64)
+    err = np.full_like(cont, 0.004)
+    nf, ne, c = normalize_convention(cont, err, None, "smooth")
+    inner = np.zeros(P, bool)
+    for sl in grids.chip_slices("dr12"):
+        inner[sl.start + 400:sl.stop - 400] = True  # beyond ~2 kernel widths from the chip edges
+    assert np.max(np.abs(nf[0, inner] - 1)) < 2e-3
+    lines = (_lines(2.0) / 5.0).astype(np.float64)
+    nf, ne, c = normalize_convention(lines * cont, err, None, "smooth")
+    assert np.median(c[0, inner] / cont[0, inner]) < 0.97  # the lines' mean depth went into the "continuum"
+    assert abs(np.mean(nf[0, inner]) - 1) < 0.01
+    assert np.allclose(ne, err / c)
+
+
 def test_conventions_differ_from_each_other():
     assert not np.array_equal(convention_pixels("cannon"), convention_pixels("astronn"))
     with pytest.raises(ValueError, match="normalization"):

@@ -41,13 +41,13 @@ from stellarnet.data import grids
 __all__ = ["SpectrumEmulator", "RefineResult", "SpectraBlocks", "chip_segments", "fit_weights", "train_emulator",
            "refine_labels",
            "emulator_state", "emulator_from_state", "fit_label_calibration", "apply_label_calibration", "fit_settings",
-           "continuum_basis"]
+           "continuum_basis", "continuum_spline_basis"]
 
 log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",
-            "pixel_clip", "fit_lsf")
+            "continuum_knots", "pixel_clip", "fit_lsf")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -156,6 +156,34 @@ def continuum_basis(n_pixels: int, grid: str | None, degree: int | None) -> torc
         for k in range(int(degree) + 1):
             b = np.zeros(n_pixels, np.float32)
             b[sl] = np.polynomial.chebyshev.chebval(x, [0.0] * k + [1.0])
+            cols.append(b)
+    return torch.from_numpy(np.stack(cols, 1))
+
+
+def continuum_spline_basis(n_pixels: int, grid: str | None, spacing: float) -> torch.Tensor:
+    """(P, K) float32 basis of a multiplicative continuum correction: per chip, cubic B-splines in
+    wavelength with knots about every ``spacing`` Å (zero outside the chip). Where a per-chip
+    polynomial only absorbs continuum errors on the chip's scale (~500 Å), these follow any
+    smooth normalization error on scales above ~``spacing`` — e.g. a pseudo-continuum that tracks
+    the line blanketing (a running mean under a 50 Å kernel, Ho et al. 2017) — at the price of
+    the information in broader spectral features. Needs a known grid (its wavelengths)."""
+    from scipy.interpolate import BSpline
+
+    if grid is None:
+        raise ValueError("a spline continuum needs the spectra's grid (wavelengths); use continuum_degree instead")
+    if not spacing or float(spacing) <= 0:
+        raise ValueError(f"continuum_knots must be a positive spacing in Å, got {spacing!r}")
+    wave = grids.wavelength(grid)
+    cols = []
+    for sl in _chips(n_pixels, grid):
+        w = wave[sl]
+        lo, hi = float(w[0]), float(w[-1])
+        inner = np.linspace(lo, hi, max(1, int(round((hi - lo) / float(spacing)))) + 1)
+        knots = np.r_[[lo] * 3, inner, [hi] * 3]
+        design = BSpline.design_matrix(np.clip(w, lo, hi), knots, 3).toarray()
+        for j in range(design.shape[1]):
+            b = np.zeros(n_pixels, np.float32)
+            b[sl] = design[:, j]
             cols.append(b)
     return torch.from_numpy(np.stack(cols, 1))
 
@@ -638,6 +666,7 @@ def refine_labels(
     bound: float = 6.0,
     batch_size: int = 256,
     continuum_degree: int | None = 2,
+    continuum_knots: float | None = None,
     pixel_clip: float | None = None,
     fit_lsf: bool = False,
 ) -> RefineResult:
@@ -651,7 +680,9 @@ def refine_labels(
     Chebyshev polynomials (:func:`continuum_basis`) whose coefficients are fitted with the labels:
     the continuum normalization of a noisy spectrum rests on ~180 continuum pixels per chip, and its
     error — coherent across the chip — would otherwise go into the labels. The formal σ are
-    marginalized over the coefficients. None: no continuum correction.
+    marginalized over the coefficients. None: no continuum correction. With ``continuum_knots`` (Å)
+    the correction is a per-chip cubic B-spline with knots that far apart instead
+    (:func:`continuum_spline_basis`; used when ``continuum_degree`` is not None).
 
     With ``pixel_clip`` (e.g. 5), each clip round also rejects single pixels whose residual against
     the current model is more than ``pixel_clip`` robust σ (:func:`_pixel_clip`): corrupted pixels that
@@ -680,7 +711,9 @@ def refine_labels(
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
     seg = chip_segments(model.n_pixels, model.grid).to(dev)
-    basis = continuum_basis(model.n_pixels, model.grid, continuum_degree).to(dev)
+    basis = (continuum_spline_basis(model.n_pixels, model.grid, continuum_knots)
+             if continuum_knots is not None and continuum_degree is not None
+             else continuum_basis(model.n_pixels, model.grid, continuum_degree)).to(dev)
     inner = _line_shape_mask(model.n_pixels, model.grid).to(dev) if fit_lsf else None
     std = model.label_std.cpu().numpy()
     model = model.eval()

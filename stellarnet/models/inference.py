@@ -170,6 +170,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
     settings = dict(extras.get("refine") or {})
     settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
     settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping and the LSF fit
+    settings.setdefault("continuum_knots", None)  # ... and before the spline continuum
     settings.setdefault("fit_lsf", False)
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),

@@ -13,7 +13,10 @@ effect is one plain function here, so a test can check that it does what it says
   another degree on another continuum-pixel set (``"cannon"``: degree 2 on The Cannon's pixels —
   the shards' own convention; ``"astronn"``: degree 3 on astroNN's DR17 continuum mask;
   ``"aspcap"``: degree 4 on all pixels with iterative asymmetric rejection, a pseudo-continuum
-  from the upper envelope, as ASPCAP's FERRE normalization).
+  from the upper envelope, as ASPCAP's FERRE normalization; ``"smooth"``: the inverse-variance
+  weighted running mean under a Gaussian kernel exp(−Δλ²/L²), L = 50 Å, per chip — The Cannon's
+  LAMOST convention, Ho et al. 2017 — a pseudo-continuum that follows the line blanketing on
+  ~100 Å scales, which no low-order polynomial can undo).
 * :func:`continuum_residual` — a smooth multiplicative residual ``1 + t x + q (x² − ⅓)`` across the
   whole spectrum (x ∈ [−1, 1] from the blue to the red end), t, q ~ U(−a, a) per star.
 * :func:`corrupt_pixels` — outlier pixels (sky-line residuals, telluric residuals, unflagged
@@ -42,7 +45,9 @@ __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite"]
 
 GRID = "dr12"
-CONVENTIONS = ("cannon", "astronn", "aspcap")
+CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
+#: the "smooth" convention's kernel scale L (Å) in exp(−Δλ²/L²) (Ho et al. 2017)
+SMOOTH_L_ANGSTROM = 50.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "none": Shift(),
     "norm_astronn": Shift(normalization="astronn"),
     "norm_aspcap": Shift(normalization="aspcap"),
+    "norm_smooth": Shift(normalization="smooth"),
     "continuum_2pc": Shift(continuum_tilt=0.02),
     "outliers_2pc": Shift(outlier_fraction=(0.005, 0.05)),
     "lsf_20pc": Shift(lsf=(-0.2, 0.2)),
@@ -166,7 +172,7 @@ def convention_pixels(convention: str) -> np.ndarray | None:
     if convention == "astronn":  # astroNN's DR17 mask, moved onto the DR12-era grid
         full = grids.gap_insert(continuum_pixels("dr17").astype(np.float32), "dr17", 0.0)
         return grids.gap_delete(full, GRID) > 0.5
-    if convention == "aspcap":
+    if convention in ("aspcap", "smooth"):
         return None
     raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
 
@@ -177,6 +183,8 @@ _DEGREE = {"cannon": 2, "astronn": 3, "aspcap": 4}
 def normalize_convention(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None,
                          convention: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Continuum-normalize (N, 7214) un-normalized spectra by ``convention`` → (flux, err, continuum)."""
+    if convention == "smooth":
+        return _normalize_smooth(flux, err, bad)
     pix = convention_pixels(convention)
     degree = _DEGREE[convention]
     flux = np.asarray(flux, np.float64)
@@ -201,6 +209,29 @@ def normalize_convention(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | No
                     if u.sum() < 4 * (degree + 1):
                         break
             cont[i, sl] = c
+    return (flux / cont).astype(np.float32), (err / cont).astype(np.float32), cont.astype(np.float32)
+
+
+def _normalize_smooth(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``"smooth"`` convention: per chip, Σ w f/σ² / Σ w/σ² with w = exp(−Δλ²/L²) over the good pixels."""
+    flux = np.asarray(flux, np.float64)
+    err = np.asarray(err, np.float64)
+    good = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    if bad is not None:
+        good &= ~np.asarray(bad, bool)
+    ivar = np.where(good, 1.0 / np.where(good, err, 1.0) ** 2, 0.0)
+    fw = np.where(good, flux, 0.0) * ivar
+    wave = grids.wavelength(GRID)
+    cont = np.ones_like(flux)
+    for sl in grids.chip_slices(GRID):
+        angstrom_per_pixel = float(np.median(np.diff(wave[sl])))
+        sigma_pix = SMOOTH_L_ANGSTROM / np.sqrt(2.0) / angstrom_per_pixel  # exp(−Δ²/L²) = Gaussian of σ = L/√2
+        num = ndimage.gaussian_filter1d(fw[:, sl], sigma_pix, axis=1, mode="constant", cval=0.0)
+        den = ndimage.gaussian_filter1d(ivar[:, sl], sigma_pix, axis=1, mode="constant", cval=0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = num / den
+        cont[:, sl] = np.where(np.isfinite(c) & (c > 0), c, 1.0)
     return (flux / cont).astype(np.float32), (err / cont).astype(np.float32), cont.astype(np.float32)
 
 
