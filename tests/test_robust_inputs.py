@@ -81,16 +81,37 @@ def test_augmentation_only_in_training_and_keeps_masked_pixels():
     flux[:, 100:200], err[:, 100:200] = 1.0, 1e3
     aug = SpectrumAugment(P)
     aug.eval()
-    f, e = aug(flux, err, mask)
-    assert f is flux and e is err
+    f, e, m = aug(flux, err, mask)
+    assert f is flux and e is err and m is mask
     aug.train()
     torch.manual_seed(0)
-    f, e = aug(flux, err, mask)
+    f, e, m = aug(flux, err, mask)
+    assert torch.equal(m, mask)  # mask_fraction 0 (the default): no pixel flagged
     assert not torch.allclose(f, flux)
     assert torch.equal(f[:, 100:200], flux[:, 100:200]) and torch.equal(e[:, 100:200], err[:, 100:200])
     assert torch.isfinite(f).all() and (e > 0).all() and torch.isfinite(e).all()
     changed_err = (e != err).any(1).float().mean()
     assert 0.3 < changed_err < 1.0  # each effect is drawn for a share of the spectra
+
+
+def test_augmentation_flags_scattered_short_runs_as_prepare_spectrum_leaves_them():
+    from stellarnet.data.spectra import BAD_PIXEL_ERR
+
+    flux, err, mask = spectra(400)
+    aug = SpectrumAugment(P, prob=1.0, mask_fraction=0.08, continuum=0.0, outlier_fraction=0.0, err_scale=(1.0, 1.0),
+                          err_flat_prob=0.0, rv_pixels=0.0, lsf=(0.0, 0.0)).train()
+    torch.manual_seed(1)
+    f, e, m = aug(flux, err, mask)
+    hit = (m == 0) & (mask > 0)
+    share = hit.float().mean(1)
+    assert 0.025 < float(share.mean()) < 0.055  # U(0, 8 %) per spectrum, about 4 % on average
+    assert float(share.max()) < 0.1 and float(share.min()) < 0.01
+    assert torch.all(f[hit] == 1.0) and torch.all(e[hit] == BAD_PIXEL_ERR)
+    assert torch.equal(f[~hit], flux[~hit]) and torch.equal(e[~hit], err[~hit])
+    starts = hit[:, 1:] & ~hit[:, :-1]  # runs are short: pixels per run ~1.75
+    assert 1.4 < float(hit[:, 1:].sum() / starts.sum()) < 2.1
+    with pytest.raises(ValueError, match="mask_fraction"):
+        SpectrumAugment(P, mask_fraction=0.6)
 
 
 def _tiny_module(augment: dict | None) -> StellarNetModule:

@@ -200,3 +200,18 @@ def test_the_stress_shift_is_combined_with_every_effect_wider():
     flux, err, _ = _observe(b)
     good = np.isfinite(flux) & (err < 1e3)
     assert 0.85 < np.median(flux[good]) < 1.1
+
+
+def test_flagged_pixels_are_scattered_short_runs_with_the_bad_pixel_error():
+    from stellarnet.simulate.instrument import BAD_ERR
+    from stellarnet.simulate.shifts import flag_pixels
+
+    m = flag_pixels((300, P), (0.02, 0.08), np.random.default_rng(0))
+    share = m.mean(1)
+    assert 0.015 < share.min() and share.max() < 0.095 and abs(share.mean() - 0.05) < 0.006
+    starts = m[:, 1:] & ~m[:, :-1]
+    assert 1.5 < m[:, 1:].sum() / starts.sum() < 2.0  # runs of 1–3 pixels, mean 1.75
+    _, err0, _ = _observe(None)
+    _, err, _ = _observe(Shift(masked_fraction=(0.05, 0.05)))
+    extra = (err > 1e-3 * BAD_ERR) & ~(err0 > 1e-3 * BAD_ERR)  # normalized: BAD_ERR / continuum
+    assert 0.03 < extra.mean() < 0.07

@@ -16,7 +16,11 @@ drawn uniformly up to its maximum:
 * **radial velocity**: a sub-pixel shift (first-order Taylor step), up to ``rv_pixels`` pixels
   (0.36 px ≈ 1.5 km/s on the 6e-6 dex grid);
 * **line-spread function**: width × (1 + f), f ~ U(lo, hi): Gaussian convolution (f > 0) or a
-  first-order deconvolution (f < 0); APOGEE's LSF σ ≈ 1.37 pixels.
+  first-order deconvolution (f < 0); APOGEE's LSF σ ≈ 1.37 pixels;
+* **flagged pixels**: a fraction U(0, m) of the pixels masked in scattered runs of 1–3 (flux 1,
+  error :data:`~stellarnet.data.spectra.BAD_PIXEL_ERR`, ``pix_mask`` 0, as ``prepare_spectrum``
+  leaves a flagged pixel) — pipelines flag many single pixels around sky lines; a network that
+  only saw a few long bad-pixel runs reads a masked pixel in a line as a weaker line.
 
 Masked pixels (``pix_mask`` 0) stay as they were.
 """
@@ -60,17 +64,20 @@ class SpectrumAugment(nn.Module):
         err_flat_prob: probability of a flattened error array.
         rv_pixels: maximum sub-pixel shift (pixels).
         lsf: (lo, hi) fractional change of the LSF width.
+        mask_fraction: maximum fraction of a spectrum's pixels flagged in short runs (0: none).
     """
 
     def __init__(self, n_pixels: int, prob: float = 0.5, continuum: float = 0.02, continuum_degree: int = 4,
                  outlier_fraction: float = 0.03, outlier_err_factor: Sequence[float] = (2.0, 10.0),
                  err_scale: Sequence[float] = (0.5, 2.0), err_flat_prob: float = 0.15, rv_pixels: float = 0.36,
-                 lsf: Sequence[float] = (-0.25, 0.3)) -> None:
+                 lsf: Sequence[float] = (-0.25, 0.3), mask_fraction: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= prob <= 1.0 or not 0.0 <= err_flat_prob <= 1.0:
             raise ValueError(f"prob and err_flat_prob must be in [0, 1], got {prob}, {err_flat_prob}")
-        if not 0.0 <= outlier_fraction < 0.5:
-            raise ValueError(f"outlier_fraction must be in [0, 0.5), got {outlier_fraction}")
+        if not 0.0 <= outlier_fraction < 0.5 or not 0.0 <= mask_fraction < 0.5:
+            raise ValueError(f"outlier_fraction and mask_fraction must be in [0, 0.5), got {outlier_fraction}, "
+                             f"{mask_fraction}")
+        self.mask_fraction = float(mask_fraction)
         for name, pair in (("outlier_err_factor", outlier_err_factor), ("err_scale", err_scale), ("lsf", lsf)):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ValueError(f"{name} must be a (lo, hi) pair, got {pair}")
@@ -94,12 +101,33 @@ class SpectrumAugment(nn.Module):
         return (torch.rand(n, 1, device=device) < self.prob).float()
 
     def forward(self, flux: torch.Tensor, flux_err: torch.Tensor,
-                pix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented ``(flux, flux_err)``; the inputs themselves in evaluation mode."""
+                pix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augmented ``(flux, flux_err, pix_mask)``; the inputs themselves in evaluation mode."""
         if not self.training:
-            return flux, flux_err
+            return flux, flux_err, pix_mask
         with torch.no_grad():
-            return self._augment(flux.float(), flux_err.float(), pix_mask > 0)
+            flux, flux_err = self._augment(flux.float(), flux_err.float(), pix_mask > 0)
+            if self.mask_fraction > 0:
+                flux, flux_err, pix_mask = self._flag(flux, flux_err, pix_mask)
+            return flux, flux_err, pix_mask
+
+    def _flag(self, flux: torch.Tensor, err: torch.Tensor,
+              pix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flag a fraction U(0, mask_fraction) of the pixels of a share ``prob`` of the spectra, in runs of
+        1–3 pixels (each run grows by one more pixel with probability ½, twice; mean length 1.75)."""
+        from stellarnet.data.spectra import BAD_PIXEL_ERR
+
+        n, dev = flux.shape[0], flux.device
+        frac = torch.rand(n, 1, device=dev) * self.mask_fraction * self._pick(n, dev)
+        run = torch.rand(flux.shape, device=dev) < frac / 1.75
+        hit = run.clone()
+        for _ in range(2):
+            run = torch.roll(run, 1, dims=1) & (torch.rand(flux.shape, device=dev) < 0.5)
+            run[:, 0] = False
+            hit |= run
+        flux = torch.where(hit, torch.ones_like(flux), flux)
+        err = torch.where(hit, torch.full_like(err, BAD_PIXEL_ERR), err)
+        return flux, err, torch.where(hit, torch.zeros_like(pix_mask), pix_mask)
 
     def _augment(self, flux: torch.Tensor, err: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, dev = flux.shape[0], flux.device

@@ -481,8 +481,8 @@ class StellarNetModule(pl.LightningModule):
         # snapshot the (small) batch-norm statistics so a skipped non-finite batch cannot poison them
         saved = {n: b.clone() for n, b in self._norm_buffers().items()} if self.nan_policy == "skip" else {}
         if self.augment is not None:  # domain randomization, training batches only
-            flux, flux_err = self.augment(batch["flux"], batch["flux_err"], batch["pix_mask"])
-            batch = {**batch, "flux": flux, "flux_err": flux_err}
+            flux, flux_err, pix_mask = self.augment(batch["flux"], batch["flux_err"], batch["pix_mask"])
+            batch = {**batch, "flux": flux, "flux_err": flux_err, "pix_mask": pix_mask}
         out = self._forward_batch(batch)
         total, parts, _ = self.compute_loss(out, batch)
         finite_here = bool(torch.isfinite(total))

@@ -42,8 +42,8 @@ from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_normalize
 from stellarnet.paths import resource
 from stellarnet.simulate.emulator import KuruczEmulator, load_emulator
-from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, corrupt_pixels, normalize_convention,
-                                        shift_velocity)
+from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, corrupt_pixels, flag_pixels,
+                                        normalize_convention, shift_velocity)
 
 __all__ = ["BAD_ERR", "SpectraBatch", "observe_spectra", "iter_spectra", "bad_model_pixels", "MAX_BAD_RUNS"]
 
@@ -150,6 +150,12 @@ def observe_spectra(
             bad[rows, cols] = True
             noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
             err[rows, cols] = BAD_ERR
+    if shift is not None and shift.masked_fraction is not None:
+        extra = flag_pixels(raw.shape, shift.masked_fraction, rng)
+        bad = extra if bad is None else bad | extra
+        rows, cols = np.nonzero(extra)
+        noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
+        err[rows, cols] = BAD_ERR
     if shift is not None and shift.outlier_fraction is not None:
         corrupt_pixels(noisy, err, shift.outlier_fraction, shift.outlier_err_factor, rng, protect=bad)
     if shift is not None and shift.normalization is not None:

@@ -23,6 +23,8 @@ effect is one plain function here, so a test can check that it does what it says
   cosmic rays): flux moved by many σ, error inflated by a finite factor, *not* flagged.
 * error conventions — every error × a factor, or a flattened (per-star constant) error array.
 * persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
+* :func:`flag_pixels` — many scattered flagged pixels (runs of 1–3, e.g. around sky lines), properly
+  flagged (huge error) — the default survey has ~0.5 bad-pixel runs per spectrum.
 
 Population shifts (more dwarfs, metal-poor and hot stars) are a ``mix`` for
 :func:`stellarnet.simulate.population.sample_population`, carried in :attr:`Shift.mix`.
@@ -42,7 +44,8 @@ from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
-           "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite"]
+           "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
+           "flag_pixels"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -65,6 +68,8 @@ class Shift:
         err_scale: (lo, hi) range of a per-star factor on the reported error array.
         err_flat: report a flat error array (the star's median error at every good pixel).
         persistence_fraction: share of stars (0–1) given blue-chip persistence (None: as planned).
+        masked_fraction: (lo, hi) range of the fraction of pixels per star flagged bad in short
+            scattered runs (:func:`flag_pixels`; None: only the default survey's bad-pixel runs).
         mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
     """
 
@@ -77,12 +82,13 @@ class Shift:
     err_scale: tuple[float, float] | None = None
     err_flat: bool = False
     persistence_fraction: float | None = None
+    masked_fraction: tuple[float, float] | None = None
     mix: Mapping[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
             raise ValueError(f"normalization must be one of {CONVENTIONS}, got {self.normalization!r}")
-        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor"):
+        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor", "masked_fraction"):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or v[0] > v[1]):
                 raise ValueError(f"{name} must be a (lo, hi) pair with lo <= hi, got {v!r}")
@@ -113,6 +119,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "lsf_20pc": Shift(lsf=(-0.2, 0.2)),
     "rv_1kms": Shift(rv_kms=1.0),
     "persistence": Shift(persistence_fraction=0.4),
+    "masked_pixels": Shift(masked_fraction=(0.02, 0.08)),
     "err_x2": Shift(err_scale=(2.0, 2.0)),
     "err_flat": Shift(err_flat=True),
     "population": Shift(mix=SHIFTED_MIX),
@@ -242,6 +249,20 @@ def continuum_residual(n: int, amplitude: float, rng: np.random.Generator) -> np
     t = rng.uniform(-amplitude, amplitude, (n, 1))
     q = rng.uniform(-amplitude, amplitude, (n, 1))
     return (1.0 + t * x + q * (x**2 - 1.0 / 3.0)).astype(np.float32)
+
+
+def flag_pixels(shape: tuple[int, int], fraction: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """(N, P) bool: per star about a fraction U(lo, hi) of the pixels in scattered runs of 1–3 pixels
+    (mean 1.75), as the pixels a pipeline flags around sky lines, bad columns and cosmic-ray hits."""
+    n, p = shape
+    frac = rng.uniform(fraction[0], fraction[1], (n, 1))
+    run = rng.random((n, p)) < frac / 1.75  # run starts
+    out = run.copy()
+    for _ in range(2):  # each run grows by one more pixel with probability ½, twice
+        run = np.roll(run, 1, axis=1) & (rng.random((n, p)) < 0.5)
+        run[:, 0] = False
+        out |= run
+    return out
 
 
 def corrupt_pixels(flux: np.ndarray, err: np.ndarray, fraction: tuple[float, float],
