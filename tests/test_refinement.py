@@ -273,8 +273,9 @@ def test_model_folder_sigma_scales_are_applied(refined_dir, tiny_shards):
 
 
 def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
-    """A fit that moves more than REFINE_MAX_SHIFT network σ keeps the network's labels (flag 1,
-    STELLARNET_FLAG REFINE_FAILED); non-finite network labels are not refined (flag 2, NOT_REFINED)."""
+    """A fit that moves more than REFINE_MAX_SHIFT network σ and does not explain the spectrum keeps the
+    network's labels (flag 1, STELLARNET_FLAG REFINE_FAILED); the same move with a good χ² keeps the
+    refined labels; non-finite network labels are not refined (flag 2, NOT_REFINED)."""
     import stellarnet.models.inference as inference
     from stellarnet.data.bitmasks import STELLARNET_FLAG
 
@@ -282,12 +283,18 @@ def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
     data = load_split(tiny_shards, "test")
     args = (data["flux"][:8], data["flux_err"][:8], data["photometry"][:8], data["pix_mask"][:8])
     model = load_model(folder)
-    monkeypatch.setattr(inference, "REFINE_MAX_SHIFT", 0.0)  # every move is "too large"
+    monkeypatch.setattr(inference, "REFINE_MAX_SHIFT", 0.0)  # every move is "too large" ...
+    kept = model.predict(*args)
+    good_fit = kept["refine_chi2"] <= inference.FLAG_HIGH_CHI2
+    assert good_fit.any()
+    assert (kept["refine_flag"][good_fit] == 0).all()  # ... but a fit that explains the spectrum is trusted
+    monkeypatch.setattr(inference, "FLAG_HIGH_CHI2", -1.0)  # ... and now no fit does
     out = model.predict(*args)
     assert (out["refine_flag"] == 1).all()
     np.testing.assert_array_equal(out["labels"], out["labels_network"])
     assert STELLARNET_FLAG.any_set(out["stellarnet_flag"], ["REFINE_FAILED"]).all()
     monkeypatch.setattr(inference, "REFINE_MAX_SHIFT", 5.0)
+    monkeypatch.setattr(inference, "FLAG_HIGH_CHI2", 2.0)
 
     res = load_model(folder, refine=False).predict(*args)
     res["labels"][0, 1] = np.nan

@@ -149,7 +149,7 @@ PIXMASK_PERSIST = (9, 10, 11)
 STELLARNET_FLAG = Bitmask(
     "STELLARNET_FLAG",
     {
-        0: "REFINE_FAILED",        # χ² fit failed or moved > REFINE_MAX_SHIFT network σ: network labels kept
+        0: "REFINE_FAILED",        # χ² fit failed, or moved > REFINE_MAX_SHIFT network σ with χ² > 2: network labels kept
         1: "NOT_REFINED",          # no χ² refinement (no stage, refine off, or non-finite network labels)
         2: "HIGH_CHI2",            # reduced χ² of the refinement above 2: the emulator does not explain the spectrum
         3: "OUTSIDE_TRAINING",     # a label outside the training set's label range

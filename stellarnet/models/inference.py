@@ -40,6 +40,8 @@ MODEL_FILE = "model.pt"
 EMULATOR_FILE = "emulator.pt"
 EMULATOR_FORMAT = "stellarnet-emulator/1"
 #: refined labels further than this many (network) σ from the network's estimate are not trusted
+#: unless the fit explains the spectrum (reduced χ² ≤ FLAG_HIGH_CHI2): then the network is the one
+#: misled (e.g. by many flagged pixels), and the disagreement inflates the refined σ instead
 REFINE_MAX_SHIFT = 5.0
 #: STELLARNET_FLAG thresholds (stellarnet.data.bitmasks.STELLARNET_FLAG)
 FLAG_HIGH_CHI2 = 2.0
@@ -421,7 +423,8 @@ class Predictor:
             ``classes`` {task: (N,) class names}. When refined, also ``labels_network`` and
             ``sigma_network`` (the network's estimate and calibrated σ), ``refine_chi2`` (N,) the
             reduced χ² of the fit, and ``refine_flag`` (N,) int: 0 refined, 1 kept the network's
-            labels (the fit failed or moved more than :data:`REFINE_MAX_SHIFT` network σ), 2 not
+            labels (the fit failed, or moved more than :data:`REFINE_MAX_SHIFT` network σ with a reduced
+            χ² above :data:`FLAG_HIGH_CHI2`), 2 not
             tried (non-finite network labels), and ``refine_outlier_fraction`` (N,). ``labels`` /
             ``sigma_aleatoric`` are then the refined labels and their calibrated σ (formal σ × √χ²
             and the validation-fitted two-term model). Always ``stellarnet_flag`` (N,) int32: the
@@ -527,7 +530,9 @@ class Predictor:
             sigma = sigma * disagreement_factor(refined, sigma, net_labels, net_sigma)
         tried = np.isfinite(net_labels).all(1)
         shift = np.abs(refined - net_labels) / np.maximum(net_sigma, 1e-12)
-        ok = tried & np.isfinite(refined).all(1) & np.isfinite(sigma).all(1) & (shift <= REFINE_MAX_SHIFT).all(1)
+        with np.errstate(invalid="ignore"):
+            trusted = (shift <= REFINE_MAX_SHIFT).all(1) | (r.chi2 <= FLAG_HIGH_CHI2)
+        ok = tried & np.isfinite(refined).all(1) & np.isfinite(sigma).all(1) & trusted
         flag = np.where(ok, 0, np.where(tried, 1, 2)).astype(np.int8)
         res["labels_network"] = net_labels
         res["sigma_network"] = net_sigma
