@@ -583,18 +583,25 @@ def physical_ranges(label_names: list[str]) -> np.ndarray:
     return np.array([PHYSICAL_LABEL_RANGES.get(n, (-np.inf, np.inf)) for n in label_names], np.float64).reshape(-1, 2)
 
 
-def disagreement_factor(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
-                        other_sigma: np.ndarray) -> np.ndarray:
-    """Per star and label, max(1, |labels − other| / √(σ² + σ_other²)): the Birge ratio of two
-    estimates of the same label (here the refinement's and the network's). Where they disagree by
-    more than their σ allow, one of them carries an error its σ does not describe (an emulator
-    that is wrong for this kind of star, a spectrum unlike the training set), and the σ of the
-    reported value is scaled up by that ratio, as the Particle Data Group scales the error of
-    inconsistent measurements. (N, L) float64; non-finite inputs give 1."""
+def disagreement_ratio(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
+                       other_sigma: np.ndarray) -> np.ndarray:
+    """|labels − other| / √(σ² + σ_other²) per star and label, (N, L) float64 (NaN where undefined):
+    how many combined σ two estimates of the same label are apart."""
     diff = np.abs(np.asarray(labels, np.float64) - np.asarray(other_labels, np.float64))
     comb = np.sqrt(np.asarray(sigma, np.float64) ** 2 + np.asarray(other_sigma, np.float64) ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = diff / comb
+        return diff / comb
+
+
+def disagreement_factor(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
+                        other_sigma: np.ndarray) -> np.ndarray:
+    """Per star and label, max(1, :func:`disagreement_ratio`): the Birge ratio of two estimates of
+    the same label (here the refinement's and the network's). Where they disagree by more than their
+    σ allow, one of them carries an error its σ does not describe (an emulator that is wrong for this
+    kind of star, a spectrum unlike the training set), and the σ of the reported value is scaled up
+    by that ratio, as the Particle Data Group scales the error of inconsistent measurements.
+    (N, L) float64; non-finite inputs give 1."""
+    ratio = disagreement_ratio(labels, sigma, other_labels, other_sigma)
     return np.where(np.isfinite(ratio), np.maximum(1.0, ratio), 1.0)
 
 
@@ -628,10 +635,8 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
             set_bit("HIGH_CHI2", np.asarray(res["refine_chi2"]) > FLAG_HIGH_CHI2)
             set_bit("OUTLIER_PIXELS", np.asarray(res["refine_outlier_fraction"]) > FLAG_OUTLIER_FRACTION)
             set_bit("MASKED_SEGMENTS", np.asarray(res["refine_masked_segments"]) > 0)
-            comb = np.sqrt(np.asarray(res["sigma_network"], np.float64) ** 2
-                           + np.asarray(res["sigma_refined"], np.float64) ** 2)
-            diff = np.abs(labels - np.asarray(res["labels_network"], np.float64))
-            set_bit("NET_REFINE_DISAGREE", (rf == 0) & (diff > FLAG_DISAGREE_SIGMA * comb).any(1))
+            apart = disagreement_ratio(labels, res["sigma_refined"], res["labels_network"], res["sigma_network"])
+            set_bit("NET_REFINE_DISAGREE", (rf == 0) & (apart > FLAG_DISAGREE_SIGMA).any(1))
     else:
         set_bit("NOT_REFINED", np.ones(n, bool))
     if label_range is not None:

@@ -148,14 +148,11 @@ def observe_spectra(
         if rows.size:
             bad = np.zeros(raw.shape, bool)
             bad[rows, cols] = True
-            noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
-            err[rows, cols] = BAD_ERR
+            _spoil(noisy, err, cont, rows, cols, rng)
     if shift is not None and shift.masked_fraction is not None:
         extra = flag_pixels(raw.shape, shift.masked_fraction, rng)
         bad = extra if bad is None else bad | extra
-        rows, cols = np.nonzero(extra)
-        noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
-        err[rows, cols] = BAD_ERR
+        _spoil(noisy, err, cont, *np.nonzero(extra), rng)
     if shift is not None and shift.outlier_fraction is not None:
         corrupt_pixels(noisy, err, shift.outlier_fraction, shift.outlier_err_factor, rng, protect=bad)
     if shift is not None and shift.normalization is not None:
@@ -169,6 +166,13 @@ def observe_spectra(
         out = grids.gap_insert(np.stack([flux, flux_err, raw]), GRID, 0.0)
         return out[0], out[1], out[2]
     return flux, flux_err, raw
+
+
+def _spoil(noisy: np.ndarray, err: np.ndarray, cont: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+           rng: np.random.Generator) -> None:
+    """A flagged pixel (in place): flux anywhere in 0–2 × the continuum, error :data:`BAD_ERR`."""
+    noisy[rows, cols] = rng.uniform(0.0, 2.0, rows.size).astype(np.float32) * cont[rows, cols]
+    err[rows, cols] = BAD_ERR
 
 
 def _report(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None, shift: Shift,
