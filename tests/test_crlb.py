@@ -402,3 +402,32 @@ def test_crlb_script_on_tiny_shards(tiny_shards, tmp_path, capsys):
     assert np.median(per_star["FE_H_CRLB"]) == pytest.approx(all_bins["FE_H"]["all"]["median"])
     printed = capsys.readouterr().out
     assert "median CRLB" in printed and "MAE/CRLB" in printed
+
+
+def _load_nuisance_script():
+    spec = importlib.util.spec_from_file_location("crlb_nuisances", ROOT / "scripts" / "crlb_nuisances.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_nuisance_crlb_costs_nothing_when_orthogonal_and_grows_when_degenerate():
+    from stellarnet.data import grids
+
+    mod = _load_nuisance_script()
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((400, 2))
+    q, _ = np.linalg.qr(np.concatenate([J, rng.standard_normal((400, 1))], 1))
+    orth = {"lsf": q[:, 2:3]}  # orthogonal to both label columns
+    base = mod.crlb_with_nuisances(J, orth, (), 100.0)
+    np.testing.assert_allclose(mod.crlb_with_nuisances(J, orth, ("lsf",), 100.0), base, rtol=1e-9)
+    degenerate = {"lsf": (J[:, :1] + 0.1 * q[:, 2:3])}  # nearly the first label's column
+    s = mod.crlb_with_nuisances(J, degenerate, ("lsf",), 100.0)
+    assert s[0] > 5 * base[0] and s[1] < 1.5 * base[1] + 1e-12
+    # the LSF column of a Gaussian line is ½ f'' per chip and zero on the other chips
+    flux = 1.0 - 0.5 * np.exp(-0.5 * ((np.arange(grids.n_pixels("dr12")) % 50 - 25) / 1.4) ** 2)
+    cols = mod.nuisance_columns(flux, np.ones((flux.size, 1)))
+    first = grids.chip_slices("dr12")[0]
+    assert cols["lsf"].shape[1] == 3 and np.all(cols["lsf"][first.stop:, 0] == 0)
+    assert cols["lsf"][first.start + 25, 0] > 0  # a line core gets shallower when the LSF broadens

@@ -9,7 +9,7 @@ from stellarnet.data import grids
 from stellarnet.data.grids import KMS_PER_PIXEL, LSF_SIGMA_PIX
 from stellarnet.simulate.instrument import BAD_ERR, observe_spectra
 from stellarnet.simulate.shifts import (SHIFT_SUITE, Shift, broaden_lsf,
-                                        continuum_residual, convention_pixels, corrupt_pixels, normalize_convention,
+                                        continuum_residual, correlate_noise, convention_pixels, corrupt_pixels, normalize_convention,
                                         shift_suite, shift_velocity)
 
 P = grids.n_pixels("dr12")
@@ -215,3 +215,29 @@ def test_flagged_pixels_are_scattered_short_runs_with_the_bad_pixel_error():
     _, err, _ = _observe(Shift(masked_fraction=(0.05, 0.05)))
     extra = (err > 1e-3 * BAD_ERR) & ~(err0 > 1e-3 * BAD_ERR)  # normalized: BAD_ERR / continuum
     assert 0.03 < extra.mean() < 0.07
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2, 0.4, 0.6])
+def test_correlated_noise_keeps_the_pixel_variance_and_has_the_asked_lag1_correlation(rho):
+    x = np.random.default_rng(5).standard_normal((40, P)).astype(np.float32)
+    y = correlate_noise(x, np.full(40, rho))
+    assert np.var(y) == pytest.approx(1.0, abs=0.01)
+    lag1 = np.mean(y[:, 1:] * y[:, :-1]) / np.var(y)
+    assert lag1 == pytest.approx(rho, abs=0.01)
+    with pytest.raises(ValueError):
+        correlate_noise(x, np.full(40, 0.75))
+
+
+def test_correlated_noise_shift_changes_only_the_noise_not_the_quoted_errors():
+    flux0, err0, model0 = _observe(None)
+    flux1, err1, model1 = _observe(Shift(noise_correlation=(0.3, 0.3)))
+    good = err0 < BAD_ERR / 1e3
+    assert np.allclose(err1[good], err0[good], rtol=1e-3)
+    assert np.allclose(model1, model0, rtol=1e-3)
+    resid = np.where(good, (flux1 - model1) / err1, 0.0)[0, 2000:2800]
+    lag1 = np.mean(resid[1:] * resid[:-1]) / np.mean(resid**2)
+    assert 0.15 < lag1 < 0.45  # white in the default survey:
+    resid0 = np.where(good, (flux0 - model0) / err0, 0.0)[0, 2000:2800]
+    assert abs(np.mean(resid0[1:] * resid0[:-1]) / np.mean(resid0**2)) < 0.12
+    with pytest.raises(ValueError):
+        Shift(noise_correlation=(0.5, 0.8))

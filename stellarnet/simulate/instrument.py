@@ -22,8 +22,8 @@ Steps for each star (vectorized over chunks of stars):
 8. Normalization the same way as real data: ``continuum_normalize(noisy, err, bad, grid="dr12")``;
    the noiseless model (HDU3) is ``raw / continuum`` with the same continuum.
 9. Optional perturbations (:class:`stellarnet.simulate.shifts.Shift`, the robustness suite): LSF width
-   and radial-velocity residual on the model (before step 2), unflagged outlier pixels with finite
-   inflated errors (after step 7), another normalization convention (step 8), a smooth continuum
+   and radial-velocity residual on the model (before step 2), pixel-correlated noise (step 6), unflagged
+   outlier pixels with finite inflated errors (after step 7), another normalization convention (step 8), a smooth continuum
    residual and another error-array convention (after step 8). ``shift=None`` changes nothing.
 10. :func:`stellarnet.data.grids.gap_insert` places the spectra on the 8,575 grid with zeros in the
    chip gaps and outside the DR12-era chips.
@@ -42,8 +42,8 @@ from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_normalize
 from stellarnet.paths import resource
 from stellarnet.simulate.emulator import KuruczEmulator, load_emulator
-from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, corrupt_pixels, flag_pixels,
-                                        normalize_convention, shift_velocity)
+from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, correlate_noise, corrupt_pixels,
+                                        flag_pixels, normalize_convention, shift_velocity)
 
 __all__ = ["BAD_ERR", "SpectraBatch", "observe_spectra", "iter_spectra", "bad_model_pixels", "MAX_BAD_RUNS"]
 
@@ -129,6 +129,8 @@ def observe_spectra(
     _, _, cont = continuum_normalize(raw, np.ones_like(raw), None, grid=GRID)
     # noisy = raw + mismatch + persistence + σ·N(0,1), σ = C / SNR
     noisy = rng.standard_normal(raw.shape, dtype=np.float32)
+    if shift is not None and shift.noise_correlation is not None:
+        noisy = correlate_noise(noisy, rng.uniform(*shift.noise_correlation, n))
     noisy *= cont
     noisy *= (1.0 / snr)[:, None]
     err = cont * (1.0 / snr)[:, None]

@@ -25,6 +25,11 @@ effect is one plain function here, so a test can check that it does what it says
 * persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
 * :func:`flag_pixels` — many scattered flagged pixels (runs of 1–3, e.g. around sky lines), properly
   flagged (huge error) — the default survey has ~0.5 bad-pixel runs per spectrum.
+* :func:`correlate_noise` — pixel-to-pixel correlated noise, as in APOGEE's combined spectra: each
+  visit is resampled (sinc interpolation) from its own detector pixels onto the common log-λ grid
+  before the visits are added (Nidever et al. 2015), so neighbouring pixels share noise while the
+  error array quotes each pixel's variance alone. A 3-tap kernel (a, b, a), b² + 2a² = 1, keeps the
+  per-pixel variance and gives lag-1 correlation ρ = 2ab (ρ per star).
 
 Population shifts (more dwarfs, metal-poor and hot stars) are a ``mix`` for
 :func:`stellarnet.simulate.population.sample_population`, carried in :attr:`Shift.mix`.
@@ -45,12 +50,14 @@ from stellarnet.data.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
-           "flag_pixels"]
+           "flag_pixels", "correlate_noise"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
 #: the "smooth" convention's kernel scale L (Å) in exp(−Δλ²/L²) (Ho et al. 2017)
 SMOOTH_L_ANGSTROM = 50.0
+#: the largest lag-1 correlation a 3-tap unit-norm kernel (a, b, a) with b ≥ a can give: 1/√2
+MAX_NOISE_CORRELATION = float(np.sqrt(0.5))
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class Shift:
         persistence_fraction: share of stars (0–1) given blue-chip persistence (None: as planned).
         masked_fraction: (lo, hi) range of the fraction of pixels per star flagged bad in short
             scattered runs (:func:`flag_pixels`; None: only the default survey's bad-pixel runs).
+        noise_correlation: (lo, hi) range of the lag-1 correlation ρ of the noise per star
+            (:func:`correlate_noise`; the reported errors stay the per-pixel σ; None: white noise).
         mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
     """
 
@@ -83,17 +92,21 @@ class Shift:
     err_flat: bool = False
     persistence_fraction: float | None = None
     masked_fraction: tuple[float, float] | None = None
+    noise_correlation: tuple[float, float] | None = None
     mix: Mapping[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
             raise ValueError(f"normalization must be one of {CONVENTIONS}, got {self.normalization!r}")
-        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor", "masked_fraction"):
+        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor", "masked_fraction",
+                     "noise_correlation"):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or v[0] > v[1]):
                 raise ValueError(f"{name} must be a (lo, hi) pair with lo <= hi, got {v!r}")
         if self.lsf is not None and self.lsf[0] <= -0.5:
             raise ValueError(f"lsf change must be > -0.5, got {self.lsf}")
+        if self.noise_correlation is not None and not 0 <= self.noise_correlation[0] <= self.noise_correlation[1] < MAX_NOISE_CORRELATION:
+            raise ValueError(f"noise_correlation must lie in [0, {MAX_NOISE_CORRELATION:.3f}), got {self.noise_correlation}")
         if self.persistence_fraction is not None and not 0 <= self.persistence_fraction <= 1:
             raise ValueError(f"persistence_fraction must be in [0, 1], got {self.persistence_fraction}")
 
@@ -120,6 +133,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "rv_1kms": Shift(rv_kms=1.0),
     "persistence": Shift(persistence_fraction=0.4),
     "masked_pixels": Shift(masked_fraction=(0.02, 0.08)),
+    "correlated_noise": Shift(noise_correlation=(0.1, 0.4)),
     "err_x2": Shift(err_scale=(2.0, 2.0)),
     "err_flat": Shift(err_flat=True),
     "population": Shift(mix=SHIFTED_MIX),
@@ -163,6 +177,26 @@ def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
         return smooth if f > 0 else chip + (chip - smooth)  # first-order deconvolution when narrower
 
     return _per_chip(model, one, change)
+
+
+def correlate_noise(noise: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """Unit-variance white noise (N, 7214) → noise with lag-1 correlation ``rho`` (N,) per star.
+
+    Per chip, x'ᵢ = a xᵢ₋₁ + b xᵢ + a xᵢ₊₁ with b² + 2a² = 1 and 2ab = ρ (lag-2 correlation a²);
+    each pixel keeps unit variance (the chip's end pixels: b² + a²)."""
+    rho = np.asarray(rho, np.float64)
+    if np.any(rho < 0) or np.any(rho >= MAX_NOISE_CORRELATION):
+        raise ValueError(f"rho must lie in [0, {MAX_NOISE_CORRELATION:.3f})")
+    a = np.sqrt((1.0 - np.sqrt(1.0 - 2.0 * rho**2)) / 4.0).astype(np.float32)[:, None]
+    b = np.sqrt(1.0 - 2.0 * a.astype(np.float64) ** 2).astype(np.float32)
+    out = np.empty_like(noise)
+    for sl in grids.chip_slices(GRID):
+        x = noise[:, sl]
+        y = b * x
+        y[:, 1:] += a * x[:, :-1]
+        y[:, :-1] += a * x[:, 1:]
+        out[:, sl] = y
+    return out
 
 
 def shift_velocity(model: np.ndarray, v_kms: np.ndarray) -> np.ndarray:
