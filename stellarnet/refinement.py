@@ -50,7 +50,7 @@ REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400
                                    "disagreement_inflation": True, "memory_gb": 4.0, "block_stars": 2048,
                                    "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                            "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0,
-                                           "fit_lsf": True}}
+                                           "fit_lsf": True, "noise_correlation": True}}
 
 
 def _training_rows(n: int, max_stars: int | None, seed: int) -> np.ndarray:

@@ -437,3 +437,62 @@ def test_spline_continuum_basis_is_a_partition_of_unity_per_chip():
         continuum_spline_basis(240, None, 100.0)
     with pytest.raises(ValueError, match="positive"):
         continuum_spline_basis(7214, "dr12", 0)
+
+
+def _correlated(shape: tuple[int, int], rho: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance noise with lag-1 correlation ``rho`` (3-tap kernel a, b, a; b² + 2a² = 1, 2ab = rho)."""
+    a = np.sqrt((1 - np.sqrt(1 - 2 * rho**2)) / 4)
+    b = np.sqrt(1 - 2 * a**2)
+    x = rng.standard_normal((shape[0], shape[1] + 2))
+    return (a * x[:, :-2] + b * x[:, 1:-1] + a * x[:, 2:]).astype(np.float32)
+
+
+def test_noise_correlation_widens_sigma_for_shared_noise_and_not_for_white_noise(emulator):
+    """σ allows for noise that neighbouring pixels share: on white noise the factor is ≈ 1; on noise with
+    lag-1 correlation 0.4 the measured correlation is ≈ 0.4, σ grows and the errors' z std moves toward 1,
+    while the labels themselves do not change."""
+    rng = np.random.default_rng(40)
+    labels = MEAN + STD * rng.uniform(-1.2, 1.2, (300, 4))
+    clean = emulator.flux(labels)
+    err = np.full_like(clean, NOISE)
+    kw = {"continuum_degree": None}
+    white = clean + NOISE * rng.standard_normal(clean.shape).astype(np.float32)
+    a = refine_labels(emulator, white, err, None, labels, **kw)
+    b = refine_labels(emulator, white, err, None, labels, noise_correlation=True, **kw)
+    assert a.noise_correlation is None and b.noise_correlation.shape == (300, 2)
+    assert np.median(b.noise_correlation[:, 0]) < 0.05
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert np.all(b.sigma >= a.sigma * (1 - 1e-6)) and np.median(b.sigma / a.sigma) < 1.05
+
+    shared = clean + NOISE * _correlated(clean.shape, 0.4, rng)
+    c = refine_labels(emulator, shared, err, None, labels, **kw)
+    d = refine_labels(emulator, shared, err, None, labels, noise_correlation=True, **kw)
+    np.testing.assert_array_equal(c.labels, d.labels)
+    assert np.median(d.noise_correlation[:, 0]) == pytest.approx(0.4, abs=0.06)
+    assert np.median(d.sigma / c.sigma) > 1.15  # this model's lines are 2.5 px wide: ~(1 + 2·0.4·0.9)^½
+
+    def z_std(r):
+        z = (r.labels - labels) / r.sigma
+        return float(np.mean(1.4826 * np.median(np.abs(z - np.median(z, 0)), 0)))
+
+    assert abs(z_std(d) - 1.0) < abs(z_std(c) - 1.0)
+    assert 0.8 < z_std(d) < 1.25
+
+
+def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_boundaries():
+    from stellarnet.models.forward import _same_chip_pairs, noise_correlation_factor
+
+    n, P = 64, 7214
+    g = torch.Generator().manual_seed(0)
+    resid = torch.randn(n, P, generator=g)
+    smooth = torch.nn.functional.avg_pool1d(torch.randn(n, 1, P + 4, generator=g), 5, 1)[:, 0]  # lag-1 auto 0.8
+    influence = smooth[..., None].repeat(1, 1, 2)
+    pairs = _same_chip_pairs(P, "dr12", "cpu")
+    assert all(len(v) == 2 * k for k, v in pairs.items())  # three chips: two boundaries, k pairs across each
+    factor, rho = noise_correlation_factor(resid, influence, pairs)
+    assert factor.shape == (n, 2) and rho.shape == (n, 2)
+    assert float(factor.median()) < 1.03 and float(factor.min()) >= 1.0
+    shared = resid[:, :-1] + resid[:, 1:]  # lag-1 correlation 0.5
+    factor, rho = noise_correlation_factor(torch.nn.functional.pad(shared, (0, 1)), influence, pairs)
+    assert float(rho[:, 0].median()) == pytest.approx(0.5, abs=0.03)
+    assert float(factor.median()) == pytest.approx(1 + 2 * 0.5 * 0.8, abs=0.08)

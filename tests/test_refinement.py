@@ -83,13 +83,14 @@ def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir
     folder, _ = refined_dir
     new = load_model(folder)
     assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
-                                   "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0, "fit_lsf": True}
+                                   "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0, "fit_lsf": True,
+                                   "noise_correlation": True}
     assert new.chi2_scaling == "two_sided" and new.label_range is not None
     assert new.disagreement_inflation is True
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     state = torch.load(old / EMULATOR_FILE, weights_only=True)
-    for key in ("continuum_degree", "continuum_knots", "pixel_clip", "fit_lsf"):  # as saved before these existed
+    for key in ("continuum_degree", "continuum_knots", "pixel_clip", "fit_lsf", "noise_correlation"):  # saved before
         del state["refine"][key]
     del state["chi2_scaling"], state["label_range"], state["disagreement_inflation"]
     torch.save(state, old / EMULATOR_FILE)
@@ -97,6 +98,7 @@ def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir
     assert loaded.disagreement_inflation is False  # an old stage's σ is what it was
     assert loaded.refine_settings["continuum_degree"] is None and loaded.refine_settings["pixel_clip"] is None
     assert loaded.refine_settings["fit_lsf"] is False and loaded.refine_settings["continuum_knots"] is None
+    assert loaded.refine_settings["noise_correlation"] is False
     assert loaded.chi2_scaling == "at_least_one" and loaded.label_range is None
 
 

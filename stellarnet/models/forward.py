@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",
-            "continuum_knots", "pixel_clip", "fit_lsf")
+            "continuum_knots", "pixel_clip", "fit_lsf", "noise_correlation")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -474,7 +474,8 @@ class RefineResult:
     """Refined labels (N, L) in physical units, their formal σ (from (JᵀWJ)⁻¹, physical units),
     the reduced χ² of the fit (N,), the number of masked segments (N,), the fraction of good
     pixels used (N,), the fraction of the usable pixels rejected as outliers (N,) and, when fitted, the
-    change of the LSF variance (N,) in pixels² and the residual shift (N,) in pixels."""
+    change of the LSF variance (N,) in pixels² and the residual shift (N,) in pixels, and the residuals'
+    pixel-to-pixel correlations (N, 2) at lags 1 and 2."""
 
     labels: np.ndarray
     sigma: np.ndarray
@@ -484,6 +485,7 @@ class RefineResult:
     outlier_fraction: np.ndarray | None = None
     lsf_variance: np.ndarray | None = None
     shift: np.ndarray | None = None
+    noise_correlation: np.ndarray | None = None
 
 
 def _pixel_clip(resid: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -588,30 +590,89 @@ def _emulate(model: SpectrumEmulator, z: torch.Tensor, u: torch.Tensor | None, i
 
 def _system(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, w: torch.Tensor,
             f: torch.Tensor | None, u: torch.Tensor | None, inner: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The normal equations at ``(z, c, u)``: JᵀWJ, JᵀW r (None without ``f``) and the model flux, with
-    the line-shape nuisances' prior when ``u`` is fitted."""
+    the line-shape nuisances' prior when ``u`` is fitted; then the emulator's Jacobian (n, P, L + U)
+    and flux (n, P) they were built from."""
     J, m = _emulate(model, z, u, inner, jacobian=True)  # (n, P, L + U), (n, P)
     A, b, model_flux = _normal_equations(J, m, c, basis, w, f)
     if u is not None:
         A, b = _with_prior(A, b, u, z.shape[1])
-    return A, b, model_flux
+    return A, b, model_flux, J, m
+
+
+#: the residual correlations' lags used by :func:`noise_correlation_factor` (pixels)
+NOISE_LAGS = (1, 2)
+
+
+def _lag_products(x: torch.Tensor, y: torch.Tensor, chip_ends: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Σᵢ xᵢ yᵢ₊ₖ over the pixel pairs of one chip, per lag k of :data:`NOISE_LAGS` → (n, …, len(lags)),
+    x and y (n, P, …): the sum over all pairs less the few that straddle a chip boundary."""
+    out = []
+    for k in NOISE_LAGS:
+        i = chip_ends[k]
+        out.append((x[:, :-k] * y[:, k:]).sum(1) - (x[:, i] * y[:, i + k]).sum(1))
+    return torch.stack(out, -1)
+
+
+def _same_chip_pairs(n_pixels: int, grid: str | None, device: Any) -> dict[int, torch.Tensor]:
+    """For each lag k, the first pixels i (long tensor) of the pairs (i, i + k) that straddle two chips."""
+    chip = torch.zeros(n_pixels, dtype=torch.long)
+    for j, sl in enumerate(_chips(n_pixels, grid)):
+        chip[sl] = j
+    return {k: torch.nonzero(chip[:-k] != chip[k:])[:, 0].to(device) for k in NOISE_LAGS}
+
+
+def _influence(last: tuple[torch.Tensor, torch.Tensor], A_inv: torch.Tensor, c: torch.Tensor, basis: torch.Tensor,
+               w: torch.Tensor, L: int) -> torch.Tensor:
+    """The labels' influence vectors √W Ĵ (JᵀWJ)⁻¹[:, :L] (n, P, L) of the fit model
+    ``emulator (1 + basis c)``: Ĵ = [J · (1 + basis c) | emulator flux × basis] from the emulator's
+    Jacobian J (n, P, L + U) and flux (n, P) of the last step."""
+    J, m = last
+    D = J.shape[2]
+    sw = w.sqrt()
+    cont_w = (1.0 + c @ basis.T) * sw
+    v = J @ A_inv[:, :D, :L]
+    v.mul_(cont_w[..., None]).add_((m * sw)[..., None] * (basis @ A_inv[:, D:, :L]))
+    return v
+
+
+def noise_correlation_factor(resid: torch.Tensor, influence: torch.Tensor,
+                             same_chip: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variance factor (n, L) of the labels when the noise is correlated from pixel to pixel, and the
+    residual correlations (n, len(:data:`NOISE_LAGS`)).
+
+    ``resid`` (n, P): the normalized residuals (f − model)·√w of the fit (0 where unused);
+    ``influence`` (n, P, L): each label's influence vector ṽ = √W J (JᵀWJ)⁻¹ (the label is Σ ṽ r̃).
+    With residual correlations ρₖ (measured per star, negative ones taken as 0) the label variance is
+    ṽᵀCṽ = ṽᵀṽ (1 + 2 Σₖ ρₖ aₖ(ṽ)), aₖ the influence vector's own lag-k autocorrelation: white noise
+    gives 1; noise shared by neighbouring pixels (resampled, co-added visits) more, the more so for
+    labels read from line-wide features. At least 1."""
+    power = (resid * resid).sum(1).clamp_min(1e-30)
+    rho = (_lag_products(resid, resid, same_chip) / power[:, None]).clamp(0.0, 0.9)  # (n, lags)
+    vv = (influence * influence).sum(1).clamp_min(1e-30)  # (n, L)
+    auto = _lag_products(influence, influence, same_chip) / vv[..., None]  # (n, L, lags)
+    factor = 1.0 + 2.0 * (rho[:, None, :] * auto).sum(-1)
+    return factor.clamp_min(1.0), rho
 
 
 def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor, f: torch.Tensor,
                   w: torch.Tensor, iters: int, damping: float, bound: float, u: torch.Tensor | None = None,
                   inner: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                             tuple[torch.Tensor, torch.Tensor] | None]:
     """Damped Gauss–Newton steps on χ² = Σ w (f − model(z) (1 + basis c))² for the standardized
     labels ``z`` (n, L), the continuum coefficients ``c`` (n, K) and, when ``u`` is given, the
-    line-shape nuisances u (n, 2) together. Returns ``(z, c, A, u)`` with the undamped JᵀWJ ``A`` of
-    the last step (None if ``iters`` is 0), for the formal covariance."""
+    line-shape nuisances u (n, 2) together. Returns ``(z, c, A, u, (J, m))`` with the undamped JᵀWJ
+    ``A`` of the last step, for the formal covariance, and the emulator's Jacobian and flux it was
+    built from (None, None if ``iters`` is 0)."""
     L = z.shape[1]
     U = 0 if u is None else u.shape[1]
     eye = torch.eye(L + U + c.shape[1], dtype=z.dtype, device=z.device)
-    A = None
+    A, last = None, None
     for _ in range(iters):
-        A, b, _ = _system(model, z, c, basis, w, f, u, inner)
+        A, b, _, J, m = _system(model, z, c, basis, w, f, u, inner)
+        last = (J, m)
         damped = A + damping * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * eye
         step = torch.linalg.solve(damped, b)
         z = (z + step[:, :L]).clamp(-bound, bound)
@@ -620,7 +681,7 @@ def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, bas
             u = torch.stack([u[:, 0].clamp(-LSF_VARIANCE_BOUND, LSF_VARIANCE_BOUND),
                              u[:, 1].clamp(-SHIFT_BOUND, SHIFT_BOUND)], 1)
         c = c + step[:, L + U:]
-    return z, c, A, u
+    return z, c, A, u, last
 
 
 def _model_flux(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: torch.Tensor,
@@ -669,6 +730,7 @@ def refine_labels(
     continuum_knots: float | None = None,
     pixel_clip: float | None = None,
     fit_lsf: bool = False,
+    noise_correlation: bool = False,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
@@ -695,6 +757,11 @@ def refine_labels(
     0.24 px), each with a Gaussian prior (:data:`LINE_SHAPE_PRIOR`). Spectra from another fibre or
     spectrograph, whose lines are broader or narrower than the training survey's, or slightly off in
     velocity, do not bias the labels; σ is marginalized over both. They are returned in ``lsf_variance`` and ``shift``.
+
+    With ``noise_correlation`` the formal σ also allows for noise that neighbouring pixels share (the
+    visits of a combined spectrum are resampled before they are added): each star's residual
+    correlations at lags 1 and 2 scale each label's variance by :func:`noise_correlation_factor`
+    (1 for white noise). The correlations are returned in ``noise_correlation`` (lag 1, lag 2).
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -706,7 +773,8 @@ def refine_labels(
     out = RefineResult(np.full((n, L), np.nan, np.float32), np.full((n, L), np.nan, np.float32),
                        np.full(n, np.nan, np.float32), np.zeros(n, np.int16), np.zeros(n, np.float32),
                        np.zeros(n, np.float32), np.full(n, np.nan, np.float32) if fit_lsf else None,
-                       np.full(n, np.nan, np.float32) if fit_lsf else None)
+                       np.full(n, np.nan, np.float32) if fit_lsf else None,
+                       np.full((n, len(NOISE_LAGS)), np.nan, np.float32) if noise_correlation else None)
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
@@ -715,6 +783,7 @@ def refine_labels(
              if continuum_knots is not None and continuum_degree is not None
              else continuum_basis(model.n_pixels, model.grid, continuum_degree)).to(dev)
     inner = _line_shape_mask(model.n_pixels, model.grid).to(dev) if fit_lsf else None
+    same_chip = _same_chip_pairs(model.n_pixels, model.grid, dev) if noise_correlation else None
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
@@ -726,7 +795,7 @@ def refine_labels(
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
             shape = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None  # (LSF Δσ², shift)
-            z, c, A, shape = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, shape, inner)
+            z, c, A, shape, last = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, shape, inner)
             w_seg = w0  # the weights after segment clipping only
             for _ in range(clip_rounds):
                 resid = f - _model_flux(model, z, c, basis, shape, inner)
@@ -735,17 +804,24 @@ def refine_labels(
                 w = w_new
                 if pixel_clip is not None:
                     w = _pixel_clip(resid, w, float(pixel_clip))
-                z, c, A_clip, shape = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound, shape,
-                                                    inner)
+                z, c, A_clip, shape, last = _gauss_newton(model, z, c, basis, f, w, clip_iters, damping, bound,
+                                                          shape, inner)
                 A = A_clip  # None if clip_iters is 0: the weights changed, recomputed below
             if A is None:
-                A, _, m = _system(model, z, c, basis, w, None, shape, inner)
+                A, _, m, J_em, m_em = _system(model, z, c, basis, w, None, shape, inner)
+                last = (J_em, m_em)
             else:  # JᵀWJ of the last (converged) step: one Jacobian fewer per star
                 m = _model_flux(model, z, c, basis, shape, inner)
-            cov = torch.linalg.pinv(A)[:, :L, :L]
+            A_inv = torch.linalg.pinv(A)
+            var = torch.diagonal(A_inv[:, :L, :L], dim1=1, dim2=2)
+            if same_chip is not None and last is not None:
+                factor, rho = noise_correlation_factor((f - m) * w.sqrt(),
+                                                       _influence(last, A_inv, c, basis, w, L), same_chip)
+                var = var * factor
+                out.noise_correlation[rows] = rho.cpu().numpy()
             n_good = (w > 0).sum(1).clamp_min(1)
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
-            out.sigma[rows] = np.sqrt(np.clip(np.diagonal(cov.cpu().numpy(), axis1=1, axis2=2), 0, None)) * std
+            out.sigma[rows] = np.sqrt(np.clip(var.cpu().numpy(), 0, None)) * std
             out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).cpu().numpy()
             masked = ((w0 > 0) & (w_seg == 0)).float() @ seg
             out.masked_segments[rows] = (masked > 0).sum(1).cpu().numpy().astype(np.int16)

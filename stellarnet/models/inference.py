@@ -174,6 +174,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
     settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping and the LSF fit
     settings.setdefault("continuum_knots", None)  # ... and before the spline continuum
     settings.setdefault("fit_lsf", False)
+    settings.setdefault("noise_correlation", False)  # ... and before σ allowed for correlated noise
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),
                      refine_sigma_network_scale=extras.get("sigma_network_scale"),
@@ -547,6 +548,8 @@ class Predictor:
         res["refine_masked_segments"] = r.masked_segments
         if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
             res["refine_lsf_variance"] = r.lsf_variance
+        if r.noise_correlation is not None:  # the fit residuals' lag-1 pixel-to-pixel correlation
+            res["refine_noise_correlation"] = r.noise_correlation[:, 0]
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
