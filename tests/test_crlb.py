@@ -362,8 +362,8 @@ def test_emulator_giant_bound_has_sensible_magnitudes():
     np.testing.assert_allclose(s_half, v, rtol=0.02)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("crlb_script", ROOT / "scripts" / "crlb.py")
+def _load_script(name: str = "crlb"):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
@@ -404,18 +404,10 @@ def test_crlb_script_on_tiny_shards(tiny_shards, tmp_path, capsys):
     assert "median CRLB" in printed and "MAE/CRLB" in printed
 
 
-def _load_nuisance_script():
-    spec = importlib.util.spec_from_file_location("crlb_nuisances", ROOT / "scripts" / "crlb_nuisances.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_nuisance_crlb_costs_nothing_when_orthogonal_and_grows_when_degenerate():
     from stellarnet.data import grids
 
-    mod = _load_nuisance_script()
+    mod = _load_script("crlb_nuisances")
     rng = np.random.default_rng(0)
     J = rng.standard_normal((400, 2))
     q, _ = np.linalg.qr(np.concatenate([J, rng.standard_normal((400, 1))], 1))
