@@ -108,7 +108,7 @@ def column_units(columns: Sequence[str], label_names: Sequence[str], label_units
             suffix = col[len(base) + 1:] if base else ""
             parts = {"ERR": "total 1-sigma error (use this)", "ERR_ALEATORIC": "1-sigma error part: noise / spectral fit",
                      "ERR_EPISTEMIC": "1-sigma error part: model (MC dropout)", "NET": "the network's estimate",
-                     "NET_ERR": "1-sigma error of the network's estimate"}
+                     "NET_ERR": "1-sigma error of the network's estimate (grown where it and the refinement disagree)"}
             if base and suffix in parts:
                 unit, text = unit_of[base], f"{base}: {parts[suffix]}"
             else:

@@ -483,8 +483,9 @@ def test_disagreement_factor_is_the_birge_ratio_of_the_two_estimates():
 
 
 def test_refined_sigma_grows_where_network_and_refinement_disagree(refined_dir, tiny_shards):
-    """The stage's σ is the σ model's times the Birge ratio of refined vs network labels; switching the
-    inflation off gives the σ model's alone, the same labels, and the same flags (judged before it)."""
+    """The stage's σ is the σ model's times the Birge ratio of refined vs network labels, and so is the
+    network's own σ (where the refinement is kept); switching the inflation off gives the σ model's and
+    the network's alone, the same labels, and the same flags (judged before it)."""
     from stellarnet.models.inference import disagreement_factor
 
     folder, _ = refined_dir
@@ -499,9 +500,13 @@ def test_refined_sigma_grows_where_network_and_refinement_disagree(refined_dir, 
     np.testing.assert_array_equal(a["sigma_refined"], b["sigma_refined"])
     ok = a["refine_flag"] == 0
     assert ok.any()
-    factor = disagreement_factor(a["labels"], a["sigma_refined"], a["labels_network"], a["sigma_network"])
+    factor = disagreement_factor(a["labels"], a["sigma_refined"], a["labels_network"], b["sigma_network"])
     np.testing.assert_allclose(a["sigma_aleatoric"][ok], (b["sigma_aleatoric"] * factor)[ok], rtol=1e-5)
     assert np.all(a["sigma_total"] >= b["sigma_total"] * (1 - 1e-6))
+    # the network's σ grows by the same ratio where the refined labels are kept, and only there
+    np.testing.assert_allclose(a["sigma_network"][ok], (b["sigma_network"] * factor)[ok], rtol=1e-5)
+    np.testing.assert_array_equal(a["sigma_network"][~ok], b["sigma_network"][~ok])
+    np.testing.assert_array_equal(a["labels_network"], b["labels_network"])
 
 
 def test_spline_continuum_absorbs_a_pseudo_continuum_a_chip_polynomial_cannot(refined_dir, tiny_shards):

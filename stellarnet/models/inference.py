@@ -504,15 +504,18 @@ class Predictor:
             if t in res["class_probs"] and n:  # temperature scaling fitted on the validation split
                 res["class_probs"][t] = apply_temperature(res["class_probs"][t], temperature).astype(np.float32)
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
-        if refine and n:
-            self._refine(res, flux, flux_err, mask, batch_size)
+        net_factor = self._refine(res, flux, flux_err, mask, batch_size) if refine and n else None
         res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range,
                                                   physical_ranges(self.label_names))
+        if net_factor is not None:  # after the flags, which are judged on the network's own σ
+            res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
         return res
 
     def _refine(self, res: dict[str, Any], flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray,
-                batch_size: int) -> None:
-        """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place)."""
+                batch_size: int) -> np.ndarray | None:
+        """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place). With
+        ``disagreement_inflation`` returns the factor (N, L) for the network's σ as well — the same Birge
+        ratio, where the refined labels are kept (1 elsewhere) — for the caller to apply after the flags."""
         assert self.emulator is not None
         r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
                                         batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
@@ -527,8 +530,9 @@ class Predictor:
             sigma = np.sqrt(sigma**2 + (self.refine_sigma_network_scale * net_sigma) ** 2)
         # the flag NET_REFINE_DISAGREE is judged on the σ model's σ, before the inflation below
         res["sigma_refined"] = sigma.astype(np.float32)
-        if self.disagreement_inflation:
-            sigma = sigma * disagreement_factor(refined, sigma, net_labels, net_sigma)
+        factor = disagreement_factor(refined, sigma, net_labels, net_sigma) if self.disagreement_inflation else None
+        if factor is not None:
+            sigma = sigma * factor
         tried = np.isfinite(net_labels).all(1)
         shift = np.abs(refined - net_labels) / np.maximum(net_sigma, 1e-12)
         with np.errstate(invalid="ignore"):
@@ -550,6 +554,9 @@ class Predictor:
             res["refine_lsf_variance"] = r.lsf_variance
         if r.noise_correlation is not None:  # the fit residuals' lag-1 pixel-to-pixel correlation
             res["refine_noise_correlation"] = r.noise_correlation[:, 0]
+        # two inconsistent estimates: neither σ is to be trusted as it stands (the network is the misled one
+        # as often as the emulator), so the network's σ grows by the same ratio where the refinement is kept
+        return None if factor is None else np.where(ok[:, None], factor, 1.0)
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
