@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     out: dict = {"snr": args.snr, "n": args.n, "label_names": list(model.label_names), "populations": {}}
     for name, mix in (("default", None), ("population", SHIFTED_MIX)):
-        pop = sample_population(4 * args.n, rng, mix)
-        labels = np.stack([pop.teff, pop.logg, pop.fe_h, pop.alpha_fe], 1)
+        labels = sample_population(4 * args.n, rng, mix).labels
         labels = labels[np.all((labels >= model.lower) & (labels <= model.upper), 1)][: args.n]
         J = jacobian(model.fn, labels, steps=[DEFAULT_STEPS[k] for k in model.label_names],
                      label_names=model.label_names, bounds=(model.lower, model.upper))
@@ -74,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, kinds in NUISANCE_SETS.items():
                 sig[k].append(crlb_with_nuisances(J[i], cols, kinds, args.snr))
         base = np.array(sig["labels"])
-        out["populations"][name] = {
-            "median_crlb": np.median(base, 0).tolist(),
-            "median_ratio": {k: np.median(np.array(v) / base, 0).tolist() for k, v in sig.items()}}
+        ratio = {k: np.median(np.array(v) / base, 0) for k, v in sig.items()}
+        out["populations"][name] = {"median_crlb": np.median(base, 0).tolist(),
+                                    "median_ratio": {k: v.tolist() for k, v in ratio.items()}}
         print(name, "median CRLB", np.round(np.median(base, 0), 5))
-        for k, v in sig.items():
-            print(f"  + {k:22s}", np.round(np.median(np.array(v) / base, 0), 3))
+        for k, v in ratio.items():
+            print(f"  + {k:22s}", np.round(v, 3))
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 

@@ -441,8 +441,9 @@ def test_spline_continuum_basis_is_a_partition_of_unity_per_chip():
 
 def _correlated(shape: tuple[int, int], rho: float, rng: np.random.Generator) -> np.ndarray:
     """Unit-variance noise with lag-1 correlation ``rho`` (3-tap kernel a, b, a; b² + 2a² = 1, 2ab = rho)."""
-    a = np.sqrt((1 - np.sqrt(1 - 2 * rho**2)) / 4)
-    b = np.sqrt(1 - 2 * a**2)
+    from stellarnet.simulate.shifts import noise_kernel
+
+    a, b = noise_kernel(np.array([rho]))
     x = rng.standard_normal((shape[0], shape[1] + 2))
     return (a * x[:, :-2] + b * x[:, 1:-1] + a * x[:, 2:]).astype(np.float32)
 
@@ -480,14 +481,14 @@ def test_noise_correlation_widens_sigma_for_shared_noise_and_not_for_white_noise
 
 
 def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_boundaries():
-    from stellarnet.models.forward import _same_chip_pairs, noise_correlation_factor
+    from stellarnet.models.forward import _chip_straddles, noise_correlation_factor
 
     n, P = 64, 7214
     g = torch.Generator().manual_seed(0)
     resid = torch.randn(n, P, generator=g)
     smooth = torch.nn.functional.avg_pool1d(torch.randn(n, 1, P + 4, generator=g), 5, 1)[:, 0]  # lag-1 auto 0.8
     influence = smooth[..., None].repeat(1, 1, 2)
-    pairs = _same_chip_pairs(P, "dr12", "cpu")
+    pairs = _chip_straddles(P, "dr12", "cpu")
     assert all(len(v) == 2 * k for k, v in pairs.items())  # three chips: two boundaries, k pairs across each
     factor, rho = noise_correlation_factor(resid, influence, pairs)
     assert factor.shape == (n, 2) and rho.shape == (n, 2)

@@ -605,17 +605,18 @@ def _system(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, basis: to
 NOISE_LAGS = (1, 2)
 
 
-def _lag_products(x: torch.Tensor, y: torch.Tensor, chip_ends: dict[int, torch.Tensor]) -> torch.Tensor:
+def _lag_products(x: torch.Tensor, y: torch.Tensor, straddles: dict[int, torch.Tensor]) -> torch.Tensor:
     """Σᵢ xᵢ yᵢ₊ₖ over the pixel pairs of one chip, per lag k of :data:`NOISE_LAGS` → (n, …, len(lags)),
-    x and y (n, P, …): the sum over all pairs less the few that straddle a chip boundary."""
+    x and y (n, P, …): the sum over all pairs less the few that straddle a chip boundary
+    (:func:`_chip_straddles`)."""
     out = []
     for k in NOISE_LAGS:
-        i = chip_ends[k]
+        i = straddles[k]
         out.append((x[:, :-k] * y[:, k:]).sum(1) - (x[:, i] * y[:, i + k]).sum(1))
     return torch.stack(out, -1)
 
 
-def _same_chip_pairs(n_pixels: int, grid: str | None, device: Any) -> dict[int, torch.Tensor]:
+def _chip_straddles(n_pixels: int, grid: str | None, device: Any) -> dict[int, torch.Tensor]:
     """For each lag k, the first pixels i (long tensor) of the pairs (i, i + k) that straddle two chips."""
     chip = torch.zeros(n_pixels, dtype=torch.long)
     for j, sl in enumerate(_chips(n_pixels, grid)):
@@ -624,13 +625,12 @@ def _same_chip_pairs(n_pixels: int, grid: str | None, device: Any) -> dict[int, 
 
 
 def _influence(last: tuple[torch.Tensor, torch.Tensor], A_inv: torch.Tensor, c: torch.Tensor, basis: torch.Tensor,
-               w: torch.Tensor, L: int) -> torch.Tensor:
+               sw: torch.Tensor, L: int) -> torch.Tensor:
     """The labels' influence vectors √W Ĵ (JᵀWJ)⁻¹[:, :L] (n, P, L) of the fit model
     ``emulator (1 + basis c)``: Ĵ = [J · (1 + basis c) | emulator flux × basis] from the emulator's
-    Jacobian J (n, P, L + U) and flux (n, P) of the last step."""
+    Jacobian J (n, P, L + U) and flux (n, P) of the last step; ``sw`` = √W (n, P)."""
     J, m = last
     D = J.shape[2]
-    sw = w.sqrt()
     cont_w = (1.0 + c @ basis.T) * sw
     v = J @ A_inv[:, :D, :L]
     v.mul_(cont_w[..., None]).add_((m * sw)[..., None] * (basis @ A_inv[:, D:, :L]))
@@ -638,20 +638,21 @@ def _influence(last: tuple[torch.Tensor, torch.Tensor], A_inv: torch.Tensor, c: 
 
 
 def noise_correlation_factor(resid: torch.Tensor, influence: torch.Tensor,
-                             same_chip: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                             straddles: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Variance factor (n, L) of the labels when the noise is correlated from pixel to pixel, and the
     residual correlations (n, len(:data:`NOISE_LAGS`)).
 
     ``resid`` (n, P): the normalized residuals (f − model)·√w of the fit (0 where unused);
-    ``influence`` (n, P, L): each label's influence vector ṽ = √W J (JᵀWJ)⁻¹ (the label is Σ ṽ r̃).
+    ``influence`` (n, P, L): each label's influence vector ṽ = √W J (JᵀWJ)⁻¹ (the label is Σ ṽ r̃);
+    ``straddles``: the pixel pairs across chip boundaries, left out (:func:`_chip_straddles`).
     With residual correlations ρₖ (measured per star, negative ones taken as 0) the label variance is
     ṽᵀCṽ = ṽᵀṽ (1 + 2 Σₖ ρₖ aₖ(ṽ)), aₖ the influence vector's own lag-k autocorrelation: white noise
     gives 1; noise shared by neighbouring pixels (resampled, co-added visits) more, the more so for
     labels read from line-wide features. At least 1."""
     power = (resid * resid).sum(1).clamp_min(1e-30)
-    rho = (_lag_products(resid, resid, same_chip) / power[:, None]).clamp(0.0, 0.9)  # (n, lags)
+    rho = (_lag_products(resid, resid, straddles) / power[:, None]).clamp(0.0, 0.9)  # (n, lags)
     vv = (influence * influence).sum(1).clamp_min(1e-30)  # (n, L)
-    auto = _lag_products(influence, influence, same_chip) / vv[..., None]  # (n, L, lags)
+    auto = _lag_products(influence, influence, straddles) / vv[..., None]  # (n, L, lags)
     factor = 1.0 + 2.0 * (rho[:, None, :] * auto).sum(-1)
     return factor.clamp_min(1.0), rho
 
@@ -783,7 +784,7 @@ def refine_labels(
              if continuum_knots is not None and continuum_degree is not None
              else continuum_basis(model.n_pixels, model.grid, continuum_degree)).to(dev)
     inner = _line_shape_mask(model.n_pixels, model.grid).to(dev) if fit_lsf else None
-    same_chip = _same_chip_pairs(model.n_pixels, model.grid, dev) if noise_correlation else None
+    straddles = _chip_straddles(model.n_pixels, model.grid, dev) if noise_correlation else None
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
@@ -814,9 +815,10 @@ def refine_labels(
                 m = _model_flux(model, z, c, basis, shape, inner)
             A_inv = torch.linalg.pinv(A)
             var = torch.diagonal(A_inv[:, :L, :L], dim1=1, dim2=2)
-            if same_chip is not None and last is not None:
-                factor, rho = noise_correlation_factor((f - m) * w.sqrt(),
-                                                       _influence(last, A_inv, c, basis, w, L), same_chip)
+            if straddles is not None and last is not None:
+                sw = w.sqrt()
+                factor, rho = noise_correlation_factor((f - m) * sw, _influence(last, A_inv, c, basis, sw, L),
+                                                       straddles)
                 var = var * factor
                 out.noise_correlation[rows] = rho.cpu().numpy()
             n_good = (w > 0).sum(1).clamp_min(1)

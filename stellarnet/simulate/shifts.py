@@ -50,7 +50,7 @@ from stellarnet.data.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
-           "flag_pixels", "correlate_noise"]
+           "flag_pixels", "correlate_noise", "noise_kernel"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -179,16 +179,23 @@ def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
     return _per_chip(model, one, change)
 
 
+def noise_kernel(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 3-tap kernel (a, b, a) with unit norm (b² + 2a² = 1) and lag-1 correlation 2ab = ``rho``
+    (b ≥ a), per value of ``rho`` in [0, :data:`MAX_NOISE_CORRELATION`): float64 arrays a, b."""
+    rho = np.asarray(rho, np.float64)
+    if np.any(rho < 0) or np.any(rho >= MAX_NOISE_CORRELATION):
+        raise ValueError(f"rho must lie in [0, {MAX_NOISE_CORRELATION:.3f})")
+    a = np.sqrt((1.0 - np.sqrt(1.0 - 2.0 * rho**2)) / 4.0)
+    return a, np.sqrt(1.0 - 2.0 * a**2)
+
+
 def correlate_noise(noise: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """Unit-variance white noise (N, 7214) → noise with lag-1 correlation ``rho`` (N,) per star.
 
     Per chip, x'ᵢ = a xᵢ₋₁ + b xᵢ + a xᵢ₊₁ with b² + 2a² = 1 and 2ab = ρ (lag-2 correlation a²);
     each pixel keeps unit variance (the chip's end pixels: b² + a²)."""
-    rho = np.asarray(rho, np.float64)
-    if np.any(rho < 0) or np.any(rho >= MAX_NOISE_CORRELATION):
-        raise ValueError(f"rho must lie in [0, {MAX_NOISE_CORRELATION:.3f})")
-    a = np.sqrt((1.0 - np.sqrt(1.0 - 2.0 * rho**2)) / 4.0).astype(np.float32)[:, None]
-    b = np.sqrt(1.0 - 2.0 * a.astype(np.float64) ** 2).astype(np.float32)
+    a, b = noise_kernel(rho)
+    a, b = a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
     out = np.empty_like(noise)
     for sl in grids.chip_slices(GRID):
         x = noise[:, sl]
