@@ -38,7 +38,7 @@ from stellarnet.simulate.population import STAGES, sample_population
 from stellarnet.simulate.shifts import Shift, shift_suite
 
 __all__ = ["simulate", "true_crlb", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
-           "shift_table_from_config", "SNR_BIN"]
+           "shift_table_from_config", "score_catalogue", "SNR_BIN"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,56 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
                  " ".join(f"{r[k].get('robust_sigma', np.nan):.4g}" for k in label_names),
                  entry["stage"]["accuracy"], t_sim, t_pred)
     return results
+
+
+def _ids(column: Any) -> np.ndarray:
+    a = np.asarray(column)
+    if a.dtype.kind == "S":
+        a = np.char.decode(a, "ascii")
+    return np.char.strip(a.astype(str))
+
+
+def score_catalogue(predictions: Any, truth: Any, label_names: list[str] | None = None,
+                    snr_bin: tuple[float, float] = SNR_BIN) -> dict[str, Any]:
+    """Score a ``predict`` catalogue of a simulated survey against its truth file, as the suite does.
+
+    ``predictions``: the catalogue (path or astropy Table: ``APOGEE_ID``, ``SNR``, ``<LABEL>``,
+    ``<LABEL>_ERR``, and when refined ``<LABEL>_NET`` / ``<LABEL>_NET_ERR``, ``STAGE``,
+    ``STELLARNET_FLAG``); ``truth``: the survey's ``truth/truth.fits`` (path or Table, one row per
+    star, keyed by ``APOGEE_ID``). Every catalogue row is scored (duplicate allStar rows of a star
+    included, each with its own spectrum); labels on the rows with ``snr_bin[0] ≤ SNR < snr_bin[1]``,
+    the stage over all rows. Raises ``KeyError`` naming catalogue stars missing from the truth.
+    """
+    from astropy.table import Table
+
+    pred = predictions if isinstance(predictions, Table) else Table.read(predictions)
+    true = truth if isinstance(truth, Table) else Table.read(truth)
+    names = list(label_names or [c for c in ("TEFF", "LOGG", "FE_H", "ALPHA_FE") if c in pred.colnames])
+    where = {star: i for i, star in enumerate(_ids(true["APOGEE_ID"]))}
+    ids = _ids(pred["APOGEE_ID"])
+    missing = sorted({i for i in ids if i not in where})
+    if missing:
+        raise KeyError(f"{len(missing)} catalogue stars are not in the truth file, e.g. {missing[:3]}")
+    row = np.array([where[i] for i in ids], dtype=int)
+    truth_labels = np.stack([np.asarray(true[c], dtype=float)[row] for c in names], 1)
+    snr = np.asarray(pred["SNR"] if "SNR" in pred.colnames else true["SNR"][row], dtype=float)
+    sel = (snr >= snr_bin[0]) & (snr < snr_bin[1])
+
+    def cols(suffix: str) -> np.ndarray:
+        return np.stack([np.asarray(pred[c + suffix], dtype=float) for c in names], 1)
+
+    out: dict[str, Any] = {"n_rows": len(pred), "n_bin": int(sel.sum()), "snr_bin": list(snr_bin)}
+    kind = "refined" if all(c + "_NET" in pred.colnames for c in names) else "network"
+    out[kind] = label_metrics(cols("")[sel], cols("_ERR")[sel], truth_labels[sel], names)
+    if kind == "refined":
+        out["network"] = label_metrics(cols("_NET")[sel], cols("_NET_ERR")[sel], truth_labels[sel], names)
+    if "STAGE" in pred.colnames and "STAGE_CODE" in true.colnames:
+        pred_stage = np.array([STAGES.index(s) if s in STAGES else -1 for s in _ids(pred["STAGE"])])
+        out["stage"] = stage_metrics(pred_stage, np.asarray(true["STAGE_CODE"], dtype=int)[row])
+    if "STELLARNET_FLAG" in pred.colnames:
+        flag = np.asarray(pred["STELLARNET_FLAG"], dtype=np.int64)
+        out["flag_any_bad"] = float(np.mean(flag & STELLARNET_FLAG.value_of(STELLARNET_FLAG.bad_bits) > 0))
+    return out
 
 
 def shift_markdown(results: dict[str, Any]) -> str:

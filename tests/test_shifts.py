@@ -241,3 +241,41 @@ def test_correlated_noise_shift_changes_only_the_noise_not_the_quoted_errors():
     assert abs(np.mean(resid0[1:] * resid0[:-1]) / np.mean(resid0**2)) < 0.12
     with pytest.raises(ValueError):
         Shift(noise_correlation=(0.5, 0.8))
+
+
+def test_score_catalogue_joins_rows_to_truth() -> None:
+    """A catalogue with a duplicate row of one star is scored row by row against the star's truth;
+    labels on the S/N bin only, stages over all rows; a star missing from the truth is named."""
+    from astropy.table import Table
+
+    from stellarnet.data.bitmasks import STELLARNET_FLAG
+    from stellarnet.robustness import score_catalogue
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ids = np.array([f"2M{i:08d}" for i in range(n)])
+    truth = Table({"APOGEE_ID": ids.astype("S18"), "TEFF": rng.uniform(4000, 6000, n), "LOGG": rng.uniform(1, 4, n),
+                   "FE_H": rng.uniform(-1, 0.3, n), "ALPHA_FE": rng.uniform(0, 0.3, n),
+                   "STAGE": np.array(["RGB"] * n), "STAGE_CODE": np.full(n, 2)})
+    rows = np.r_[np.arange(n), 3]  # star 3 observed twice
+    err = np.array([10.0, 0.02, 0.01, 0.01])
+    pred = Table({"APOGEE_ID": ids[rows], "SNR": np.where(np.arange(len(rows)) % 2 == 0, 150.0, 60.0),
+                  "STAGE": np.array(["RGB"] * (len(rows) - 1) + ["RC"]),
+                  "STELLARNET_FLAG": np.zeros(len(rows), np.int32)})
+    for j, c in enumerate(("TEFF", "LOGG", "FE_H", "ALPHA_FE")):
+        t = np.asarray(truth[c])[rows]
+        pred[c] = t + rng.normal(0, err[j], len(rows))
+        pred[c + "_ERR"] = np.full(len(rows), err[j])
+        pred[c + "_NET"] = t + rng.normal(0, 3 * err[j], len(rows))
+        pred[c + "_NET_ERR"] = np.full(len(rows), err[j])  # the network's σ is 3× too small
+    pred["STELLARNET_FLAG"][:40] = STELLARNET_FLAG.value_of(["HIGH_CHI2"])
+    res = score_catalogue(pred, truth)
+    assert res["n_rows"] == n + 1 and res["n_bin"] == (n + 2) // 2
+    for j, c in enumerate(("TEFF", "LOGG", "FE_H", "ALPHA_FE")):
+        assert res["refined"][c]["robust_sigma"] == pytest.approx(err[j], rel=0.2)
+        assert 0.8 < res["refined"][c]["z_std"] < 1.2 and 0.55 < res["refined"][c]["coverage_1sigma"] < 0.8
+        assert res["network"][c]["z_std"] == pytest.approx(3.0, rel=0.2)
+    assert res["stage"]["accuracy"] == pytest.approx(n / (n + 1))
+    assert res["flag_any_bad"] == pytest.approx(40 / (n + 1))
+    with pytest.raises(KeyError, match="not in the truth"):
+        score_catalogue(pred, truth[1:])

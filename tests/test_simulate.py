@@ -336,3 +336,33 @@ def test_cli_catalogue_only(tmp_path: Path) -> None:
     assert not (root / "apogee").exists()
     assert not (tmp_path / "outputs").exists()  # Hydra writes nothing into the CWD
     assert len(fits.getdata(root / ALLSTAR_NAME, 1)) >= 80
+
+
+def test_shifted_survey(tmp_path: Path) -> None:
+    """``shift=<suite name>``: the same stars' files carry the perturbation, the population follows the
+    shift's mix, the hash of an unshifted survey is what it was, and an unknown name is refused."""
+    from stellarnet.simulate.shifts import SHIFTED_MIX
+    from stellarnet.simulate.survey import config_hash
+
+    kw = dict(n_stars=60, seed=11, stars_per_field=30, progress=False, external=False)
+    plain = simulate_survey(tmp_path / "plain", **kw)
+    lsf = simulate_survey(tmp_path / "lsf", **kw, shift="lsf_20pc")
+    assert plain["allstar"].read_bytes() == lsf["allstar"].read_bytes()  # catalogue untouched by an LSF change
+    files = sorted(p.relative_to(plain["root"]) for p in plain["aspcap_dir"].rglob("*.fits"))
+    assert files == sorted(p.relative_to(lsf["root"]) for p in lsf["aspcap_dir"].rglob("*.fits"))
+    a = np.stack([fits.getdata(plain["root"] / p, 1) for p in files[:20]])
+    b = np.stack([fits.getdata(lsf["root"] / p, 1) for p in files[:20]])
+    diff = np.abs(a - b)[np.isfinite(a - b)]
+    assert diff.max() > 1e-3 and np.median(diff) < 0.05  # broadened lines, same stars and noise level
+    info = json.loads(lsf["simulation"].read_text())
+    assert info["config"]["shift"]["name"] == "lsf_20pc"
+    cfg = dict(json.loads(plain["simulation"].read_text())["config"])
+    assert "shift" not in cfg and config_hash(cfg) == config_hash({**cfg, "shift": None})
+
+    mixed = simulate_survey(tmp_path / "mixed", **kw, shift="population")
+    truth = fits.getdata(mixed["truth"], 1)
+    dwarfs = np.mean(_s(truth["STAGE"]) == "MS")
+    assert json.loads(mixed["simulation"].read_text())["config"]["mix"] == SHIFTED_MIX
+    assert dwarfs > 0.2  # the default mix has 17 % dwarfs, the shifted one 38 %
+    with pytest.raises(KeyError, match="unknown shifts"):
+        simulate_survey(tmp_path / "bad", **kw, shift="no_such_shift")

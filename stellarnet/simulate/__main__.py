@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         external=bool(c["external"]), galah_fraction=float(c["galah_fraction"]),
         lamost_fraction=float(c["lamost_fraction"]), offsets=c["offsets"] or None, chunk=int(c["chunk"]),
         threads=int(c["threads"]), write_threads=int(c["write_threads"]), progress=bool(c["progress"]),
-        overwrite=bool(c["overwrite"]),
+        overwrite=bool(c["overwrite"]), shift=c.get("shift") or None,
     )
     info = json.loads(paths["simulation"].read_text())
     print(json.dumps({"root": str(paths["root"]), "counts": info.get("counts"), "timing": info.get("timing")}, indent=2))

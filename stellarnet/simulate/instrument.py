@@ -231,8 +231,10 @@ def iter_spectra(
     persist: np.ndarray | None = None,
     chunk: int = 256,
     threads: int = 2,
+    shift: Shift | None = None,
 ) -> Iterator[SpectraBatch]:
-    """Yield :class:`SpectraBatch` objects in row order, chunk by chunk.
+    """Yield :class:`SpectraBatch` objects in row order, chunk by chunk (observed with ``shift``'s
+    perturbations when one is given: :func:`observe_spectra`).
 
     Chunk ``i`` uses ``np.random.default_rng([seed, i])``, so results do not depend on
     ``threads`` (chunks are computed ``threads`` at a time in a thread pool; numpy releases the
@@ -250,7 +252,7 @@ def iter_spectra(
             None if bad_start is None else bad_start[sl],
             None if bad_len is None else bad_len[sl],
             None if persist is None else persist[sl],
-            emulator=emu,
+            emulator=emu, shift=shift,
         )
         return SpectraBatch(sl.start, f, e, m)
 

@@ -68,6 +68,8 @@ def default_root() -> Path:
 def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 (16 hex digits) of the output-determining config entries."""
     sub = {k: config.get(k) for k in _HASHED}
+    if config.get("shift"):  # only when set, so the hashes of unshifted surveys stay what they were
+        sub["shift"] = config["shift"]
     sub["format_version"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -164,6 +166,7 @@ def simulate_survey(
     write_threads: int = 4,
     progress: bool = True,
     overwrite: bool = False,
+    shift: str | None = None,
 ) -> dict[str, Path]:
     """Simulate a survey under ``root`` and return the paths of what was written.
 
@@ -174,9 +177,21 @@ def simulate_survey(
     in GALAH/LAMOST; ``offsets``: overrides of :data:`stellarnet.simulate.external.DEFAULT_OFFSETS`;
     ``threads`` for spectrum generation, ``write_threads`` for file writing. Returns a dict with
     keys ``root, allstar, truth, simulation`` (+ ``aspcap_dir``; ``galah, lamost, offsets``).
+
+    ``shift``: the name of a perturbation of the robustness suite
+    (:data:`stellarnet.simulate.shifts.SHIFT_SUITE`, e.g. ``"combined"``) applied to every spectrum —
+    another normalization convention, continuum residuals, outlier pixels, LSF, RV zero point, error
+    convention, persistence; its population mix replaces ``mix`` and its persistence fraction the
+    survey's. A survey in the real file formats that the model was not trained on: what
+    ``python -m stellarnet.predict`` is tested against end to end (docs/robustness.md).
     """
     if n_stars < 1:
         raise ValueError("n_stars must be ≥ 1")
+    from stellarnet.simulate.shifts import shift_suite
+
+    shift_obj = shift_suite([shift])[shift] if shift else None
+    if shift_obj is not None and shift_obj.mix is not None:
+        mix = dict(shift_obj.mix)
     root = Path(default_root() if root is None else root).resolve()
     mix = dict(DEFAULT_MIX if mix is None else mix)
     offsets_full = X.resolve_offsets(offsets)
@@ -186,6 +201,8 @@ def simulate_survey(
         "galah_fraction": float(galah_fraction), "lamost_fraction": float(lamost_fraction),
         "offsets": offsets_full, "chunk": int(chunk),
     }
+    if shift_obj is not None:
+        config["shift"] = {"name": str(shift), **shift_obj.to_dict()}
     h = config_hash(config)
     paths = _paths(root, spectra, external)
     sim_json = paths["simulation"]
@@ -220,6 +237,11 @@ def simulate_survey(
     cols = A.allstar_columns(plan, stars, layout, rng["cat"])
     A.write_allstar(paths["allstar"], cols)
     timing["catalogue_s"] = time.perf_counter() - t0
+    persist = plan.persist
+    if shift_obj is not None and shift_obj.persistence_fraction is not None:  # its own stream: the rest unchanged
+        r_persist = np.random.default_rng([int(seed), 7])
+        hit = r_persist.random(len(plan)) < shift_obj.persistence_fraction
+        persist = np.where(hit, r_persist.integers(1, 4, len(plan)), 0)
 
     n_files = 0
     if spectra:
@@ -232,7 +254,8 @@ def simulate_survey(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(plan), desc="aspcapStar", unit="star")
-        for batch in iter_spectra(labels, plan.snr, spectra_seed, plan.bad_start, plan.bad_len, plan.persist, chunk=chunk, threads=threads):
+        for batch in iter_spectra(labels, plan.snr, spectra_seed, plan.bad_start, plan.bad_len, persist, chunk=chunk,
+                                  threads=threads, shift=shift_obj):
             items = []
             for j in range(batch.flux.shape[0]):
                 r = batch.start + j
