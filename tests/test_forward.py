@@ -497,3 +497,29 @@ def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_bo
     factor, rho = noise_correlation_factor(torch.nn.functional.pad(shared, (0, 1)), influence, pairs)
     assert float(rho[:, 0].median()) == pytest.approx(0.5, abs=0.03)
     assert float(factor.median()) == pytest.approx(1 + 2 * 0.5 * 0.8, abs=0.08)
+
+
+@pytest.mark.parametrize("kind", ["spline", "chebyshev", "one_segment", "none"])
+def test_weighted_gram_matches_dense(kind: str) -> None:
+    """Bᵀ diag(v) B from the overlapping pairs equals the dense product for every continuum basis,
+    and the cached pair products go when the basis does."""
+    import gc
+
+    from stellarnet.models import forward as fw
+
+    basis = {"spline": lambda: fw.continuum_spline_basis(7214, "dr12", 100.0),
+             "chebyshev": lambda: fw.continuum_basis(7214, "dr12", 4),
+             "one_segment": lambda: fw.continuum_basis(300, None, 3),
+             "none": lambda: fw.continuum_basis(7214, "dr12", None)}[kind]()
+    v = torch.rand(5, basis.shape[0], dtype=torch.float64).float()
+    dense = (v[:, :, None] * basis[None]).transpose(1, 2) @ basis
+    gram = fw._weighted_gram(basis, v)
+    assert gram.shape == dense.shape
+    if dense.numel():
+        assert torch.allclose(gram, dense, rtol=1e-5, atol=1e-5 * float(dense.abs().max()))
+        assert torch.equal(gram, gram.transpose(1, 2))
+    key = id(basis)
+    assert key in fw._GRAM_PLANS
+    del basis
+    gc.collect()
+    assert key not in fw._GRAM_PLANS
