@@ -44,6 +44,8 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
     if "refine_flag" in pred:
         out["REFINE_CHI2"] = pred["refine_chi2"]
         out["REFINE_FLAG"] = np.asarray(pred["refine_flag"]).astype(np.int16)
+        if "refine_companion" in pred:
+            out["REFINE_COMPANION"] = np.asarray(pred["refine_companion"], np.float32)
     if "stellarnet_flag" in pred:  # bits: stellarnet.data.bitmasks.STELLARNET_FLAG, docs/robustness.md
         out["STELLARNET_FLAG"] = np.asarray(pred["stellarnet_flag"]).astype(np.int32)
     for task, probs in pred["class_probs"].items():
@@ -87,6 +89,8 @@ FIXED_COLUMNS: dict[str, tuple[str, str]] = {
     "TELESCOPE": ("", "telescope (spectrum header)"), "FIELD": ("", "field (spectrum header)"),
     "REFINE_CHI2": ("", "reduced chi2 of the spectral fit"),
     "REFINE_FLAG": ("", "0 refined, 1 network labels kept (fit failed or moved too far), 2 not refined"),
+    "REFINE_COMPANION": ("", "the fit residuals' match to the star's own lines at 12-100 km/s (in sigma): "
+                             "a double-lined binary above 8 (BINARY_CANDIDATE)"),
     "STELLARNET_FLAG": ("", "quality bitmask, stellarnet.data.bitmasks.STELLARNET_FLAG (docs/robustness.md)"),
     "READ_ERROR": ("", "why the spectrum could not be used (empty: fine)"),
 }

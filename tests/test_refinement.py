@@ -146,7 +146,7 @@ def _flag_result(n: int = 8) -> dict:
     sig = np.tile([20.0, 0.03, 0.02, 0.02], (n, 1))
     return {"labels": lab.copy(), "labels_network": lab.copy(), "sigma_network": sig, "sigma_refined": sig,
             "refine_flag": np.zeros(n, np.int8), "refine_chi2": np.ones(n), "refine_outlier_fraction": np.zeros(n),
-            "refine_masked_segments": np.zeros(n, np.int16)}
+            "refine_masked_segments": np.zeros(n, np.int16), "refine_companion": np.full(n, 2.0)}
 
 
 def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
@@ -154,8 +154,8 @@ def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
     from stellarnet.models.inference import stellarnet_flags
 
     box = np.array([[3500.0, 7000.0], [0.0, 5.0], [-2.0, 0.5], [-0.2, 0.5]])
-    res = _flag_result()
-    pix = np.ones(8)
+    res = _flag_result(9)
+    pix = np.ones(9)
     res["refine_flag"][0] = 1
     res["refine_flag"][1] = 2
     res["refine_chi2"][2] = 3.5
@@ -164,9 +164,10 @@ def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
     res["labels"][5, 2] += 0.2  # 0.2 dex against a combined σ of 0.028: > 3σ
     res["refine_masked_segments"][6] = 2
     pix[7] = 0.5
+    res["refine_companion"][8] = 25.0  # the star's lines at another velocity in the residuals
     flag = stellarnet_flags(res, pix, box)
     expect = ["REFINE_FAILED", "NOT_REFINED", "HIGH_CHI2", "OUTSIDE_TRAINING", "OUTLIER_PIXELS",
-              "NET_REFINE_DISAGREE", "MASKED_SEGMENTS", "FEW_PIXELS"]
+              "NET_REFINE_DISAGREE", "MASKED_SEGMENTS", "FEW_PIXELS", "BINARY_CANDIDATE"]
     for i, name in enumerate(expect):
         assert F.decode(int(flag[i])) == [name], (i, F.decode(int(flag[i])))
     assert not stellarnet_flags(_flag_result(), np.ones(8), box).any()

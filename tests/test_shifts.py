@@ -279,3 +279,26 @@ def test_score_catalogue_joins_rows_to_truth() -> None:
     assert res["flag_any_bad"] == pytest.approx(40 / (n + 1))
     with pytest.raises(KeyError, match="not in the truth"):
         score_catalogue(pred, truth[1:])
+
+
+def test_companion_blends_a_cooler_dwarf_at_another_velocity():
+    """The blend is the flux-weighted mean of the primary and a cooler dwarf of the same composition moved
+    by 10–60 km/s: lines diluted where only the primary absorbs, new lines where the companion does; a
+    zero flux ratio changes nothing."""
+    from stellarnet.simulate.emulator import load_emulator
+    from stellarnet.simulate.shifts import add_companion
+
+    emu = load_emulator()
+    labels = np.array([[4600.0, 2.4, -0.2, 0.1], [5600.0, 4.3, 0.0, 0.0]])
+    primary = emu(labels)
+    same = add_companion(primary, labels, (0.0, 0.0), (10.0, 60.0), np.random.default_rng(0), emu)
+    np.testing.assert_allclose(same, primary, atol=1e-6)
+    blend = add_companion(primary, labels, (0.4, 0.4), (30.0, 30.0), np.random.default_rng(0), emu)
+    assert blend.shape == primary.shape and np.isfinite(blend).all()
+    rel = blend / primary - 1.0
+    assert np.abs(rel).max() > 0.02  # a visible second spectrum
+    level = np.percentile(blend, 95, axis=1) / np.percentile(primary, 95, axis=1)
+    np.testing.assert_allclose(level, 1.0, atol=0.02)  # the primary's continuum level kept
+    assert "sb2" in SHIFT_SUITE and SHIFT_SUITE["sb2"].companion_flux_ratio == (0.1, 0.5)
+    with pytest.raises(ValueError, match="companion_flux_ratio"):
+        Shift(companion_flux_ratio=(-0.1, 0.2))

@@ -158,8 +158,9 @@ STELLARNET_FLAG = Bitmask(
         6: "MASKED_SEGMENTS",      # a chip segment dropped from the fit (persistence-like artefact)
         7: "FEW_PIXELS",           # fewer than 70 % of the pixels usable
         8: "UNPHYSICAL",           # a label outside the physically possible range (or non-finite): do not use
+        9: "BINARY_CANDIDATE",     # the fit residuals hold the star's lines at another velocity: a double-lined binary
     },
-    bad_bits=(0, 1, 2, 3, 8),
+    bad_bits=(0, 1, 2, 3, 8, 9),
 )
 
 BITMASKS = {

@@ -48,6 +48,8 @@ FLAG_HIGH_CHI2 = 2.0
 FLAG_OUTLIER_FRACTION = 0.01
 FLAG_DISAGREE_SIGMA = 3.0
 FLAG_MIN_PIXEL_FRACTION = 0.7
+#: BINARY_CANDIDATE: the refinement's companion score (forward.companion_score, in σ) above this
+FLAG_COMPANION = 8.0
 #: lower limit of the reduced χ² by which the fit's σ is scaled (errors quoted 3x too large at most)
 CHI2_SCALE_FLOOR = 0.1
 FOLDER_FORMAT = "stellarnet-model-folder/1"
@@ -552,6 +554,8 @@ class Predictor:
         res["refine_masked_segments"] = r.masked_segments
         if r.lsf_variance is not None:  # fitted change of the LSF variance (pixels²)
             res["refine_lsf_variance"] = r.lsf_variance
+        if r.companion is not None:  # the residuals' match to the star's own lines at another velocity
+            res["refine_companion"] = r.companion
         if r.noise_correlation is not None:  # the fit residuals' lag-1 pixel-to-pixel correlation
             res["refine_noise_correlation"] = r.noise_correlation[:, 0]
         # two inconsistent estimates: neither σ is to be trusted as it stands (the network is the misled one
@@ -625,7 +629,8 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
     :data:`FLAG_OUTLIER_FRACTION` of the usable pixels clipped), NET_REFINE_DISAGREE (refined − network
     more than :data:`FLAG_DISAGREE_SIGMA` × √(σ_net² + σ_fit²) in some label), MASKED_SEGMENTS,
     FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`), UNPHYSICAL (a label
-    non-finite or outside ``physical_range``, (L, 2)).
+    non-finite or outside ``physical_range``, (L, 2)), BINARY_CANDIDATE (companion score above
+    :data:`FLAG_COMPANION`).
     """
     from stellarnet.data.bitmasks import STELLARNET_FLAG as F
 
@@ -647,6 +652,8 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
             set_bit("MASKED_SEGMENTS", np.asarray(res["refine_masked_segments"]) > 0)
             apart = disagreement_ratio(labels, res["sigma_refined"], res["labels_network"], res["sigma_network"])
             set_bit("NET_REFINE_DISAGREE", (rf == 0) & (apart > FLAG_DISAGREE_SIGMA).any(1))
+            if "refine_companion" in res:
+                set_bit("BINARY_CANDIDATE", np.asarray(res["refine_companion"]) > FLAG_COMPANION)
     else:
         set_bit("NOT_REFINED", np.ones(n, bool))
     if label_range is not None:

@@ -42,8 +42,8 @@ from stellarnet.data import grids
 from stellarnet.data.spectra import continuum_normalize
 from stellarnet.paths import resource
 from stellarnet.simulate.emulator import KuruczEmulator, load_emulator
-from stellarnet.simulate.shifts import (Shift, broaden_lsf, continuum_residual, correlate_noise, corrupt_pixels,
-                                        flag_pixels, normalize_convention, shift_velocity)
+from stellarnet.simulate.shifts import (Shift, add_companion, broaden_lsf, continuum_residual, correlate_noise,
+                                        corrupt_pixels, flag_pixels, normalize_convention, shift_velocity)
 
 __all__ = ["BAD_ERR", "SpectraBatch", "observe_spectra", "iter_spectra", "bad_model_pixels", "MAX_BAD_RUNS"]
 
@@ -116,6 +116,9 @@ def observe_spectra(
     snr = np.broadcast_to(np.asarray(snr, np.float32), (n,))
     raw = emu(labels, chunk=max(1, n))  # (n, 7214) float32, multiplied in place below
     shift = None if shift is None or shift.is_null else shift
+    if shift is not None and shift.companion_flux_ratio is not None:  # before the LSF: the pair shares it
+        raw = add_companion(raw, labels, shift.companion_flux_ratio, shift.companion_velocity_kms, rng,
+                            lambda x: emu(x, chunk=max(1, n)))
     if shift is not None and shift.lsf is not None:
         raw = broaden_lsf(raw, rng.uniform(shift.lsf[0], shift.lsf[1], n))
     if shift is not None and shift.rv_kms:

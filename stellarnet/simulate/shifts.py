@@ -25,6 +25,10 @@ effect is one plain function here, so a test can check that it does what it says
 * persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
 * :func:`flag_pixels` — many scattered flagged pixels (runs of 1–3, e.g. around sky lines), properly
   flagged (huge error) — the default survey has ~0.5 bad-pixel runs per spectrum.
+* :func:`add_companion` — an unresolved, double-lined binary (SB2): the spectrum of a cooler dwarf
+  companion (same composition) at another radial velocity is added, with a flux ratio r per star:
+  (primary + r · companion) / (1 + r). The truth stays the primary's labels. Not a calibration error
+  but a star the training set has no like of: the fit cannot explain it, so its flags and σ must say so.
 * :func:`correlate_noise` — pixel-to-pixel correlated noise, as in APOGEE's combined spectra: each
   visit is resampled (sinc interpolation) from its own detector pixels onto the common log-λ grid
   before the visits are added (Nidever et al. 2015), so neighbouring pixels share noise while the
@@ -50,7 +54,7 @@ from stellarnet.data.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
-           "flag_pixels", "correlate_noise", "noise_kernel"]
+           "flag_pixels", "correlate_noise", "noise_kernel", "add_companion"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -79,6 +83,9 @@ class Shift:
             scattered runs (:func:`flag_pixels`; None: only the default survey's bad-pixel runs).
         noise_correlation: (lo, hi) range of the lag-1 correlation ρ of the noise per star
             (:func:`correlate_noise`; the reported errors stay the per-pixel σ; None: white noise).
+        companion_flux_ratio: (lo, hi) range of the flux ratio r of an unresolved companion per star
+            (:func:`add_companion`; None: single stars).
+        companion_velocity_kms: (lo, hi) range of the companion's |radial-velocity difference| (km/s).
         mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
     """
 
@@ -93,13 +100,15 @@ class Shift:
     persistence_fraction: float | None = None
     masked_fraction: tuple[float, float] | None = None
     noise_correlation: tuple[float, float] | None = None
+    companion_flux_ratio: tuple[float, float] | None = None
+    companion_velocity_kms: tuple[float, float] = (10.0, 60.0)
     mix: Mapping[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
             raise ValueError(f"normalization must be one of {CONVENTIONS}, got {self.normalization!r}")
         for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor", "masked_fraction",
-                     "noise_correlation"):
+                     "noise_correlation", "companion_flux_ratio", "companion_velocity_kms"):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or v[0] > v[1]):
                 raise ValueError(f"{name} must be a (lo, hi) pair with lo <= hi, got {v!r}")
@@ -107,6 +116,8 @@ class Shift:
             raise ValueError(f"lsf change must be > -0.5, got {self.lsf}")
         if self.noise_correlation is not None and not 0 <= self.noise_correlation[0] <= self.noise_correlation[1] < MAX_NOISE_CORRELATION:
             raise ValueError(f"noise_correlation must lie in [0, {MAX_NOISE_CORRELATION:.3f}), got {self.noise_correlation}")
+        if self.companion_flux_ratio is not None and self.companion_flux_ratio[0] < 0:
+            raise ValueError(f"companion_flux_ratio must be >= 0, got {self.companion_flux_ratio}")
         if self.persistence_fraction is not None and not 0 <= self.persistence_fraction <= 1:
             raise ValueError(f"persistence_fraction must be in [0, 1], got {self.persistence_fraction}")
 
@@ -137,6 +148,8 @@ SHIFT_SUITE: dict[str, Shift] = {
     "err_x2": Shift(err_scale=(2.0, 2.0)),
     "err_flat": Shift(err_flat=True),
     "population": Shift(mix=SHIFTED_MIX),
+    # every star an unresolved double-lined binary (a few per cent of real APOGEE stars): not in `combined`
+    "sb2": Shift(companion_flux_ratio=(0.1, 0.5), companion_velocity_kms=(10.0, 60.0)),
     "combined": Shift(lsf=(-0.15, 0.25), rv_kms=1.0, normalization="aspcap", continuum_tilt=0.02,
                       outlier_fraction=(0.005, 0.03), err_scale=(0.7, 1.5), persistence_fraction=0.2,
                       mix=SHIFTED_MIX),
@@ -204,6 +217,36 @@ def correlate_noise(noise: np.ndarray, rho: np.ndarray) -> np.ndarray:
         y[:, :-1] += a * x[:, 1:]
         out[:, sl] = y
     return out
+
+
+#: the companion of :func:`add_companion`: a main-sequence dwarf (logg, dex) with Teff (K) between this and
+#: 300 K below the primary (at most :data:`COMPANION_TEFF_MAX`)
+COMPANION_LOGG = 4.6
+COMPANION_TEFF_MIN = 3600.0
+COMPANION_TEFF_MAX = 5800.0
+
+
+def add_companion(model: np.ndarray, labels: np.ndarray, flux_ratio: tuple[float, float],
+                  velocity_kms: tuple[float, float], rng: np.random.Generator, emulator: Any) -> np.ndarray:
+    """Each spectrum (N, 7214) model flux (the emulator's un-normalized flux) of the primaries with
+    ``labels`` (N, 4) [Teff K, logg, [Fe/H], [α/Fe]] blended with a dwarf companion's:
+    (primary + r · companion) / (1 + r), the companion scaled to the primary's continuum level (the 95th
+    percentile of each spectrum) so that r ~ U(``flux_ratio``) is the H-band continuum flux ratio; the
+    companion moved by ±U(``velocity_kms``) km/s (random sign), Teff ~ U(:data:`COMPANION_TEFF_MIN`,
+    min(Teff − 300 K, :data:`COMPANION_TEFF_MAX`)), logg :data:`COMPANION_LOGG`, the primary's
+    composition. ``emulator``: labels (N, 4) → flux (N, 7214)."""
+    labels = np.atleast_2d(np.asarray(labels, np.float64))
+    n = labels.shape[0]
+    hi = np.clip(labels[:, 0] - 300.0, COMPANION_TEFF_MIN + 1.0, COMPANION_TEFF_MAX)
+    comp = labels[:, :4].copy()
+    comp[:, 0] = rng.uniform(COMPANION_TEFF_MIN, hi)
+    comp[:, 1] = COMPANION_LOGG
+    ratio = rng.uniform(flux_ratio[0], flux_ratio[1], n)
+    dv = rng.uniform(velocity_kms[0], velocity_kms[1], n) * rng.choice([-1.0, 1.0], n)
+    second = shift_velocity(np.asarray(emulator(comp), np.float32), dv)
+    level = np.percentile(model, 95, axis=1) / np.percentile(second, 95, axis=1)
+    second = second * level[:, None]
+    return ((model + ratio[:, None] * second) / (1.0 + ratio[:, None])).astype(np.float32)
 
 
 def shift_velocity(model: np.ndarray, v_kms: np.ndarray) -> np.ndarray:
