@@ -8,11 +8,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
 
-from stellarnet.robustness import run_shift_suite, shift_markdown, train_baselines
+from stellarnet.robustness import run_shift_suite, save_shift_results, train_baselines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.shifts.split(",") if args.shifts else None
     base = train_baselines(args.baselines) if args.baselines else None
     res = run_shift_suite(args.model, names, args.n, args.seed, base, crlb=args.crlb)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    table = shift_markdown(res)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    print(table)
+    print(save_shift_results(res, args.out, args.markdown))
     return 0
 
 

@@ -13,13 +13,12 @@ simulates in memory and calls the predictor directly: the two should agree.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from stellarnet.robustness import score_catalogue, shift_markdown
+from stellarnet.robustness import save_shift_results, score_catalogue
 from stellarnet.simulate.survey import simulate_survey
 
 
@@ -55,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         res["label_names"] = list(entry.get("refined", entry["network"]))
         res["snr_bin"] = entry["snr_bin"]
         print(f"{name}: {entry['n_rows']} rows, {t_sim:.0f} s simulate + {t_pred:.0f} s predict", file=sys.stderr)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    table = shift_markdown(res)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    print(table)
+    print(save_shift_results(res, args.out, args.markdown))
     return 0
 
 

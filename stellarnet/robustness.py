@@ -38,7 +38,7 @@ from stellarnet.simulate.population import STAGES, sample_population
 from stellarnet.simulate.shifts import Shift, shift_suite
 
 __all__ = ["simulate", "true_crlb", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
-           "shift_table_from_config", "score_catalogue", "SNR_BIN"]
+           "shift_table_from_config", "score_catalogue", "save_shift_results", "SNR_BIN"]
 
 log = logging.getLogger(__name__)
 
@@ -275,19 +275,28 @@ def shift_markdown(results: dict[str, Any]) -> str:
 
 
 
+def save_shift_results(results: dict[str, Any], json_path: str | Path, markdown_path: str | Path | None = None) -> str:
+    """Write a suite's (or :func:`score_catalogue`'s) results as JSON and, optionally, the markdown
+    table (each atomically); returns the table."""
+    from stellarnet.utils import atomic_write_text
+
+    table = shift_markdown(results)
+    atomic_write_text(Path(json_path), json.dumps(results, indent=1))
+    if markdown_path is not None:
+        atomic_write_text(Path(markdown_path), table)
+    return table
+
+
 def write_shift_table(model: str | Path | Predictor, out_dir: str | Path, names: list[str] | None = None,
                       n_stars: int = 1000, seed: int = 0, baselines_dataset: str | Path | None = None,
                       stem: str = "shift_table") -> dict[str, Path]:
     """Run the suite and write ``<stem>.json`` and ``<stem>.md`` into ``out_dir`` (atomically)."""
-    from stellarnet.utils import atomic_write_text
-
     base = train_baselines(str(baselines_dataset)) if baselines_dataset else None
     res = run_shift_suite(model, names, int(n_stars), int(seed), base)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    atomic_write_text(paths["json"], json.dumps(res, indent=1))
-    atomic_write_text(paths["markdown"], shift_markdown(res))
+    save_shift_results(res, paths["json"], paths["markdown"])
     return paths
 
 
