@@ -492,6 +492,9 @@ class RefineResult:
     companion: np.ndarray | None = None
 
 
+#: lower limit of the reduced χ² by which the fit's σ and residuals are scaled (errors quoted 3x too large at most)
+CHI2_SCALE_FLOOR = 0.1
+
 #: the velocity offsets searched by :func:`companion_score` (pixels; 1 px ≈ 4.1 km/s): from beyond what
 #: the line-shape nuisances absorb (a shift of ≤ 1 px, a broader LSF) to 100 km/s
 COMPANION_LAGS = (3, 25)
@@ -882,12 +885,16 @@ def refine_labels(
                                                        straddles)
                 var = var * factor
                 out.noise_correlation[rows] = rho.cpu().numpy()
-            cont = 1.0 + c @ basis.T
-            out.companion[rows] = companion_score((f - m) * sw, (m - cont) * sw, chips).cpu().numpy()
             n_good = (w > 0).sum(1).clamp_min(1)
+            chi2 = ((f - m) ** 2 * w).sum(1) / n_good
+            # residuals in units of their own scatter: a spectrum the model does not fit anywhere (χ² ≫ 1:
+            # another spectral library, errors quoted too small) must not look like a companion
+            cont = 1.0 + c @ basis.T
+            scale = chi2.clamp_min(CHI2_SCALE_FLOOR).sqrt()[:, None]
+            out.companion[rows] = companion_score((f - m) * sw / scale, (m - cont) * sw, chips).cpu().numpy()
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
             out.sigma[rows] = np.sqrt(np.clip(var.cpu().numpy(), 0, None)) * std
-            out.chi2[rows] = (((f - m) ** 2 * w).sum(1) / n_good).cpu().numpy()
+            out.chi2[rows] = chi2.cpu().numpy()
             masked = ((w0 > 0) & (w_seg == 0)).float() @ seg
             out.masked_segments[rows] = (masked > 0).sum(1).cpu().numpy().astype(np.int16)
             # single pixels dropped outside the masked segments: the outlier pixels

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stellarnet.models.forward import (RefineResult, SpectrumEmulator, apply_label_calibration, emulator_from_state,
-                                       fit_settings, refine_labels)
+from stellarnet.models.forward import (CHI2_SCALE_FLOOR, RefineResult, SpectrumEmulator, apply_label_calibration,
+                                       emulator_from_state, fit_settings, refine_labels)
 from stellarnet.models.module import StellarNetModule
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
@@ -50,8 +50,6 @@ FLAG_DISAGREE_SIGMA = 3.0
 FLAG_MIN_PIXEL_FRACTION = 0.7
 #: BINARY_CANDIDATE: the refinement's companion score (forward.companion_score, in σ) above this
 FLAG_COMPANION = 8.0
-#: lower limit of the reduced χ² by which the fit's σ is scaled (errors quoted 3x too large at most)
-CHI2_SCALE_FLOOR = 0.1
 FOLDER_FORMAT = "stellarnet-model-folder/1"
 # normalized error given to bad / non-finite pixels (same value as stellarnet.data.spectra.BAD_PIXEL_ERR;
 # the network ignores it anyway because such pixels get pix_mask = 0)
