@@ -142,3 +142,25 @@ def test_bf16_uses_its_batch_size(model_dir, catalog, tmp_path, monkeypatch):
     a = pd.read_csv(p["csv"])
     b = pd.read_csv(p32["csv"])
     assert (np.abs(a["TEFF"] - b["TEFF"]).dropna() < 60).all()
+
+
+def test_a_shifted_survey_in_files_is_predicted_and_scored_against_its_truth(model_dir, tmp_path):
+    """``simulate shift=combined`` writes a survey the model was not trained on; ``predict`` reads it from the
+    allStar like any survey and ``score_catalogue`` joins the catalogue's rows (duplicates included) to the
+    truth file: what scripts/bench_shift_files.py does, on a handful of stars."""
+    from astropy.io import fits
+
+    from stellarnet.robustness import score_catalogue
+    from stellarnet.simulate.survey import simulate_survey
+
+    paths = simulate_survey(tmp_path / "survey", n_stars=30, seed=3, stars_per_field=30, external=False,
+                            progress=False, dup_fraction=0.1, shift="combined")
+    n_rows = len(fits.getdata(paths["allstar"], 1))
+    out = tmp_path / "pred"
+    predict(_cfg(model_dir, str(paths["allstar"]), out, *COMMON))
+    res = score_catalogue(out / "predictions.fits", paths["truth"], snr_bin=(0.0, 1e9))
+    assert res["n_rows"] == res["n_bin"] == n_rows > 30  # every row scored, the duplicate observations too
+    assert "refined" not in res  # a model folder without a refinement stage: the network's labels
+    for m in res["network"].values():
+        assert m["n"] == n_rows and np.isfinite(m["robust_sigma"]) and 0 <= m["coverage_1sigma"] <= 1
+    assert 0 <= res["stage"]["accuracy"] <= 1 and res["flag_any_bad"] == 1.0  # NOT_REFINED is a bad bit
