@@ -29,13 +29,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from stellarnet.data.bitmasks import STELLARNET_FLAG
+from stellarnet.data.catalogs import fits_strings
 from stellarnet.data.spectra import prepare_spectrum
 from stellarnet.models.inference import Predictor, load_model
 from stellarnet.eval.metrics import red_clump_purity_completeness, robust_scatter
 from stellarnet.simulate.allstar import draw_detector_defects
 from stellarnet.simulate.instrument import observe_spectra
 from stellarnet.simulate.population import STAGES, sample_population
-from stellarnet.simulate.shifts import Shift, shift_suite
+from stellarnet.simulate.emulator import LABEL_NAMES
+from stellarnet.simulate.shifts import Shift, draw_persistence, shift_suite
 
 __all__ = ["simulate", "true_crlb", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
            "shift_table_from_config", "score_catalogue", "save_shift_results", "SNR_BIN"]
@@ -53,8 +55,7 @@ def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.
     # fewer bad-pixel runs than a survey row (combined spectra), persistence in ~10 % of the stars
     bad_start, bad_len, persist = draw_detector_defects(rng, n, mean_runs=0.5, persist_cuts=(0.03, 0.06, 0.10))
     if shift.persistence_fraction is not None:
-        hit = rng.random(n) < shift.persistence_fraction
-        persist = np.where(hit, rng.integers(1, 4, n), 0)
+        persist = draw_persistence(n, shift.persistence_fraction, rng)
     flux, err = [], []
     for i, s in enumerate(range(0, n, chunk)):
         sl = slice(s, s + chunk)
@@ -94,6 +95,17 @@ def label_metrics(est: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, 
                 m["median_sigma"] = float(np.median(sigma[ok, j]))
         out[name] = m
     return out
+
+
+def stage_codes(names: Any) -> np.ndarray:
+    """Stage names (MS, SG, RGB, RC) → their codes in ``STAGES``; −1 for anything else."""
+    return np.array([STAGES.index(s) if s in STAGES else -1 for s in names], dtype=int)
+
+
+def bad_fraction(flag: np.ndarray) -> float:
+    """The share of stars with a bad ``STELLARNET_FLAG`` bit."""
+    bad = STELLARNET_FLAG.value_of(STELLARNET_FLAG.bad_bits)
+    return float(np.mean(np.asarray(flag, np.int64) & bad > 0))
 
 
 def stage_metrics(pred_stage: np.ndarray, true_stage: np.ndarray) -> dict[str, float]:
@@ -173,13 +185,13 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
             entry["median_chi2"] = float(np.nanmedian(pred["refine_chi2"]))
         else:
             entry["network"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names, bound)
-        pred_stage = np.array([STAGES.index(s) if s in STAGES else -1 for s in pred["classes"]["stage"]]) \
+        pred_stage = stage_codes(pred["classes"]["stage"]) \
             if "stage" in pred["classes"] else np.full(n, -1)
         entry["stage"] = stage_metrics(pred_stage, sim["stage"])
         flag = pred["stellarnet_flag"]
         entry["flag_rates"] = {b: float(np.mean(flag & (1 << STELLARNET_FLAG.bit(b)) > 0))
                                for b in STELLARNET_FLAG.bits.values()}
-        entry["flag_any_bad"] = float(np.mean(flag & STELLARNET_FLAG.value_of(STELLARNET_FLAG.bad_bits) > 0))
+        entry["flag_any_bad"] = bad_fraction(flag)
         if baselines:
             entry["baselines"] = {}
             split = {"flux": flux[sel], "flux_err": err[sel], "pix_mask": good[sel].astype(np.float32),
@@ -198,13 +210,6 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
     return results
 
 
-def _ids(column: Any) -> np.ndarray:
-    a = np.asarray(column)
-    if a.dtype.kind == "S":
-        a = np.char.decode(a, "ascii")
-    return np.char.strip(a.astype(str))
-
-
 def score_catalogue(predictions: Any, truth: Any, label_names: list[str] | None = None,
                     snr_bin: tuple[float, float] = SNR_BIN) -> dict[str, Any]:
     """Score a ``predict`` catalogue of a simulated survey against its truth file, as the suite does.
@@ -220,9 +225,9 @@ def score_catalogue(predictions: Any, truth: Any, label_names: list[str] | None 
 
     pred = predictions if isinstance(predictions, Table) else Table.read(predictions)
     true = truth if isinstance(truth, Table) else Table.read(truth)
-    names = list(label_names or [c for c in ("TEFF", "LOGG", "FE_H", "ALPHA_FE") if c in pred.colnames])
-    where = {star: i for i, star in enumerate(_ids(true["APOGEE_ID"]))}
-    ids = _ids(pred["APOGEE_ID"])
+    names = list(label_names or [c for c in LABEL_NAMES if c in pred.colnames])
+    where = {star: i for i, star in enumerate(fits_strings(true["APOGEE_ID"]))}
+    ids = fits_strings(pred["APOGEE_ID"])
     missing = sorted({i for i in ids if i not in where})
     if missing:
         raise KeyError(f"{len(missing)} catalogue stars are not in the truth file, e.g. {missing[:3]}")
@@ -240,11 +245,10 @@ def score_catalogue(predictions: Any, truth: Any, label_names: list[str] | None 
     if kind == "refined":
         out["network"] = label_metrics(cols("_NET")[sel], cols("_NET_ERR")[sel], truth_labels[sel], names)
     if "STAGE" in pred.colnames and "STAGE_CODE" in true.colnames:
-        pred_stage = np.array([STAGES.index(s) if s in STAGES else -1 for s in _ids(pred["STAGE"])])
-        out["stage"] = stage_metrics(pred_stage, np.asarray(true["STAGE_CODE"], dtype=int)[row])
+        out["stage"] = stage_metrics(stage_codes(fits_strings(pred["STAGE"])),
+                                     np.asarray(true["STAGE_CODE"], dtype=int)[row])
     if "STELLARNET_FLAG" in pred.colnames:
-        flag = np.asarray(pred["STELLARNET_FLAG"], dtype=np.int64)
-        out["flag_any_bad"] = float(np.mean(flag & STELLARNET_FLAG.value_of(STELLARNET_FLAG.bad_bits) > 0))
+        out["flag_any_bad"] = bad_fraction(pred["STELLARNET_FLAG"])
     return out
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "read_allstar",
     "read_allstar_chunks",
     "allstar_columns",
+    "fits_strings",
 ]
 
 #: Legacy missing-value markers in float columns (DR16 and earlier); mapped to NaN.
@@ -337,7 +338,7 @@ def _clean_float(a: np.ndarray) -> np.ndarray:
 _PAD_CHARS = " \t\r\n\x0b\x0c\x00"
 
 
-def _strings(a: np.ndarray) -> np.ndarray:
+def fits_strings(a: np.ndarray) -> np.ndarray:
     """Fixed-width FITS strings → object array of stripped ``str``."""
     a = np.asarray(a)
     if a.dtype.kind == "S":
@@ -352,8 +353,8 @@ def _convert(raw: np.ndarray) -> np.ndarray:
     """One FITS column slice → a native numpy array (object array of arrays if multi-dim)."""
     if raw.dtype.kind in "SU":
         if raw.ndim == 1:
-            return _strings(raw)
-        flat = _strings(raw.reshape(len(raw), -1))
+            return fits_strings(raw)
+        flat = fits_strings(raw.reshape(len(raw), -1))
         return _object_rows(flat.reshape(raw.shape))
     if raw.dtype.kind == "O":  # variable-length arrays
         return _object_rows([_clean_float(_native(v)) for v in raw])

@@ -880,18 +880,18 @@ def refine_labels(
             A_inv = torch.linalg.pinv(A)
             var = torch.diagonal(A_inv[:, :L, :L], dim1=1, dim2=2)
             sw = w.sqrt()
+            resid = (f - m) * sw  # normalized residuals of the fit
             if straddles is not None and last is not None:
-                factor, rho = noise_correlation_factor((f - m) * sw, _influence(last, A_inv, c, basis, sw, L),
-                                                       straddles)
+                factor, rho = noise_correlation_factor(resid, _influence(last, A_inv, c, basis, sw, L), straddles)
                 var = var * factor
                 out.noise_correlation[rows] = rho.cpu().numpy()
             n_good = (w > 0).sum(1).clamp_min(1)
-            chi2 = ((f - m) ** 2 * w).sum(1) / n_good
+            chi2 = (resid * resid).sum(1) / n_good
             # residuals in units of their own scatter: a spectrum the model does not fit anywhere (χ² ≫ 1:
             # another spectral library, errors quoted too small) must not look like a companion
             cont = 1.0 + c @ basis.T
             scale = chi2.clamp_min(CHI2_SCALE_FLOOR).sqrt()[:, None]
-            out.companion[rows] = companion_score((f - m) * sw / scale, (m - cont) * sw, chips).cpu().numpy()
+            out.companion[rows] = companion_score(resid / scale, (m - cont) * sw, chips).cpu().numpy()
             out.labels[rows] = (z * model.label_std + model.label_mean).cpu().numpy()
             out.sigma[rows] = np.sqrt(np.clip(var.cpu().numpy(), 0, None)) * std
             out.chi2[rows] = chi2.cpu().numpy()

@@ -54,7 +54,7 @@ from stellarnet.data.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
-           "flag_pixels", "correlate_noise", "noise_kernel", "add_companion"]
+           "flag_pixels", "correlate_noise", "noise_kernel", "add_companion", "draw_persistence"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -217,6 +217,13 @@ def correlate_noise(noise: np.ndarray, rho: np.ndarray) -> np.ndarray:
         y[:, :-1] += a * x[:, 1:]
         out[:, sl] = y
     return out
+
+
+def draw_persistence(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Persistence levels (n,) int for a shift's ``persistence_fraction``: each star hit with probability
+    ``fraction``, a hit star's level drawn from 1 low, 2 med, 3 high (0: none)."""
+    hit = rng.random(n) < fraction
+    return np.where(hit, rng.integers(1, 4, n), 0)
 
 
 #: the companion of :func:`add_companion`: a main-sequence dwarf (logg, dex) with Teff (K) between this and

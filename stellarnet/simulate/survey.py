@@ -32,6 +32,7 @@ from stellarnet.simulate import external as X
 from stellarnet.simulate.instrument import iter_spectra
 from stellarnet.simulate.photometry import EXT, observe
 from stellarnet.simulate.population import DEFAULT_MIX, STAGES, sample_population
+from stellarnet.simulate.shifts import draw_persistence, shift_suite
 from stellarnet.simulate.sky import FieldLayout, ak_infinity, galactic, make_fields, real_positions, sample_positions
 from stellarnet.simulate.spectra_files import ASPCAP_SUBDIR, aspcapstar_path, write_many
 
@@ -187,8 +188,6 @@ def simulate_survey(
     """
     if n_stars < 1:
         raise ValueError("n_stars must be ≥ 1")
-    from stellarnet.simulate.shifts import shift_suite
-
     shift_obj = shift_suite([shift])[shift] if shift else None
     if shift_obj is not None and shift_obj.mix is not None:
         mix = dict(shift_obj.mix)
@@ -239,9 +238,7 @@ def simulate_survey(
     timing["catalogue_s"] = time.perf_counter() - t0
     persist = plan.persist
     if shift_obj is not None and shift_obj.persistence_fraction is not None:  # its own stream: the rest unchanged
-        r_persist = np.random.default_rng([int(seed), 7])
-        hit = r_persist.random(len(plan)) < shift_obj.persistence_fraction
-        persist = np.where(hit, r_persist.integers(1, 4, len(plan)), 0)
+        persist = draw_persistence(len(plan), shift_obj.persistence_fraction, np.random.default_rng([int(seed), 7]))
 
     n_files = 0
     if spectra:
