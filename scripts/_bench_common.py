@@ -78,7 +78,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import torch
 
-        from stellarnet.hardware import cpu_bf16_supported
+        from stellarnet.common.hardware import cpu_bf16_supported
 
         info["torch"] = torch.__version__
         info["torch_threads_default"] = torch.get_num_threads()

@@ -1,5 +1,5 @@
 """Benchmark reading a DR17-size allStar: write a 733,901-row simulated catalogue (catalogue only,
-the full simulated column set) and time ``stellarnet.data.catalogs.read_allstar`` for a typical
+the full simulated column set) and time ``stellarnet.io.catalogs.read_allstar`` for a typical
 column selection, with peak RSS (``resource.getrusage`` ru_maxrss and /proc VmHWM), in a fresh
 subprocess started from a small parent (so the RSS is the reader's own).
 
@@ -38,7 +38,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return -1
-from stellarnet.data.catalogs import read_allstar
+from stellarnet.io.catalogs import read_allstar
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 hwm_imported = hwm()
 cols = json.loads(sys.argv[2]) or None

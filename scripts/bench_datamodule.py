@@ -36,7 +36,7 @@ import json, sys, time
 a = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(1)
-from stellarnet.data.datamodule import StellarDataModule
+from stellarnet.dataset.datamodule import StellarDataModule
 t = time.perf_counter()
 dm = StellarDataModule(a["dataset"], batch_size=a["batch_size"], num_workers=a["workers"], verify=a["verify"])
 dm.setup("fit")

@@ -70,9 +70,9 @@ torch.set_num_threads(a["threads"])  # what predict finds; it sets its own count
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 import stellarnet.predict as P
-import stellarnet.models.inference as I
-import stellarnet.results as R
-from stellarnet.paths import CONF_DIR
+import stellarnet.network.inference as I
+import stellarnet.io.predictions as R
+from stellarnet.common.paths import CONF_DIR
 with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
     cfg = compose(config_name="predict", overrides=[f"ckpt_path={a['ckpt']}", f"input={a['input']}",
                                                      f"output_dir={a['out_dir']}", *a["overrides"]])
@@ -92,7 +92,7 @@ class TimedWriter(_Writer):
 I.load_model, I.Predictor.predict, R.PredictionWriter = load_model, predict, TimedWriter
 worker_hwm = []  # VmHWM of each reader process, read just before the pool shuts down
 try:
-    import stellarnet.data.sources as S
+    import stellarnet.dataset.sources as S
     _close = S.SpectrumFileReader.close
     def close(self):
         for pid in list(getattr(self._pool, "_processes", None) or {}):
@@ -148,8 +148,8 @@ def subset_allstar(allstar: Path, rows: int, out_dir: Path) -> Path:
 def warm_page_cache(allstar: Path, spectra_root: Path, kind: str = "aspcapStar") -> dict:
     """Read every spectrum file of ``allstar`` once, so that each timed run finds them in the page
     cache (a cold read of the default survey costs ~20 ms per file on this VM's disk, 10x the CPU)."""
-    from stellarnet.data.catalogs import read_allstar
-    from stellarnet.data.shards import spectrum_path
+    from stellarnet.io.catalogs import read_allstar
+    from stellarnet.dataset.shards import spectrum_path
 
     df = read_allstar(allstar, columns=["APOGEE_ID", "TELESCOPE", "FIELD"])
     t, nbytes = time.perf_counter(), 0
@@ -163,7 +163,7 @@ def warm_page_cache(allstar: Path, spectra_root: Path, kind: str = "aspcapStar")
 def load_arrays(dataset: Path, n: int) -> dict:
     import numpy as np
 
-    from stellarnet.data.shards import ShardReader, load_manifest
+    from stellarnet.dataset.shards import ShardReader, load_manifest
 
     manifest = load_manifest(dataset)
     parts: dict[str, list] = {"flux": [], "flux_err": [], "pix_mask": [], "photometry": []}
@@ -282,7 +282,7 @@ def main() -> None:
 
     import torch
 
-    from stellarnet.models.inference import Predictor, load_model, load_module
+    from stellarnet.network.inference import Predictor, load_model, load_module
 
     ckpt = find_checkpoint(args.ckpt)
     if ckpt is None or not ckpt.exists():

@@ -8,7 +8,7 @@ the mutant is **killed** when they fail (or time out), **survived** when they pa
 file is always restored. mutmut / cosmic-ray are not installable on this machine; this is the same
 idea in ~150 lines (AST based, so every mutant is syntactically valid).
 
-    python scripts/bench_mutation.py --module stellarnet/eval/calibration.py \
+    python scripts/bench_mutation.py --module stellarnet/evaluation/calibration.py \
         --tests tests/test_eval.py tests/test_refinement.py --max-mutants 40 --out mutation.json
 
 Writes JSON: per mutant the line, the change and killed/survived; the score = killed / (killed +

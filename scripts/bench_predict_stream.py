@@ -5,14 +5,14 @@ Usage:
         [--n 733901] [--chunk-size 1024] [--batch-size 128] [--mc-samples 0] [--threads 2]
         [--modes stream,accumulate] [--out outputs/bench/predict_stream.json]
 
-Spectra: chunks of already preprocessed shard spectra (``stellarnet.data.chunks.open_chunks``),
+Spectra: chunks of already preprocessed shard spectra (``stellarnet.dataset.chunks.open_chunks``),
 cycled until ``--n`` stars (reading 733,901 FITS files is measured per star in
 ``bench_inference.py``/``bench_shards.py`` instead; here the question is memory). Each mode runs
 in a fresh child process, with its RSS sampled every 0.2 s and after every chunk:
 
-* ``stream``: ``Predictor.predict`` → ``stellarnet.results.predictions_frame`` per chunk, each
+* ``stream``: ``Predictor.predict`` → ``stellarnet.io.predictions.predictions_frame`` per chunk, each
   chunk appended to the CSV and to a FITS binary table whose header (NAXIS2 = n) is written first
-  and whose rows are written as big-endian records as they come (:class:`stellarnet.results.PredictionWriter`).
+  and whose rows are written as big-endian records as they come (:class:`stellarnet.io.predictions.PredictionWriter`).
   Memory is bounded by one chunk. The FITS file is re-read (memmap) at the end and checked
   against the CSV row count and the first chunk.
 * ``accumulate``: what ``stellarnet/predict.py`` does today: keep every chunk's frame, then
@@ -52,8 +52,8 @@ from _bench_common import (  # noqa: E402
 
 def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
     """Shard chunks, cycled over the dataset until ``n`` stars were yielded."""
-    from stellarnet.data.chunks import as_numpy, open_chunks
-    from stellarnet.data.shards import load_manifest
+    from stellarnet.dataset.chunks import as_numpy, open_chunks
+    from stellarnet.dataset.shards import load_manifest
 
     chunks = open_chunks(dataset, load_manifest(dataset)["grid"], chunk_size)
     done = 0
@@ -74,8 +74,8 @@ def child(a: dict) -> dict:
     import pandas as pd
     import torch
 
-    from stellarnet.models.inference import load_model
-    from stellarnet.results import PredictionWriter, predictions_frame, write_predictions
+    from stellarnet.network.inference import load_model
+    from stellarnet.io.predictions import PredictionWriter, predictions_frame, write_predictions
 
     torch.set_num_threads(a["threads"])
     predictor = load_model(a["ckpt"])

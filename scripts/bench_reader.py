@@ -4,8 +4,8 @@
         [--out outputs/bench/reader.json]
 
 Reads ``--n`` aspcapStar files of the survey below ``--root`` (and the two real DR17 apStar files,
-many times) with ``stellarnet.data.spectra.read_aspcapstar(path, header=False)`` — what ``predict``
-does per star — and ``read_apstar``, once through :func:`stellarnet.data.fitsfile.open_fits` (the
+many times) with ``stellarnet.io.spectra.read_aspcapstar(path, header=False)`` — what ``predict``
+does per star — and ``read_apstar``, once through :func:`stellarnet.io.fitsfile.open_fits` (the
 default) and once with it disabled (astropy's ``fits.open``, the code before), interleaved in each of
 ``--repeats`` rounds. **warm**: the files are in the page cache (read once before); **cold**: each
 file's cached pages are dropped just before it is read (``posix_fadvise(DONTNEED)``, not timed; no
@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stellarnet.data import spectra  # noqa: E402
-from stellarnet.data.fitsfile import UnsupportedFITS  # noqa: E402
-from stellarnet.paths import resource  # noqa: E402
+from stellarnet.io import spectra  # noqa: E402
+from stellarnet.io.fitsfile import UnsupportedFITS  # noqa: E402
+from stellarnet.common.paths import resource  # noqa: E402
 
 
 def _drop_cache(paths: list[Path]) -> None:

@@ -19,8 +19,8 @@ _CHILD = r"""
 import json, sys, time
 import torch
 from _bench_common import vmhwm_mb
-from stellarnet.eval.network import load_split
-from stellarnet.models.inference import load_model
+from stellarnet.evaluation.split_predictions import load_split
+from stellarnet.network.inference import load_model
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 p = load_model(a["model"])

@@ -54,11 +54,11 @@ def hwm():
             return int(line.split()[1]) / 1024
 import numpy as np
 from omegaconf import OmegaConf
-from stellarnet.data.catalogs import read_allstar
-from stellarnet.data.cuts import apply_cuts
-from stellarnet.data.photometry import photometric_features
-from stellarnet.data.classes import derive_classes
-from stellarnet.data.splits import assign_splits
+from stellarnet.io.catalogs import read_allstar
+from stellarnet.preparation.cuts import apply_cuts
+from stellarnet.preparation.photometry import photometric_features
+from stellarnet.preparation.classes import derive_classes
+from stellarnet.preparation.splits import assign_splits
 after_imports = hwm()
 cuts = OmegaConf.to_container(OmegaConf.load(a["cuts"]), resolve=True)
 required = ["APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR", "TEFF", "LOGG", "FE_H", "ALPHA_M",
@@ -90,7 +90,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 from omegaconf import OmegaConf
-from stellarnet.data.shards import build_shards
+from stellarnet.dataset.shards import build_shards
 cuts = OmegaConf.to_container(OmegaConf.load(a["cuts"]), resolve=True)
 t = time.perf_counter()
 m = build_shards(a["allstar"], a["out"], cuts, spectra_root=a["root"], grid="dr12", rows_per_shard=2048,

@@ -1,5 +1,5 @@
 """Robustness benchmark: a model folder (and, optionally, the baselines) on the shift suite
-(:mod:`stellarnet.robustness`, docs/robustness.md). Writes JSON and a markdown table.
+(:mod:`stellarnet.benchmarks.shift_suite`, docs/robustness.md). Writes JSON and a markdown table.
 
     python scripts/bench_shift.py --model <run>/model [--n 2000] [--shifts none,combined]
         [--baselines data/shards/sim_dr12] [--crlb] [--out bench_shift.json] [--markdown shift_table.md]
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from stellarnet.robustness import run_shift_suite, save_shift_results, train_baselines
+from stellarnet.benchmarks.shift_suite import run_shift_suite, save_shift_results, train_baselines
 
 
 def main(argv: list[str] | None = None) -> int:

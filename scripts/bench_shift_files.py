@@ -3,7 +3,7 @@ perturbations written into a survey in the real file formats (allStar + aspcapSt
 ``python -m stellarnet.simulate shift=<name>``), predicted from the allStar by
 ``python -m stellarnet.predict`` (readers, preprocessing, network, refinement, flags: the
 command's own path), and the catalogue scored against the survey's truth file
-(:func:`stellarnet.robustness.score_catalogue`). Complements ``scripts/bench_shift.py``, which
+(:func:`stellarnet.benchmarks.shift_suite.score_catalogue`). Complements ``scripts/bench_shift.py``, which
 simulates in memory and calls the predictor directly: the two should agree.
 
     python scripts/bench_shift_files.py --model <run>/model [--shifts none,combined] [--n 4000]
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from stellarnet.robustness import save_shift_results, score_catalogue
+from stellarnet.benchmarks.shift_suite import save_shift_results, score_catalogue
 from stellarnet.simulate.survey import simulate_survey
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import write_result  # noqa: E402
 
-from stellarnet.simulate.emulator import load_emulator  # noqa: E402
+from stellarnet.physics.kurucz import load_emulator  # noqa: E402
 from stellarnet.simulate.instrument import iter_spectra  # noqa: E402
 from stellarnet.simulate.population import sample_population  # noqa: E402
 from stellarnet.simulate.survey import simulate_survey  # noqa: E402

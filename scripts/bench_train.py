@@ -7,7 +7,7 @@ Usage:
 Each configuration ``precision:num_workers`` runs in a fresh child process: the Hydra config
 ``train.yaml`` + ``+experiment=apogee`` is composed (batch size 128, the default model), the
 DataModule and model are instantiated exactly as ``stellarnet.train.train`` does, and torch
-threads are set by ``stellarnet.hardware.configure_cpu_threads`` (the CPUs left after the
+threads are set by ``stellarnet.common.hardware.configure_cpu_threads`` (the CPUs left after the
 data-loader workers). A Lightning ``Trainer`` then fits one epoch limited to ``--batches``
 training batches, without validation, logging or checkpoints. The rate (samples/s) counts the
 batches after the first ``--warmup`` ones (oneDNN primitive creation, worker start-up), timed by
@@ -41,9 +41,9 @@ a = json.loads(sys.argv[1])
 import hydra, lightning as L, torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
-from stellarnet.paths import CONF_DIR
-from stellarnet.hardware import configure_cpu_threads, resolve_cpu_precision
-from stellarnet.workflow import ensure_shards
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.common.hardware import configure_cpu_threads, resolve_cpu_precision
+from stellarnet.dataset.ensure import ensure_shards
 with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
     cfg = compose(config_name="train", overrides=["+experiment=apogee", f"paths.data_dir={a['data_dir']}",
                                                    f"data.datamodule.num_workers={a['workers']}", *a["overrides"]])

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from stellarnet.data.shards import ShardReader, load_manifest
-from stellarnet.eval.metrics import classification_report, regression_metrics
-from stellarnet.eval.network import class_codes, load_split, predict_split
-from stellarnet.models.inference import load_model
-from stellarnet.models.trees import run_baselines
+from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.evaluation.metrics import classification_report, regression_metrics
+from stellarnet.evaluation.split_predictions import class_codes, load_split, predict_split
+from stellarnet.network.inference import load_model
+from stellarnet.baselines.trees import run_baselines
 
 
 def main() -> None:

@@ -4,14 +4,14 @@
         [--max-stars 2000] [--predictions predictions.csv] [--truth auto|<truth.fits>] \
         [--per-star crlb_per_star.csv]
 
-The spectral model (``stellarnet.spectral_model.emulator_model``, shared with
+The spectral model (``stellarnet.evaluation.spectral_model.emulator_model``, shared with
 ``python -m stellarnet.evaluate``) is the Kurucz emulator followed by the same continuum
 normalization the survey files carry (``continuum_normalize(..., grid="dr12")`` on the Cannon
 continuum pixels, unit weights — see ``stellarnet.simulate.instrument``; the smooth per-chip
 instrument throughput of the simulation is a nuisance the normalization removes and is not
 modelled). Its Jacobian
 (central differences, 10 K / 0.02 / 0.01 / 0.01 dex) and two noise models give the per-star
-CRLB (:mod:`stellarnet.eval.crlb`):
+CRLB (:mod:`stellarnet.evaluation.crlb`):
 
 * ``flux_err``: the shard's own per-pixel normalized errors, masked pixels (``pix_mask`` = 0)
   excluded (this includes the error inflation at model-mismatch pixels of the files);
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stellarnet.data.shards import ShardReader, load_manifest
-from stellarnet.eval.crlb import (
+from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.evaluation.crlb import (
     DEFAULT_STEPS,
     GAUSS_MAE_FACTOR,
     GIANT_STAGES,
@@ -56,10 +56,10 @@ from stellarnet.eval.crlb import (
     subset_rows,
     to_model_grid,
 )
-from stellarnet.eval.metrics import DEFAULT_SNR_EDGES
-from stellarnet.eval.report import to_jsonable
-from stellarnet.simulate.emulator import LABEL_NAMES
-from stellarnet.spectral_model import MODEL_GRID, emulator_model
+from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES
+from stellarnet.evaluation.report import to_jsonable
+from stellarnet.physics.kurucz import LABEL_NAMES
+from stellarnet.evaluation.spectral_model import MODEL_GRID, emulator_model
 
 STAGE_NAMES = ("MS", "SG", "RGB", "RC")
 GIANT_CODES = tuple(STAGE_NAMES.index(s) for s in GIANT_STAGES)  # RGB, RC

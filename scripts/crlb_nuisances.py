@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarnet.data import grids
-from stellarnet.eval.crlb import DEFAULT_STEPS, jacobian
-from stellarnet.models.forward import continuum_spline_basis
+from stellarnet.io import grids
+from stellarnet.evaluation.crlb import DEFAULT_STEPS, jacobian
+from stellarnet.refinement.forward import continuum_spline_basis
 from stellarnet.simulate.population import sample_population
 from stellarnet.simulate.shifts import SHIFTED_MIX
-from stellarnet.spectral_model import emulator_model
+from stellarnet.evaluation.spectral_model import emulator_model
 
 NUISANCE_SETS = {"labels": (), "lsf": ("lsf",), "shift": ("shift",), "continuum": ("continuum",),
                  "lsf+shift+continuum": ("lsf", "shift", "continuum")}

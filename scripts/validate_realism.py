@@ -3,7 +3,7 @@
 The real star is ``apogee_combined_2M13012770+5754582.npz`` (The_Payne, MIT): a combined,
 continuum-normalized DR12-grid spectrum with errors. Steps:
 
-1. Normalize emulator spectra with :func:`stellarnet.data.spectra.continuum_normalize`
+1. Normalize emulator spectra with :func:`stellarnet.io.spectra.continuum_normalize`
    (``grid="dr12"``, the Cannon continuum pixels — the same pixel set the real spectrum was
    normalized with).
 2. Fit (Teff, logg, [Fe/H], [α/Fe]) by weighted least squares (``scipy.optimize.least_squares``,
@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stellarnet.data import grids  # noqa: E402
-from stellarnet.data.spectra import continuum_normalize  # noqa: E402
-from stellarnet.paths import resource  # noqa: E402
-from stellarnet.simulate.emulator import LABEL_NAMES, load_emulator  # noqa: E402
+from stellarnet.io import grids  # noqa: E402
+from stellarnet.io.spectra import continuum_normalize  # noqa: E402
+from stellarnet.common.paths import resource  # noqa: E402
+from stellarnet.physics.kurucz import LABEL_NAMES, load_emulator  # noqa: E402
 from stellarnet.simulate.instrument import bad_model_pixels, observe_spectra  # noqa: E402
 
 WINDOWS = ((15150.0, 15300.0), (15700.0, 15850.0), (16150.0, 16300.0))

@@ -1,6 +1,6 @@
 """stellarnet: stellar parameters and classes from APOGEE spectra.
 
-``stellarnet.load_model(path)`` returns a :class:`~stellarnet.models.inference.Predictor` with
+``stellarnet.load_model(path)`` returns a :class:`~stellarnet.network.inference.Predictor` with
 ``.predict(flux, flux_err, photometry=None)``.
 """
 
@@ -14,7 +14,7 @@ __all__ = ["load_model", "__version__"]
 
 def __getattr__(name: str) -> Any:  # lazy: importing stellarnet must not import torch
     if name == "load_model":
-        from stellarnet.models.inference import load_model
+        from stellarnet.network.inference import load_model
 
         return load_model
     raise AttributeError(f"module 'stellarnet' has no attribute {name!r}")

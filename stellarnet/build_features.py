@@ -16,11 +16,11 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.errors import report_errors
-from stellarnet.data.catalogs import read_allstar
+from stellarnet.common.errors import report_errors
+from stellarnet.io.catalogs import read_allstar
 from stellarnet.features.tabular import build_feature_table, default_output_path, write_features
-from stellarnet.paths import CONF_DIR
-from stellarnet.workflow import ensure_shards, resolve_survey
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.dataset.ensure import ensure_shards, resolve_survey
 
 log = logging.getLogger(__name__)
 

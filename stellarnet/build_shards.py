@@ -12,9 +12,9 @@ import hydra
 import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.errors import report_errors
-from stellarnet.paths import CONF_DIR
-from stellarnet.workflow import ensure_shards
+from stellarnet.common.errors import report_errors
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.dataset.ensure import ensure_shards
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -17,12 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("stellarnet.simulate.__main__", "write the simulated survey (allStar, aspcapStar, GALAH, LAMOST)"),
     "build-shards": ("stellarnet.build_shards", "apply the quality cuts and build the HDF5 shard dataset"),
     "train": ("stellarnet.train", "train the network (+experiment=apogee); writes the model folder <run>/model"),
-    "refinement": ("stellarnet.refinement", "(re)build the chi2 refinement stage of a model folder"),
+    "refinement": ("stellarnet.refinement.__main__", "(re)build the chi2 refinement stage of a model folder"),
     "evaluate": ("stellarnet.evaluate", "report + figures of a model folder on a split (and the shift suite)"),
     "predict": ("stellarnet.predict", "labels, errors, classes and flags for a catalogue, spectrum files or shards"),
-    "baselines": ("stellarnet.baselines", "trees and the Cannon-style model on the same splits as the network"),
+    "baselines": ("stellarnet.baselines.__main__", "trees and the Cannon-style model on the same splits as the network"),
     "build-features": ("stellarnet.build_features", "the tabular feature table (photometry, indices) of a dataset"),
-    "crossval": ("stellarnet.crossval", "cross-survey validation against GALAH DR3 / LAMOST DR7"),
+    "crossval": ("stellarnet.crossval.__main__", "cross-survey validation against GALAH DR3 / LAMOST DR7"),
     "pipeline": ("stellarnet.pipeline", "every stage in order, each rerun only when its inputs changed"),
 }
 
@@ -40,7 +40,7 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stellarnet <command> ...``; returns the exit status for help / unknown commands (the
-    commands themselves exit through Hydra and :func:`stellarnet.errors.report_errors`)."""
+    commands themselves exit through Hydra and :func:`stellarnet.common.errors.report_errors`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

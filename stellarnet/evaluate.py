@@ -3,7 +3,7 @@
 Scores a checkpoint on a split of the shard dataset: regression metrics (overall, per S/N bin,
 per stage), σ calibration, classification metrics, and (``crlb.enabled``) the achieved error
 relative to the Cramér–Rao bound (MAE/CRLB per label per S/N bin, giants and all stars, against
-the catalogue labels; spectral model from :mod:`stellarnet.spectral_model`); writes
+the catalogue labels; spectral model from :mod:`stellarnet.evaluation.spectral_model`); writes
 ``evaluation.md/json`` and PNG figures to the run directory and logs the figures to TensorBoard.
 """
 
@@ -19,15 +19,15 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.errors import report_errors
-from stellarnet.data.shards import load_manifest
-from stellarnet.eval.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report, subset_rows
-from stellarnet.eval.figures import write_standard_figures
-from stellarnet.eval.network import network_report
-from stellarnet.eval.report import report_to_markdown, write_report
-from stellarnet.models.inference import load_model
-from stellarnet.paths import CONF_DIR
-from stellarnet.utils import to_jsonable
+from stellarnet.common.errors import report_errors
+from stellarnet.dataset.shards import load_manifest
+from stellarnet.evaluation.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report, subset_rows
+from stellarnet.evaluation.figures import write_standard_figures
+from stellarnet.evaluation.split_predictions import network_report
+from stellarnet.evaluation.report import report_to_markdown, write_report
+from stellarnet.network.inference import load_model
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.common.files import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ def crlb_section(crlb_cfg: Mapping[str, Any], dataset: str | Path, split: str, p
                  pred_names: Sequence[str], data: Mapping[str, np.ndarray],
                  snr_edges: Sequence[float]) -> dict[str, Any]:
     """The ``crlb`` block of the evaluation report: per-star Cramér–Rao bound at the catalogue
-    labels (Kurucz emulator + continuum normalization, :func:`stellarnet.spectral_model.emulator_model`)
+    labels (Kurucz emulator + continuum normalization, :func:`stellarnet.evaluation.spectral_model.emulator_model`)
     for a seeded subset (``max_stars``) of the split's stars inside the emulator's label box, and
     the network's MAE/CRLB per label per S/N bin for giants (stage RGB/RC from the shard classes)
     and all stars. ``pred_labels`` (N, len(pred_names)) are the network's predictions for the rows
-    of ``data`` (the split as loaded by :func:`stellarnet.eval.network.load_split`)."""
-    from stellarnet.spectral_model import emulator_model  # entry-point layer: the physical model
+    of ``data`` (the split as loaded by :func:`stellarnet.evaluation.split_predictions.load_split`)."""
+    from stellarnet.evaluation.spectral_model import emulator_model  # entry-point layer: the physical model
 
     t0 = time.perf_counter()
     c = {**CRLB_DEFAULTS, **dict(crlb_cfg)}
@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python -m stellarnet.evaluate ckpt_path=<.ckpt or model folder>")
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
-    from stellarnet.results import check_not_overwriting
+    from stellarnet.io.predictions import check_not_overwriting
 
     overwrite = cfg.get("overwrite", False)  # checked (a boolean) by check_not_overwriting
     check_not_overwriting([out_dir / "evaluation.json", out_dir / "evaluation.md"], overwrite)
@@ -110,7 +110,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
                                                   predictor.label_names, data, [float(e) for e in edges]))
     paths = write_report(report, out_dir, "evaluation", markdown=report_to_markdown(report, "stellarnet network"))
     if cfg.get("shifts") is not None and cfg.shifts.get("enabled", False):  # docs/robustness.md
-        from stellarnet.robustness import shift_table_from_config
+        from stellarnet.benchmarks.shift_suite import shift_table_from_config
 
         shift_paths = shift_table_from_config(predictor, out_dir, OmegaConf.to_container(cfg.shifts, resolve=True))
         paths.update({f"shift_{k}": v for k, v in (shift_paths or {}).items()})

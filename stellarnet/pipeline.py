@@ -41,9 +41,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stellarnet.errors import report_errors
-from stellarnet.paths import CONF_DIR
-from stellarnet.utils import atomic_write_text, to_plain, write_json
+from stellarnet.common.errors import report_errors
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.common.files import atomic_write_text, to_plain, write_json
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ def _survey_config(ctx: Context) -> Any:
 
 
 def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.data.catalogs import read_allstar
-    from stellarnet.workflow import resolve_survey
+    from stellarnet.io.catalogs import read_allstar
+    from stellarnet.dataset.ensure import resolve_survey
 
     data = ctx.data()
     allstar, root = resolve_survey(data)
@@ -169,9 +169,9 @@ def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
 
 
 def _run_cuts(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.data.catalogs import read_allstar
-    from stellarnet.data.cuts import apply_cuts
-    from stellarnet.export import write_table
+    from stellarnet.io.catalogs import read_allstar
+    from stellarnet.preparation.cuts import apply_cuts
+    from stellarnet.io.export import write_table
 
     df = read_allstar(ctx.out("survey", "allstar"))
     kept, report = apply_cuts(df, ctx.data()["cuts"])
@@ -189,7 +189,7 @@ def _shards_config(ctx: Context) -> Any:
 
 
 def _run_shards(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.workflow import ensure_shards
+    from stellarnet.dataset.ensure import ensure_shards
 
     data = ctx.data()
     manifest = ensure_shards(data)
@@ -233,7 +233,7 @@ def _train_config(ctx: Context) -> Any:
 
 
 def _run_train(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.models.inference import load_module, save_model_folder
+    from stellarnet.network.inference import load_module, save_model_folder
     from stellarnet.train import train
 
     metrics, objects = train(_train_cfg(ctx, d))
@@ -279,9 +279,9 @@ def _baselines_config(ctx: Context) -> Any:
 
 
 def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.baselines import baselines
-    from stellarnet.eval.importance import feature_set_comparison, feature_set_markdown, group_importance
-    from stellarnet.export import write_table
+    from stellarnet.baselines.run import baselines
+    from stellarnet.evaluation.importance import feature_set_comparison, feature_set_markdown, group_importance
+    from stellarnet.io.export import write_table
 
     pcfg = ctx.cfg.pipeline.baselines
     sets = list(pcfg.feature_sets)
@@ -329,19 +329,19 @@ def _evaluate_config(ctx: Context) -> Any:
 
 
 def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.data.shards import load_manifest
-    from stellarnet.eval.figures import save_figure
-    from stellarnet.eval.importance import (
+    from stellarnet.dataset.shards import load_manifest
+    from stellarnet.evaluation.figures import save_figure
+    from stellarnet.evaluation.importance import (
         line_saliency,
         load_line_centres,
         network_saliency,
         saliency_figure,
         saliency_frame,
     )
-    from stellarnet.eval.network import load_split
+    from stellarnet.evaluation.split_predictions import load_split
     from stellarnet.evaluate import evaluate
-    from stellarnet.export import write_table
-    from stellarnet.models.inference import load_model
+    from stellarnet.io.export import write_table
+    from stellarnet.network.inference import load_model
 
     ckpt = ctx.out("train", "checkpoint")
     dataset = ctx.out("shards", "dataset_dir")
@@ -400,8 +400,8 @@ def _crossval_config(ctx: Context) -> Any:
 
 
 def _run_crossval(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.crossval import run_crossval
-    from stellarnet.data.surveys import survey_spec
+    from stellarnet.crossval.run import run_crossval
+    from stellarnet.io.surveys import survey_spec
 
     cfgs = _crossval_config(ctx)
     allstar = Path(ctx.out("survey", "allstar"))
@@ -440,7 +440,7 @@ def _export_config(ctx: Context) -> Any:
 def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from stellarnet.export import build_catalogue, write_catalogue
+    from stellarnet.io.export import build_catalogue, write_catalogue
     from stellarnet.features.tabular import read_features
 
     ecfg = to_plain(ctx.cfg.pipeline.export)

@@ -5,8 +5,8 @@ directory, or aspcapStar/apStar files (glob, comma list or a .txt list). Writes
 ``predictions.fits``, ``predictions.csv`` and ``predictions.columns.json`` to the run directory
 (or ``output_dir``).
 
-The input is cut into chunks (:class:`stellarnet.data.chunks.ChunkDataset`) that ``Trainer.predict``
-runs through the model folder (:mod:`stellarnet.models.prediction`): ``num_workers`` DataLoader
+The input is cut into chunks (:class:`stellarnet.dataset.chunks.ChunkDataset`) that ``Trainer.predict``
+runs through the model folder (:mod:`stellarnet.network.prediction`): ``num_workers`` DataLoader
 processes read and prepare the spectrum files (``auto``: ⌈0.4 × the CPUs⌉) while the model runs
 (``torch_threads: auto``: the process's CPUs the readers leave; all of them when refining); each
 chunk's rows go to a part file, merged in input order into the catalogue at the end. ``trainer=ddp trainer.devices=N [trainer.num_nodes=M]``
@@ -27,9 +27,9 @@ from omegaconf import DictConfig
 
 # torch, the model and the writers are imported inside predict(): spawned reader processes
 # re-import this module as their __main__ when it runs as ``python -m stellarnet.predict``
-from stellarnet.errors import report_errors
-from stellarnet.data.sources import resolve_num_workers, source_kind
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.errors import report_errors
+from stellarnet.dataset.sources import resolve_num_workers, source_kind
+from stellarnet.common.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def catalogue_provenance(ckpt_path: Any, predictor: Any, inp: Any) -> dict[str, 
     import json
 
     import stellarnet
-    from stellarnet.models.inference import EMULATOR_FILE, MODEL_FILE
+    from stellarnet.network.inference import EMULATOR_FILE, MODEL_FILE
 
     path = Path(str(ckpt_path))
     folder = path if path.is_dir() else path.parent
@@ -156,13 +156,13 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
     from torch.utils.data import DataLoader
 
-    from stellarnet.data.bitmasks import STELLARNET_FLAG
-    from stellarnet.data.chunks import open_chunks, pass_through
-    from stellarnet.hardware import CpuThreadsPerRank
-    from stellarnet.models.inference import load_model, precision_name
-    from stellarnet.models.prediction import PartWriter, PredictionModule
-    from stellarnet.results import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
-    from stellarnet.utils import atomic_write_text
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
+    from stellarnet.dataset.chunks import open_chunks, pass_through
+    from stellarnet.common.hardware import CpuThreadsPerRank
+    from stellarnet.network.inference import load_model, precision_name
+    from stellarnet.network.prediction import PartWriter, PredictionModule
+    from stellarnet.io.predictions import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
+    from stellarnet.common.files import atomic_write_text
 
     precision_name(precision)  # a bad spelling fails before anything starts
     check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv",

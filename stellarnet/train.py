@@ -28,12 +28,12 @@ import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.errors import report_errors
-from stellarnet.data.shards import MANIFEST, load_manifest
-from stellarnet.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
-from stellarnet.paths import CONF_DIR
-from stellarnet.utils import env_global_rank_is_zero, to_jsonable, to_plain, write_json
-from stellarnet.workflow import check_data_config, ensure_shards
+from stellarnet.common.errors import report_errors
+from stellarnet.dataset.shards import MANIFEST, load_manifest
+from stellarnet.common.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.common.files import env_global_rank_is_zero, to_jsonable, to_plain, write_json
+from stellarnet.dataset.ensure import check_data_config, ensure_shards
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def return_spawn_results(trainer: L.Trainer) -> bool:
 def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path) -> Path:
     """Model folder (weights + plain config + data spec) with a σ scale per label and a temperature
     per class task (class probabilities) fitted on the val split."""
-    from stellarnet.eval.network import validation_calibration
-    from stellarnet.models.inference import Predictor, load_module, save_model_folder
+    from stellarnet.evaluation.split_predictions import validation_calibration
+    from stellarnet.network.inference import Predictor, load_module, save_model_folder
 
     module = load_module(ckpt)
     scale, temperature = validation_calibration(Predictor(module), dataset_dir, "val")
@@ -185,10 +185,10 @@ def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path
 
 def write_evaluation(model_dir: Path, dataset_dir: str | Path, output_dir: Path) -> dict[str, float]:
     """Full test-split report of the calibrated model (evaluation.md/json + figures); headline metrics."""
-    from stellarnet.eval.figures import write_standard_figures
-    from stellarnet.eval.network import network_report
-    from stellarnet.eval.report import report_to_markdown, write_report
-    from stellarnet.models.inference import load_model
+    from stellarnet.evaluation.figures import write_standard_figures
+    from stellarnet.evaluation.split_predictions import network_report
+    from stellarnet.evaluation.report import report_to_markdown, write_report
+    from stellarnet.network.inference import load_model
 
     predictor = load_model(model_dir)
     report, pred, data = network_report(predictor, dataset_dir, split="test", calib_split=None)
@@ -279,20 +279,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("best checkpoint: %s; calibrated model folder: %s", best, objects["model_dir"])
             refine_cfg = cfg.get("refine")
             if refine_cfg is not None and refine_cfg.get("enabled", False):
-                from stellarnet.refinement import build_refinement
+                from stellarnet.refinement.stage import build_refinement
 
                 objects["refinement"] = build_refinement(objects["model_dir"], datamodule.dataset_dir, refine_cfg,
                                                          tensorboard_dir=output_dir / "tensorboard" / "refinement")
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
-            from stellarnet.data.shards import load_manifest
-            from stellarnet.eval.card import write_model_card
+            from stellarnet.dataset.shards import load_manifest
+            from stellarnet.evaluation.card import write_model_card
 
             write_model_card(objects["model_dir"], load_manifest(datamodule.dataset_dir),
                              simulated=not cfg.data.survey.get("allstar"),
                              metrics={k: to_jsonable(v) for k, v in metrics.items()})
             if cfg.get("shifts") is not None and cfg.shifts.get("enabled", False):
-                from stellarnet.robustness import shift_table_from_config
+                from stellarnet.benchmarks.shift_suite import shift_table_from_config
 
                 objects["shift_table"] = shift_table_from_config(objects["model_dir"], output_dir, to_plain(cfg.shifts))
                 log.info("shift suite: %s", objects["shift_table"]["markdown"])

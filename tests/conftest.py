@@ -39,7 +39,7 @@ def loose_cuts() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_survey, loose_cuts, tmp_path_factory) -> Path:
-    from stellarnet.data.shards import build_shards
+    from stellarnet.dataset.shards import build_shards
 
     out = tmp_path_factory.mktemp("shards")
     build_shards(tiny_survey["allstar"], out, loose_cuts, spectra_root=tiny_survey["root"], grid="dr12",
@@ -56,8 +56,8 @@ def copy_survey_slice(survey_root: Path, allstar: Path, root: Path, n_rows: int)
     from astropy.io import fits
     from astropy.table import Table
 
-    from stellarnet.data.catalogs import read_allstar
-    from stellarnet.data.shards import spectrum_path
+    from stellarnet.io.catalogs import read_allstar
+    from stellarnet.dataset.shards import spectrum_path
 
     table = Table.read(allstar, hdu=1)[:n_rows]
     out = root / "allStar-dr17-synspec_rev1.fits"
@@ -78,15 +78,15 @@ def tiny_model_folder(directory: Path, photometry: bool = True, dropout: float =
     folder: for tests of reading, writing and flags, where the weights do not matter."""
     import torch
 
-    from stellarnet.data.photometry import PHOT_FEATURES
-    from stellarnet.models import StellarNetModule, save_model_folder
+    from stellarnet.preparation.photometry import PHOT_FEATURES
+    from stellarnet.network import StellarNetModule, save_model_folder
 
     net = {
-        "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
+        "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [4],
                              "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": dropout, "out_dim": 8},
-        "photometry": ({"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4}
+        "photometry": ({"_target_": "stellarnet.network.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4}
                        if photometry else None),
-        "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": dropout},
+        "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [8], "dropout": dropout},
     }
     phot = list(PHOT_FEATURES) if photometry else []
     spec = {"grid": "dr12", "n_pixels": 7214, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],

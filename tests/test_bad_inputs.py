@@ -20,22 +20,22 @@ import torch
 from astropy.io import fits
 from astropy.table import Table
 
-from stellarnet.data import grids
-from stellarnet.data.catalogs import CatalogFormatError, MissingColumnError, read_allstar
-from stellarnet.data.cuts import PHYSICAL_LABEL_RANGES, CutSpecError, EmptySelectionError, apply_cuts
-from stellarnet.data.datamodule import StellarDataModule
-from stellarnet.data.shards import ShardError, build_shards, load_manifest, spectrum_path, verify_dataset
-from stellarnet.data.spectra import (
+from stellarnet.io import grids
+from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_allstar
+from stellarnet.preparation.cuts import PHYSICAL_LABEL_RANGES, CutSpecError, EmptySelectionError, apply_cuts
+from stellarnet.dataset.datamodule import StellarDataModule
+from stellarnet.dataset.shards import ShardError, build_shards, load_manifest, spectrum_path, verify_dataset
+from stellarnet.io.spectra import (
     BAD_PIXEL_ERR,
     SpectrumFormatError,
     SpectrumQualityError,
     prepare_spectrum,
     read_spectrum,
 )
-from stellarnet.data.surveys import read_galah, read_lamost
-from stellarnet.eval.crossmatch import NoMatchError, crossmatch
-from stellarnet.models import StellarNetModule, load_model, save_model_folder
-from stellarnet.models.inference import CheckpointError
+from stellarnet.io.surveys import read_galah, read_lamost
+from stellarnet.crossval.crossmatch import NoMatchError, crossmatch
+from stellarnet.network import StellarNetModule, load_model, save_model_folder
+from stellarnet.network.inference import CheckpointError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stellarnet"
 N_SMALL = 40
@@ -190,7 +190,7 @@ def test_unphysical_labels_are_removed_and_reported(small_survey, tmp_path, capl
     t = small_survey["table"].copy()
     t[column][0] = value
     path = _write_table(t, tmp_path / "allStar-range.fits")
-    with caplog.at_level(logging.WARNING, logger="stellarnet.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.dataset.shards"):
         m = _build(path, tmp_path / "out", small_survey["root"])
     label = {"ALPHA_M": "ALPHA_FE"}.get(column, column)  # [α/Fe] = ALPHA_M + M_H - FE_H is the label
     lo, hi = PHYSICAL_LABEL_RANGES[label]
@@ -216,7 +216,7 @@ def test_missing_labels_are_not_treated_as_unphysical(small_survey, tmp_path, ca
     t["ALPHA_M"][:5] = np.nan
     t["ALPHA_M"][5:8] = -9999.0  # legacy sentinel -> NaN -> masked, not removed
     path = _write_table(t, tmp_path / "allStar-nan.fits")
-    with caplog.at_level(logging.WARNING, logger="stellarnet.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.dataset.shards"):
         m = _build(path, tmp_path / "out", small_survey["root"])
     row = next(r for r in m["cut_report"] if r["name"] == "physical_ALPHA_FE")
     assert row["removed"] == 0
@@ -368,10 +368,10 @@ def test_truncated_manifest_json(small_shards, tmp_path):
 
 # ============================================================================== checkpoints
 TINY_NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
+    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [4],
                          "kernel_sizes": [5], "strides": [4], "pool_size": 4, "out_dim": 8},
     "photometry": None,
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8]},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [8]},
 }
 
 
@@ -489,7 +489,7 @@ def test_predict_cli_rejects_bad_switches_before_loading(tmp_path, override, mes
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from stellarnet.paths import CONF_DIR
+    from stellarnet.common.paths import CONF_DIR
     from stellarnet.predict import predict
 
     GlobalHydra.instance().clear()
@@ -616,7 +616,7 @@ def _data_cfg(**changes) -> dict:
     ({"shards__split": {"fractions": {"train": 0.7, "val": 0.1, "test": 0.1}}}, "data.shards.split.fractions must sum to 1"),
 ])
 def test_data_config_values_fail_before_any_work(changes, message):
-    from stellarnet.workflow import ensure_shards
+    from stellarnet.dataset.ensure import ensure_shards
 
     with pytest.raises(ValueError, match=re.escape(message)):
         ensure_shards(_data_cfg(**changes))  # nothing is simulated: the check comes first
@@ -670,7 +670,7 @@ def test_inf_weights_and_buffers_are_refused(model_dir, tmp_path):
     (99, IndexError, "visit index 99 out of range"),
 ])
 def test_apstar_row_arguments(reference_dir, row, error, message):
-    from stellarnet.data.spectra import read_apstar
+    from stellarnet.io.spectra import read_apstar
 
     with pytest.raises(error, match=re.escape(message)):
         read_apstar(reference_dir / "apStar-dr17-2M17335483-2753043.fits", row=row)
@@ -682,7 +682,7 @@ def test_apstar_row_arguments(reference_dir, row, error, message):
     ("/no/such/file.fits", "spectrum file(s) not found"),
 ])
 def test_file_list_inputs(spec, message):
-    from stellarnet.data.sources import expand_files
+    from stellarnet.dataset.sources import expand_files
 
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
         expand_files(spec)

@@ -24,12 +24,12 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import copy_survey_slice, tiny_model_folder
 
-from stellarnet.data.bitmasks import STELLARNET_FLAG
-from stellarnet.data.shards import ShardError
-from stellarnet.models.inference import CheckpointError, physical_ranges, stellarnet_flags
-from stellarnet.paths import CONF_DIR
+from stellarnet.io.bitmasks import STELLARNET_FLAG
+from stellarnet.dataset.shards import ShardError
+from stellarnet.network.inference import CheckpointError, physical_ranges, stellarnet_flags
+from stellarnet.common.paths import CONF_DIR
 from stellarnet.predict import PredictionError, predict
-from stellarnet.results import OutputExistsError
+from stellarnet.io.predictions import OutputExistsError
 
 N_ROWS = 12
 FAST = ("num_workers=0", "mc_samples=0", "torch_threads=1", "chunk_size=5")
@@ -208,7 +208,7 @@ def test_broken_aspcapstar_files_are_reported_per_star(model_dir, survey, tmp_pa
 
 def test_negated_apstar_is_reported(tmp_path):
     """Un-normalized (apStar) flux that is negative: a clear per-star error, not a flipped continuum."""
-    from stellarnet.data.chunks import open_chunks
+    from stellarnet.dataset.chunks import open_chunks
 
     bad = _apstar_negated(tmp_path / "apStar-dr17-2M17335483-2753043.fits")
     chunk = open_chunks([str(bad)], "dr12")[0]
@@ -229,7 +229,7 @@ def test_an_empty_catalogue_is_an_error(model_dir, survey, tmp_path):
 def test_catalogue_without_the_path_columns(model_dir, survey, tmp_path):
     from astropy.table import Table
 
-    from stellarnet.data.catalogs import MissingColumnError
+    from stellarnet.io.catalogs import MissingColumnError
 
     t = Table.read(survey["allstar"], hdu=1)
     t.remove_column("TELESCOPE")
@@ -246,7 +246,7 @@ def test_a_folder_without_a_model(tmp_path):
 
 
 def test_a_catalogue_is_recognised_by_content_and_input_kind_forces(model_dir, survey, tmp_path):
-    from stellarnet.data.sources import source_kind
+    from stellarnet.dataset.sources import source_kind
 
     mine = tmp_path / "my_targets.fits"
     shutil.copy(survey["allstar"], mine)
@@ -277,7 +277,7 @@ def test_file_list_predictions_carry_positions_from_the_headers(model_dir, surve
 def test_another_release_layout_is_configurable(model_dir, survey, tmp_path):
     """Spectra mirrored flat as <root>/spectra/<APOGEE_ID>.fits: spectra_layout finds them, for
     predict and for the shard build; a template without {APOGEE_ID} is refused."""
-    from stellarnet.data.shards import build_shards
+    from stellarnet.dataset.shards import build_shards
 
     mirror = tmp_path / "mirror"
     (mirror / "spectra").mkdir(parents=True)

@@ -1,11 +1,11 @@
-"""Decoding/encoding of the APOGEE bitmask tables (stellarnet.data.bitmasks)."""
+"""Decoding/encoding of the APOGEE bitmask tables (stellarnet.io.bitmasks)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stellarnet.data.bitmasks import (
+from stellarnet.io.bitmasks import (
     ANDFLAG,
     APOGEE_PIXMASK,
     ASPCAPFLAG,

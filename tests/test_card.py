@@ -12,9 +12,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import tiny_model_folder
 
-from stellarnet.data.shards import load_manifest
-from stellarnet.eval.card import write_model_card
-from stellarnet.paths import CONF_DIR
+from stellarnet.dataset.shards import load_manifest
+from stellarnet.evaluation.card import write_model_card
+from stellarnet.common.paths import CONF_DIR
 
 
 def test_card_records_the_training_data_and_predict_carries_it(tiny_shards, tiny_survey, tmp_path, caplog):

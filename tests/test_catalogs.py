@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from stellarnet.data.bitmasks import ASPCAPFLAG, PARAM_ORDER
-from stellarnet.data.catalogs import (
+from stellarnet.io.bitmasks import ASPCAPFLAG, PARAM_ORDER
+from stellarnet.io.catalogs import (
     ALLSTAR_COLUMNS,
     CatalogFormatError,
     MissingColumnError,
@@ -272,8 +272,8 @@ def test_memmap_chunks_stream(big_allstar):
 
 def test_read_then_cut_then_classes(allstar):
     """Flags read from FITS (big-endian int64, bits ≥ 32) drive cuts; PARAMFLAG_LOGG drives RC."""
-    from stellarnet.data.classes import RC, derive_classes
-    from stellarnet.data.cuts import apply_cuts
+    from stellarnet.preparation.classes import RC, derive_classes
+    from stellarnet.preparation.cuts import apply_cuts
 
     df = read_allstar(allstar, columns=["APOGEE_ID", "TEFF", "LOGG", "FE_H", "SNR", "STARFLAG",
                                         "EXTRATARG", "PARAMFLAG"])
@@ -297,7 +297,7 @@ def test_alpha_fe_is_derived_from_dr17_alpha_m():
     A file that has its own ALPHA_FE column (older releases) is read as it is."""
     import pandas as pd
 
-    from stellarnet.data.catalogs import add_derived_columns, columns_to_read
+    from stellarnet.io.catalogs import add_derived_columns, columns_to_read
 
     dr17 = ["APOGEE_ID", "FE_H", "FE_H_ERR", "M_H", "ALPHA_M", "ALPHA_M_ERR"]
     assert columns_to_read(["FE_H", "ALPHA_FE", "ALPHA_FE_ERR"], dr17) == ["FE_H", "ALPHA_M", "M_H", "ALPHA_M_ERR"]

@@ -1,4 +1,4 @@
-"""The entry points' error discipline (stellarnet.errors): a failure is one line on stderr that
+"""The entry points' error discipline (stellarnet.common.errors): a failure is one line on stderr that
 names the cause, exit status 1, no traceback; HYDRA_FULL_ERROR=1 gives the traceback back."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarnet.errors import EXIT_FAILURE, one_line, report_errors
+from stellarnet.common.errors import EXIT_FAILURE, one_line, report_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_console_command_lists_and_dispatches(tmp_path):
 def test_every_entry_has_a_help_text_that_names_its_keys(name):
     from omegaconf import OmegaConf
 
-    from stellarnet.paths import CONF_DIR
+    from stellarnet.common.paths import CONF_DIR
 
     help_cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml").hydra.help
     assert help_cfg.app_name == f"stellarnet {name.replace('_', '-')}"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarnet.eval.crlb import (
+from stellarnet.evaluation.crlb import (
     GAUSS_MAE_FACTOR,
     SingularFisherWarning,
     box_selection,
@@ -31,7 +31,7 @@ from stellarnet.eval.crlb import (
     subset_rows,
     to_model_grid,
 )
-from stellarnet.eval.report import to_jsonable
+from stellarnet.evaluation.report import to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,16 +206,16 @@ def test_mae_over_crlb_recovers_the_excess_factor():
 
 
 def _giant_model_fn():
-    from stellarnet.spectral_model import emulator_model
+    from stellarnet.evaluation.spectral_model import emulator_model
 
     model = emulator_model()
     return model.emulator, model.fn
 
 
 def test_spectral_model_is_the_normalized_emulator():
-    from stellarnet.data.spectra import continuum_normalize
-    from stellarnet.simulate.emulator import load_emulator
-    from stellarnet.spectral_model import MODEL_GRID, emulator_model
+    from stellarnet.io.spectra import continuum_normalize
+    from stellarnet.physics.kurucz import load_emulator
+    from stellarnet.evaluation.spectral_model import MODEL_GRID, emulator_model
 
     model = emulator_model()
     emu = load_emulator()
@@ -232,14 +232,14 @@ def test_library_crlb_never_imports_the_simulator():
     import subprocess
     import sys
 
-    code = ("import sys, stellarnet.eval.crlb, stellarnet.eval.report, stellarnet.eval.network; "
+    code = ("import sys, stellarnet.evaluation.crlb, stellarnet.evaluation.report, stellarnet.evaluation.split_predictions; "
             "bad = [m for m in sys.modules if m.startswith('stellarnet.simulate')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_to_model_grid_subset_rows_and_box_selection():
-    from stellarnet.data import grids
+    from stellarnet.io import grids
 
     src, dst = grids.grid_indices("dr17"), grids.grid_indices("dr12")
     arr = np.tile(src.astype(float), (2, 1))
@@ -371,7 +371,7 @@ def _load_script(name: str = "crlb"):
 
 
 def test_crlb_script_on_tiny_shards(tiny_shards, tmp_path, capsys):
-    from stellarnet.data.shards import ShardReader
+    from stellarnet.dataset.shards import ShardReader
 
     mod = _load_script()
     reader = ShardReader(tiny_shards, "test", verify=False)
@@ -405,7 +405,7 @@ def test_crlb_script_on_tiny_shards(tiny_shards, tmp_path, capsys):
 
 
 def test_nuisance_crlb_costs_nothing_when_orthogonal_and_grows_when_degenerate():
-    from stellarnet.data import grids
+    from stellarnet.io import grids
 
     mod = _load_script("crlb_nuisances")
     rng = np.random.default_rng(0)

@@ -17,15 +17,15 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from stellarnet.data.catalogs import MissingColumnError
-from stellarnet.data.surveys import (
+from stellarnet.io.catalogs import MissingColumnError
+from stellarnet.io.surveys import (
     COMMON_COLUMNS,
     normalize_tmass_id,
     read_galah,
     read_lamost,
 )
-from stellarnet.eval.crossmatch import NoMatchError, crossmatch, greedy_one_to_one
-from stellarnet.eval.offsets import (
+from stellarnet.crossval.crossmatch import NoMatchError, crossmatch, greedy_one_to_one
+from stellarnet.crossval.offsets import (
     Calibration,
     apply_calibration,
     binned_medians,
@@ -35,7 +35,7 @@ from stellarnet.eval.offsets import (
     robust_linear_fit,
     robust_scatter,
 )
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 N_BOOT = 200
@@ -583,7 +583,7 @@ def _compose(overrides: list[str]):
 
 
 def test_run_crossval_galah_with_predictions(world: dict, tmp_path: Path) -> None:
-    from stellarnet.crossval import run_crossval
+    from stellarnet.crossval.run import run_crossval
 
     # stellarnet "predictions": truth + small noise, unknown ALPHA_M (uses ALPHA_FE)
     rng = np.random.default_rng(11)
@@ -632,7 +632,7 @@ def test_cli_lamost_subprocess_from_other_directory(world: dict, tmp_path: Path)
 
 
 def test_cli_missing_survey_file_is_clear(tmp_path: Path) -> None:
-    from stellarnet.crossval import run_crossval
+    from stellarnet.crossval.run import run_crossval
 
     cfg = _compose([f"survey_root={tmp_path}", "survey=galah"])
     with pytest.raises(FileNotFoundError, match="galah"):
@@ -649,8 +649,8 @@ def test_simulated_survey_recovers_injected_offsets(survey: str, tmp_path: Path)
     joint-fit coefficients vs ``truth/injected_offsets.json``, within 3 bootstrap σ plus a small
     allowance for what the comparison cannot remove (APOGEE's own noise on the Teff / [Fe/H] axes
     dilutes the slopes by ~σ_ref²/var; APOGEE itself is not the truth)."""
-    from stellarnet.crossval import run_crossval
-    from stellarnet.paths import default_data_root
+    from stellarnet.crossval.run import run_crossval
+    from stellarnet.common.paths import default_data_root
 
     root = default_data_root() / "sim_survey"
     inj_path = root / "truth" / "injected_offsets.json"

@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from stellarnet.data.catalogs import MissingColumnError
-from stellarnet.data.cuts import (
+from stellarnet.io.catalogs import MissingColumnError
+from stellarnet.preparation.cuts import (
     CutReport,
     CutSpecError,
     EmptySelectionError,
     apply_cuts,
     load_cuts,
 )
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 
 STAR_BAD = 1 << 23
 DUP = 1 << 4
@@ -244,7 +244,7 @@ def test_report_shows_the_threshold_that_ran_not_the_configs_text():
     ({"train": "0.8", "val": 0.1, "test": 0.1}, "split.fractions.train must be a number in [0, 1], got '0.8'"),
 ])
 def test_bad_split_fractions_are_refused(fractions, message):
-    from stellarnet.data.splits import assign_splits
+    from stellarnet.preparation.splits import assign_splits
 
     df = pd.DataFrame({"FIELD": list("abcdefgh"), "APOGEE_ID": [f"s{i}" for i in range(8)]})
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -255,7 +255,7 @@ def test_bad_split_fractions_are_refused(fractions, message):
 def test_physical_ranges_are_the_documented_ones_and_inclusive():
     """docs/robustness.md: Teff 2,000–50,000 K, logg −1…6, [Fe/H] and [M/H] −5…1.5, [α/M] and [α/Fe]
     −1…1.5, ends included; NaN kept; a column without a range gets no cut."""
-    from stellarnet.data.cuts import physical_range_cuts
+    from stellarnet.preparation.cuts import physical_range_cuts
 
     cuts = physical_range_cuts(["TEFF", "LOGG", "FE_H", "M_H", "ALPHA_M", "ALPHA_FE", "VSINI", "TEFF"])
     assert list(cuts) == [f"physical_{c}" for c in ("TEFF", "LOGG", "FE_H", "M_H", "ALPHA_M", "ALPHA_FE")]

@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from stellarnet.cli import COMMANDS
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

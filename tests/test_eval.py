@@ -1,4 +1,4 @@
-"""Tests of stellarnet.eval: metrics, calibration, report and figures."""
+"""Tests of stellarnet.evaluation: metrics, calibration, report and figures."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from stellarnet.eval import calibration as cal
-from stellarnet.eval import figures as figs
-from stellarnet.eval import metrics as M
-from stellarnet.eval import report as R
+from stellarnet.evaluation import calibration as cal
+from stellarnet.evaluation import figures as figs
+from stellarnet.evaluation import metrics as M
+from stellarnet.evaluation import report as R
 
 LABELS = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
 
@@ -282,8 +282,8 @@ def test_fit_sigma_two_term_recovers_scale_and_floor_through_catalogue_noise():
 def test_temperature_scaling_fixes_over_confident_probabilities():
     """Probabilities sharpened by T = 1/3 (over-confident): the fitted temperature is ~3, the ECE
     drops, accuracy is unchanged; the Predictor applies a folder's temperature."""
-    from stellarnet.eval.calibration import expected_calibration_error, fit_temperature
-    from stellarnet.models.inference import apply_temperature
+    from stellarnet.evaluation.calibration import expected_calibration_error, fit_temperature
+    from stellarnet.network.inference import apply_temperature
 
     rng = np.random.default_rng(0)
     n, k = 4000, 4
@@ -304,8 +304,8 @@ def test_temperature_scaling_fixes_over_confident_probabilities():
 def test_predictor_applies_the_model_folders_class_temperature(tmp_path):
     from conftest import tiny_model_folder
 
-    from stellarnet.models import load_model
-    from stellarnet.models.inference import apply_temperature
+    from stellarnet.network import load_model
+    from stellarnet.network.inference import apply_temperature
 
     model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
     rng = np.random.default_rng(1)
@@ -324,7 +324,7 @@ def test_predict_accepts_pandas_and_astropy_and_returns_a_qtable(tmp_path):
 
     from conftest import tiny_model_folder
 
-    from stellarnet.models import load_model
+    from stellarnet.network import load_model
 
     model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
     rng = np.random.default_rng(2)
@@ -346,7 +346,7 @@ def test_predict_accepts_pandas_and_astropy_and_returns_a_qtable(tmp_path):
 def test_an_unresolvable_sigma_floor_is_not_assumed_zero():
     """Reference errors (50) dwarf a floor of 5: maximum likelihood may put the floor at ~0, the
     'upper' rule takes the largest floor the data allow at 1σ; a floor the data measure is kept."""
-    from stellarnet.eval.calibration import fit_sigma_two_term
+    from stellarnet.evaluation.calibration import fit_sigma_two_term
 
     rng = np.random.default_rng(3)
     n = 1200
@@ -369,7 +369,7 @@ def test_an_unresolvable_sigma_floor_is_not_assumed_zero():
 def test_calibration_metrics_pin_their_definitions():
     """z std with ddof 1, robust std about the median (a biased z keeps its spread), n = 0 when
     nothing is usable, reliability levels 0.05 … 0.95 and 0.99; the robust σ scale ignores a bias."""
-    from stellarnet.eval.calibration import DEFAULT_LEVELS, _fit_scale_1d, calibration_metrics
+    from stellarnet.evaluation.calibration import DEFAULT_LEVELS, _fit_scale_1d, calibration_metrics
 
     z = np.array([-1.0, 0.0, 2.0])
     m = calibration_metrics(z, np.zeros(3), np.ones(3))
@@ -388,7 +388,7 @@ def test_calibration_metrics_pin_their_definitions():
 
 def test_expected_calibration_error_by_hand():
     """Three stars in three confidence bins: |1 − 0.9|, |0 − 0.6|, |1 − 0.8| → ECE 0.3; class 0 counts."""
-    from stellarnet.eval.calibration import expected_calibration_error
+    from stellarnet.evaluation.calibration import expected_calibration_error
 
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
     assert expected_calibration_error(probs, np.array([0, 1, 1])) == pytest.approx(0.3)

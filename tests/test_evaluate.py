@@ -15,17 +15,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from stellarnet.data.shards import load_manifest
-from stellarnet.eval.network import load_split
+from stellarnet.dataset.shards import load_manifest
+from stellarnet.evaluation.split_predictions import load_split
 from stellarnet.evaluate import evaluate
-from stellarnet.models import StellarNetModule, load_model, save_model_folder
-from stellarnet.paths import CONF_DIR
+from stellarnet.network import StellarNetModule, load_model, save_model_folder
+from stellarnet.common.paths import CONF_DIR
 
 NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4],
+    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [4],
                          "kernel_sizes": [5], "strides": [4], "pool_size": 4, "dropout": 0.1, "out_dim": 8},
-    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4},
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8], "dropout": 0.1},
+    "photometry": {"_target_": "stellarnet.network.encoders.PhotometryMLP", "hidden": [8], "out_dim": 4},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [8], "dropout": 0.1},
 }
 SPEC_KEYS = ("grid", "n_pixels", "label_names", "label_units", "label_mean", "label_std", "phot_features",
              "phot_mean", "phot_std", "class_tasks")
@@ -54,7 +54,7 @@ def _cfg(model_dir: Path, dataset: Path, out: Path, *overrides: str):
 
 
 def test_report_has_mae_over_crlb_per_label_per_snr_bin(model_dir, tiny_shards, tmp_path):
-    from stellarnet.spectral_model import emulator_model
+    from stellarnet.evaluation.spectral_model import emulator_model
 
     report, paths = evaluate(_cfg(model_dir, tiny_shards, tmp_path))
     block = report["crlb"]
@@ -113,7 +113,7 @@ def test_crlb_disabled_leaves_no_section(model_dir, tiny_shards, tmp_path):
 
 def test_stars_outside_the_model_box_are_excluded_and_counted(model_dir, tiny_shards, tmp_path, monkeypatch):
     """A box cut at the median catalogue Teff: the hotter stars are excluded and counted."""
-    import stellarnet.spectral_model as sm
+    import stellarnet.evaluation.spectral_model as sm
 
     data = load_split(tiny_shards, "test")
     teff = data["labels"][:, 0]
@@ -142,7 +142,7 @@ def test_only_catalogue_labels_are_supported(model_dir, tiny_shards, tmp_path):
 
 
 def test_crlb_section_is_skipped_when_no_star_is_inside(model_dir, tiny_shards, tmp_path, monkeypatch):
-    import stellarnet.spectral_model as sm
+    import stellarnet.evaluation.spectral_model as sm
 
     full = sm.emulator_model()
     lower = full.lower.copy()
@@ -156,7 +156,7 @@ def test_crlb_section_is_skipped_when_no_star_is_inside(model_dir, tiny_shards, 
 
 
 def test_an_earlier_evaluation_is_not_overwritten(model_dir, tiny_shards, tmp_path):
-    from stellarnet.results import OutputExistsError
+    from stellarnet.io.predictions import OutputExistsError
 
     _, paths = evaluate(_cfg(model_dir, tiny_shards, tmp_path, "crlb.enabled=false"))
     before = Path(paths["json"]).read_bytes()

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarnet.data import grids
-from stellarnet.data.photometry import PHOT_FEATURES
-from stellarnet.data.shards import SCHEMA_VERSION, sha256_file
+from stellarnet.io import grids
+from stellarnet.preparation.photometry import PHOT_FEATURES
+from stellarnet.dataset.shards import SCHEMA_VERSION, sha256_file
 from stellarnet.features import (
     IndexMeasurer,
     IndexWindow,

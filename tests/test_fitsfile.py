@@ -1,4 +1,4 @@
-"""The fast FITS reader (stellarnet.data.fitsfile): the same headers and arrays as astropy on the
+"""The fast FITS reader (stellarnet.io.fitsfile): the same headers and arrays as astropy on the
 files it accepts, a refusal (UnsupportedFITS → astropy) on everything else, and the spectrum readers
 giving identical spectra either way."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from stellarnet.data import spectra
-from stellarnet.data.fitsfile import BLOCK, UnsupportedFITS, open_fits
-from stellarnet.paths import resource
+from stellarnet.io import spectra
+from stellarnet.io.fitsfile import BLOCK, UnsupportedFITS, open_fits
+from stellarnet.common.paths import resource
 
 APSTARS = ["apStar-dr17-2M17335483-2753043.fits", "apStar-dr17-2M19485057+5005279.fits"]
 

@@ -1,4 +1,4 @@
-"""The spectrum emulator and χ² refinement (stellarnet.models.forward) on a known synthetic forward model."""
+"""The spectrum emulator and χ² refinement (stellarnet.refinement.forward) on a known synthetic forward model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stellarnet.models.forward import (SpectraBlocks, SpectrumEmulator, chip_segments, emulator_from_state,
+from stellarnet.refinement.forward import (SpectraBlocks, SpectrumEmulator, chip_segments, emulator_from_state,
                                        emulator_state, fit_weights, refine_labels, train_emulator)
 
 NAMES = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
@@ -113,8 +113,8 @@ def test_continuum_correction_absorbs_a_normalization_error(emulator):
 
 
 def test_continuum_basis_follows_the_chips():
-    from stellarnet.data import grids
-    from stellarnet.models.forward import continuum_basis
+    from stellarnet.io import grids
+    from stellarnet.refinement.forward import continuum_basis
 
     basis = continuum_basis(7214, "dr12", 2).numpy()
     assert basis.shape == (7214, 9)
@@ -173,7 +173,7 @@ def test_state_round_trip_is_weights_only(emulator):
 
 
 def test_chip_segments_follow_the_grid():
-    from stellarnet.data import grids
+    from stellarnet.io import grids
 
     seg = chip_segments(grids.n_pixels("dr12"), "dr12")
     assert seg.shape == (grids.n_pixels("dr12"), 12) and torch.all(seg.sum(1) == 1)
@@ -184,7 +184,7 @@ def test_chip_segments_follow_the_grid():
 
 
 def test_label_calibration_removes_a_smooth_bias_despite_noisy_references():
-    from stellarnet.models.forward import apply_label_calibration, fit_label_calibration
+    from stellarnet.refinement.forward import apply_label_calibration, fit_label_calibration
 
     rng = np.random.default_rng(9)
     truth = MEAN + STD * rng.uniform(-1.5, 1.5, (20000, 4))
@@ -279,7 +279,7 @@ def test_line_shape_fit_measures_a_velocity_shift(emulator):
 # ------------------------------------------------------------------ mutation-benchmark survivors
 def test_continuum_basis_of_degree_zero_is_one_constant_per_chip():
     """Degree 0 (a per-chip scale) is a real correction, not "no correction" (None or < 0)."""
-    from stellarnet.models.forward import continuum_basis
+    from stellarnet.refinement.forward import continuum_basis
 
     assert continuum_basis(7214, "dr12", 0).shape == (7214, 3)
     assert continuum_basis(7214, "dr12", -1).shape == (7214, 0)
@@ -289,7 +289,7 @@ def test_line_shape_operator_matches_a_real_broadening_and_shift():
     """The second-order line-shape expansion against exact operations on a Gaussian line (σ = 2.5 px):
     a shift of δ = 0.4 px (m(x − δ), analytic) and an LSF variance change s = 0.8 px² (variances add)
     agree to a few % of the change, and the returned derivatives are the flux's (finite differences)."""
-    from stellarnet.models.forward import _line_shape, _line_shape_mask
+    from stellarnet.refinement.forward import _line_shape, _line_shape_mask
 
     x = torch.arange(200, dtype=torch.float64)
 
@@ -362,7 +362,7 @@ def test_outlier_fraction_counts_the_rejected_pixels(emulator):
 def test_label_calibration_needs_more_stars_than_coefficients():
     """Whatever min_stars says, a label needs more usable stars than its polynomial has coefficients
     (degree 2 in 4 labels: 15) — an exactly determined fit would pass through the noise."""
-    from stellarnet.models.forward import fit_label_calibration
+    from stellarnet.refinement.forward import fit_label_calibration
 
     rng = np.random.default_rng(4)
     labels = MEAN + STD * rng.uniform(-1, 1, (16, 4))
@@ -418,8 +418,8 @@ def test_cached_blocks_train_exactly_as_arrays():
 
 
 def test_spline_continuum_basis_is_a_partition_of_unity_per_chip():
-    from stellarnet.data import grids
-    from stellarnet.models.forward import continuum_spline_basis
+    from stellarnet.io import grids
+    from stellarnet.refinement.forward import continuum_spline_basis
 
     basis = continuum_spline_basis(7214, "dr12", 100.0).numpy()
     wave = grids.wavelength("dr12")
@@ -481,7 +481,7 @@ def test_noise_correlation_widens_sigma_for_shared_noise_and_not_for_white_noise
 
 
 def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_boundaries():
-    from stellarnet.models.forward import _chip_straddles, noise_correlation_factor
+    from stellarnet.refinement.forward import _chip_straddles, noise_correlation_factor
 
     n, P = 64, 7214
     g = torch.Generator().manual_seed(0)
@@ -505,7 +505,7 @@ def test_weighted_gram_matches_dense(kind: str) -> None:
     and the cached pair products go when the basis does."""
     import gc
 
-    from stellarnet.models import forward as fw
+    from stellarnet.refinement import forward as fw
 
     basis = {"spline": lambda: fw.continuum_spline_basis(7214, "dr12", 100.0),
              "chebyshev": lambda: fw.continuum_basis(7214, "dr12", 4),
@@ -536,7 +536,7 @@ def test_companion_score_finds_a_double_lined_binary_and_not_a_single_star(emula
     χ²-normalized score to ~√240 × the correlation: the APOGEE threshold is checked on the suite.)"""
     from scipy.ndimage import shift as nd_shift
 
-    from stellarnet.models.inference import FLAG_COMPANION
+    from stellarnet.network.inference import FLAG_COMPANION
 
     rng = np.random.default_rng(41)
     labels = MEAN + STD * rng.uniform(-1.2, 1.2, (120, 4))
@@ -561,7 +561,7 @@ def test_companion_score_finds_a_double_lined_binary_and_not_a_single_star(emula
 def test_companion_score_uses_pairs_within_a_chip_only():
     """A pattern and its copy k pixels further on give t_k = its norm; the same copy placed across the
     boundary of two chips gives nothing (no wrap-around, no cross-chip pairs)."""
-    from stellarnet.models.forward import companion_score
+    from stellarnet.refinement.forward import companion_score
 
     P_ = 200
     lines = torch.zeros(1, P_)

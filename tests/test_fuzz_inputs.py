@@ -26,10 +26,10 @@ from astropy.table import Table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stellarnet.data.catalogs import CatalogFormatError, MissingColumnError, read_allstar
-from stellarnet.data.shards import ShardError, load_manifest, verify_dataset
-from stellarnet.data.spectra import SpectrumFormatError, SpectrumQualityError, prepare_spectrum, read_spectrum
-from stellarnet.data.surveys import read_galah, read_lamost
+from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_allstar
+from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
+from stellarnet.io.spectra import SpectrumFormatError, SpectrumQualityError, prepare_spectrum, read_spectrum
+from stellarnet.io.surveys import read_galah, read_lamost
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"
 #: examples per property: default suite / -m slow

@@ -1,12 +1,12 @@
-"""Tests of stellarnet.data.grids (APOGEE wavelength grids and gap removal)."""
+"""Tests of stellarnet.io.grids (APOGEE wavelength grids and gap removal)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stellarnet.data import grids
-from stellarnet.paths import resource
+from stellarnet.io import grids
+from stellarnet.common.paths import resource
 
 
 @pytest.mark.parametrize("grid, n", [("dr17", 7514), ("dr12", 7214), (7514, 7514), ("7214", 7214)])

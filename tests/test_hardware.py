@@ -1,4 +1,4 @@
-"""Torch threads per training process (`stellarnet.hardware`): CPUs shared by the local ranks."""
+"""Torch threads per training process (`stellarnet.common.hardware`): CPUs shared by the local ranks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import stellarnet.hardware as hw
+import stellarnet.common.hardware as hw
 
 _LAUNCH_VARS = ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "SLURM_STEP_ID")
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stellarnet.eval.figures import save_figure
-from stellarnet.eval.importance import (
+from stellarnet.evaluation.figures import save_figure
+from stellarnet.evaluation.importance import (
     IMPORTANCE_COLUMNS,
     feature_group,
     feature_set_comparison,
@@ -23,7 +23,7 @@ from stellarnet.eval.importance import (
     saliency_frame,
     tree_importance,
 )
-from stellarnet.models.trees import TreeBaseline, run_baselines, tabular_features
+from stellarnet.baselines.trees import TreeBaseline, run_baselines, tabular_features
 
 LABELS = ["TEFF", "LOGG"]
 TASKS = ["stage"]
@@ -150,7 +150,7 @@ class _Pred:
     """The parts of a Predictor that network_saliency uses."""
 
     def __init__(self, module):
-        from stellarnet.models.inference import Predictor
+        from stellarnet.network.inference import Predictor
 
         p = Predictor(module, fuse=False)
         self.module, self.label_names, self.device = p.module, p.label_names, p.device
@@ -159,12 +159,12 @@ class _Pred:
 
 P_SMALL = 160
 TINY_NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [8, 16],
+    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [8, 16],
                          "kernel_sizes": [5, 3], "strides": [2, 2], "pool_size": 8, "dropout": 0.1, "out_dim": 32},
-    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [16], "out_dim": 8},
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [64], "dropout": 0.1},
-    "regression_head": {"_target_": "stellarnet.models.heads.HeteroscedasticHead"},
-    "classification_head": {"_target_": "stellarnet.models.heads.ClassificationHead"},
+    "photometry": {"_target_": "stellarnet.network.encoders.PhotometryMLP", "hidden": [16], "out_dim": 8},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [64], "dropout": 0.1},
+    "regression_head": {"_target_": "stellarnet.network.heads.HeteroscedasticHead"},
+    "classification_head": {"_target_": "stellarnet.network.heads.ClassificationHead"},
 }
 SPEC = {
     "grid": None, "n_pixels": P_SMALL, "wavelength": np.linspace(15100.0, 16900.0, P_SMALL).tolist(),
@@ -179,7 +179,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def tiny_module():
-    from stellarnet.models import StellarNetModule
+    from stellarnet.network import StellarNetModule
 
     torch.manual_seed(0)
     return StellarNetModule(net=TINY_NET, data_spec=SPEC, log_figures=False).eval()

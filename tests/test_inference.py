@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-import stellarnet.hardware as hardware
-from stellarnet.models import StellarNetModule, load_model, save_model_folder
-from stellarnet.models.inference import Predictor, precision_name, resolve_precision
+import stellarnet.common.hardware as hardware
+from stellarnet.network import StellarNetModule, load_model, save_model_folder
+from stellarnet.network.inference import Predictor, precision_name, resolve_precision
 
 P = 256
 NET = {
-    "spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [8, 8],
+    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [8, 8],
                          "kernel_sizes": [5, 3], "strides": [2, 2], "pool_size": 4, "dropout": 0.1, "out_dim": 16},
     "photometry": None,
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [16], "dropout": 0.1},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [16], "dropout": 0.1},
 }
 SPEC = {"grid": None, "n_pixels": P, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
         "label_mean": [4800.0, 2.5], "label_std": [600.0, 1.0], "phot_features": [],
@@ -57,11 +57,11 @@ def test_unknown_precision_is_refused(value, module):
 
 def test_bf16_falls_back_to_float32_without_native_support(monkeypatch, module, caplog):
     monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="stellarnet.models.inference"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.network.inference"):
         assert Predictor(module, precision="bf16").precision == "32"
     assert "no native bf16" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="stellarnet.models.inference"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.network.inference"):
         assert Predictor(module, precision="auto").precision == "32"  # auto: quietly float32
     assert caplog.text == ""
 
@@ -111,7 +111,7 @@ def test_batch_size_one_and_empty_inputs(tmp_path):
     """batch_size=1 is valid and gives the batched numbers; zero spectra give empty (0, L) arrays."""
     from conftest import tiny_model_folder
 
-    from stellarnet.models import load_model
+    from stellarnet.network import load_model
 
     model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
     rng = np.random.default_rng(4)
@@ -130,7 +130,7 @@ def test_total_sigma_adds_the_parts_in_quadrature(tmp_path):
     """σ_total = √(σ_aleatoric² + σ_epistemic²) after the folder's σ scale (MC dropout on)."""
     from conftest import tiny_model_folder
 
-    from stellarnet.models import load_model
+    from stellarnet.network import load_model
 
     model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.3))
     model.sigma_scale = np.array([1.7, 0.6], np.float32)
@@ -142,7 +142,7 @@ def test_total_sigma_adds_the_parts_in_quadrature(tmp_path):
 
 
 def test_bf16_native_asks_the_gpu(monkeypatch):
-    from stellarnet.models.inference import _bf16_native
+    from stellarnet.network.inference import _bf16_native
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert _bf16_native(torch.device("cuda")) is True

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stellarnet.data.shards import verify_dataset
+from stellarnet.dataset.shards import verify_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def _kill(proc: subprocess.Popen) -> None:
 BUILD = textwrap.dedent(
     """
     import json, sys
-    from stellarnet.data.shards import build_shards
+    from stellarnet.dataset.shards import build_shards
     allstar, out, root, cuts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     build_shards(allstar, out, cuts, spectra_root=root, grid="dr12", rows_per_shard=64, n_workers=1,
                  progress=False,
@@ -80,7 +80,7 @@ def test_killed_shard_build_resumes_to_the_clean_manifest(tiny_survey, tiny_shar
     assert not (out / "manifest.json").exists(), "the build finished before the kill; nothing was tested"
     assert 1 <= len(done) < n_shards
 
-    from stellarnet.data.shards import build_shards
+    from stellarnet.dataset.shards import build_shards
 
     manifest = build_shards(tiny_survey["allstar"], out, loose_cuts, spectra_root=tiny_survey["root"],
                             grid="dr12", rows_per_shard=64, n_workers=1, progress=False,

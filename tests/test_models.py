@@ -1,4 +1,4 @@
-"""Tests for stellarnet.models: encoders, heads, losses, the LightningModule and inference."""
+"""Tests for stellarnet.network: encoders, heads, losses, the LightningModule and inference."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from stellarnet.models import (
+from stellarnet.network import (
     CheckpointError,
     ClassificationHead,
     HeteroscedasticHead,
@@ -42,7 +42,7 @@ P_SMALL = 160
 
 TINY_NET = {
     "spectral_encoder": {
-        "_target_": "stellarnet.models.encoders.SpectralConvEncoder",
+        "_target_": "stellarnet.network.encoders.SpectralConvEncoder",
         "channels": [8, 16],
         "kernel_sizes": [5, 3],
         "strides": [2, 2],
@@ -50,10 +50,10 @@ TINY_NET = {
         "dropout": 0.1,
         "out_dim": 32,
     },
-    "photometry": {"_target_": "stellarnet.models.encoders.PhotometryMLP", "hidden": [16], "out_dim": 8},
-    "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [64], "dropout": 0.1},
-    "regression_head": {"_target_": "stellarnet.models.heads.HeteroscedasticHead"},
-    "classification_head": {"_target_": "stellarnet.models.heads.ClassificationHead"},
+    "photometry": {"_target_": "stellarnet.network.encoders.PhotometryMLP", "hidden": [16], "out_dim": 8},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [64], "dropout": 0.1},
+    "regression_head": {"_target_": "stellarnet.network.heads.HeteroscedasticHead"},
+    "classification_head": {"_target_": "stellarnet.network.heads.ClassificationHead"},
 }
 
 
@@ -469,7 +469,7 @@ def test_nan_guard_raise_and_skip(caplog):
     with pytest.raises(FloatingPointError, match=r"batch_idx=3.*regression"):
         m.training_step(b, 3)
     m = make_module(nan_policy="skip")
-    with caplog.at_level(logging.WARNING, logger="stellarnet.models.module"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.network.module"):
         assert m.training_step(b, 5) is None
     assert "batch_idx=5" in caplog.text and m.n_skipped_batches == 1
     # a finite batch trains as usual
@@ -536,7 +536,7 @@ def test_checkpoint_loads_weights_only_and_predicts_like_module(trained, ckpt_pa
 
 
 def test_fused_predictor_matches_unfused(trained):
-    from stellarnet.models.inference import Predictor
+    from stellarnet.network.inference import Predictor
 
     module = trained["module"]
     ds = trained["val"]

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from stellarnet.data.catalogs import MissingColumnError
-from stellarnet.data.classes import (
+from stellarnet.io.catalogs import MissingColumnError
+from stellarnet.preparation.classes import (
     DEFAULT_LUMINOSITY_THRESHOLDS,
     DEFAULT_SPECTRAL_THRESHOLDS,
     DEFAULT_STAGE_CONFIG,
@@ -28,7 +28,7 @@ from stellarnet.data.classes import (
     luminosity_class,
     spectral_type,
 )
-from stellarnet.data.photometry import (
+from stellarnet.preparation.photometry import (
     EXTINCTION_RATIOS,
     PHOT_FEATURES,
     k_extinction,

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 
 TINY = [
     "+experiment=apogee",
@@ -135,7 +135,7 @@ def test_pipeline_config_errors(tmp_path):
 
 
 def _predictions(n: int) -> pd.DataFrame:
-    from stellarnet.results import predictions_frame
+    from stellarnet.io.predictions import predictions_frame
 
     rng = np.random.default_rng(0)
     labels = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
@@ -155,8 +155,8 @@ def _predictions(n: int) -> pd.DataFrame:
 def test_export_catalogue(tmp_path):
     from astropy.table import Table
 
-    from stellarnet.eval.offsets import Calibration
-    from stellarnet.export import build_catalogue, write_catalogue
+    from stellarnet.crossval.offsets import Calibration
+    from stellarnet.io.export import build_catalogue, write_catalogue
 
     n = 8
     pred = _predictions(n)

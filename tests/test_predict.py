@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import copy_survey_slice, tiny_model_folder
 
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 from stellarnet.predict import predict
 
 N_ROWS = 20
@@ -130,7 +130,7 @@ def test_new_settings_are_checked_before_loading(tmp_path, override, message):
 
 
 def test_bf16_uses_its_batch_size(model_dir, catalog, tmp_path, monkeypatch):
-    import stellarnet.hardware as hardware
+    import stellarnet.common.hardware as hardware
 
     monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: True)  # emulated bf16 is only slower
     inp = str(catalog["allstar"])
@@ -150,7 +150,7 @@ def test_a_shifted_survey_in_files_is_predicted_and_scored_against_its_truth(mod
     truth file: what scripts/bench_shift_files.py does, on a handful of stars."""
     from astropy.io import fits
 
-    from stellarnet.robustness import score_catalogue
+    from stellarnet.benchmarks.shift_suite import score_catalogue
     from stellarnet.simulate.survey import simulate_survey
 
     paths = simulate_survey(tmp_path / "survey", n_stars=30, seed=3, stars_per_field=30, external=False,

@@ -16,9 +16,9 @@ import pytest
 from conftest import copy_survey_slice
 from test_predict import _cfg, model_dir  # noqa: F401 - the untrained tiny model folder fixture
 
-from stellarnet.data.chunks import open_chunks
+from stellarnet.dataset.chunks import open_chunks
 from stellarnet.predict import PARTS_DIR, predict
-from stellarnet.results import finished_parts, read_part, write_part
+from stellarnet.io.predictions import finished_parts, read_part, write_part
 
 N_ROWS = 30
 COMMON = ("num_workers=0", "mc_samples=2", "seed=3", "chunk_size=4", "trainer.accelerator=cpu",
@@ -66,7 +66,7 @@ def test_a_killed_run_resumes_from_its_parts(model_dir, survey, tmp_path, monkey
     """A run stopped after 3 of 8 chunks leaves 3 part files and no catalogue; the same command then
     predicts only the 5 others and writes the catalogue of an uninterrupted run (same bytes); the
     parts are removed once merged. Another plan (other mc_samples) does not reuse them."""
-    from stellarnet.models import prediction
+    from stellarnet.network import prediction
 
     ref_summary, ref_paths = _run(model_dir, survey, tmp_path / "ref")
     assert ref_summary["chunks_skipped"] == 0 and ref_summary["stars"] == N_ROWS
@@ -130,7 +130,7 @@ def test_provenance_without_the_simulated_key_is_not_called_simulated(model_dir,
     import json
     import shutil
 
-    from stellarnet.models.inference import load_model
+    from stellarnet.network.inference import load_model
     from stellarnet.predict import catalogue_provenance
 
     folder = tmp_path / "model"

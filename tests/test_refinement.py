@@ -15,12 +15,12 @@ import torch
 from test_evaluate import NET as EVAL_NET
 from test_evaluate import SPEC_KEYS
 
-from stellarnet.data.shards import load_manifest
-from stellarnet.eval.network import load_split
-from stellarnet.models import StellarNetModule, save_model_folder
-from stellarnet.models.inference import EMULATOR_FILE, CheckpointError, load_model
-from stellarnet.refinement import build_refinement
-from stellarnet.results import predictions_frame
+from stellarnet.dataset.shards import load_manifest
+from stellarnet.evaluation.split_predictions import load_split
+from stellarnet.network import StellarNetModule, save_model_folder
+from stellarnet.network.inference import EMULATOR_FILE, CheckpointError, load_model
+from stellarnet.refinement.stage import build_refinement
+from stellarnet.io.predictions import predictions_frame
 
 NET = copy.deepcopy(EVAL_NET)  # the evaluation tests' tiny network, without dropout (as the default model)
 NET["spectral_encoder"]["dropout"] = NET["trunk"]["dropout"] = 0.0
@@ -150,8 +150,8 @@ def _flag_result(n: int = 8) -> dict:
 
 
 def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
-    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
-    from stellarnet.models.inference import stellarnet_flags
+    from stellarnet.io.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.network.inference import stellarnet_flags
 
     box = np.array([[3500.0, 7000.0], [0.0, 5.0], [-2.0, 0.5], [-0.2, 0.5]])
     res = _flag_result(9)
@@ -176,7 +176,7 @@ def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
 
 
 def test_predictions_carry_the_flag_and_outlier_pixels_trip_it(refined_dir, tiny_shards):
-    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.io.bitmasks import STELLARNET_FLAG as F
 
     folder, _ = refined_dir
     data = load_split(tiny_shards, "test")
@@ -198,7 +198,7 @@ def test_predictions_carry_the_flag_and_outlier_pixels_trip_it(refined_dir, tiny
 
 
 def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp_path):
-    from stellarnet.robustness import shift_table_from_config
+    from stellarnet.benchmarks.shift_suite import shift_table_from_config
 
     folder, _ = refined_dir
     assert shift_table_from_config(folder, tmp_path, {"enabled": False}) is None
@@ -211,7 +211,7 @@ def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp
         assert entry["n_bin"] > 5 and 0 <= entry["stage"]["accuracy"] <= 1
         for m in entry["refined"].values():
             assert m["robust_sigma"] > 0 and 0 <= m["coverage_1sigma"] <= 1
-    from stellarnet.data.bitmasks import STELLARNET_FLAG
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
 
     for entry in res["shifts"].values():
         assert set(entry["flag_rates"]) == set(STELLARNET_FLAG.bits.values())
@@ -279,8 +279,8 @@ def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
     """A fit that moves more than REFINE_MAX_SHIFT network σ and does not explain the spectrum keeps the
     network's labels (flag 1, STELLARNET_FLAG REFINE_FAILED); the same move with a good χ² keeps the
     refined labels; non-finite network labels are not refined (flag 2, NOT_REFINED)."""
-    import stellarnet.models.inference as inference
-    from stellarnet.data.bitmasks import STELLARNET_FLAG
+    import stellarnet.network.inference as inference
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
 
     folder, _ = refined_dir
     data = load_split(tiny_shards, "test")
@@ -309,7 +309,7 @@ def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
 
 
 def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
-    from stellarnet.refinement import _device
+    from stellarnet.refinement.stage import _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _device("auto") == "cuda" and _device(None) == "cuda" and _device("cpu") == "cpu"
@@ -319,8 +319,8 @@ def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
 
 def test_disagreement_threshold_is_three_combined_sigma():
     """NET_REFINE_DISAGREE at |refined − network| > 3 √(σ_net² + σ_fit²), not at any other combination."""
-    from stellarnet.data.bitmasks import STELLARNET_FLAG as F
-    from stellarnet.models.inference import stellarnet_flags
+    from stellarnet.io.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.network.inference import stellarnet_flags
 
     res = _flag_result(4)
     res["sigma_network"] = np.tile([1.0, 0.03, 0.02, 0.02], (4, 1))
@@ -344,8 +344,8 @@ def test_predict_gives_the_refinement_all_the_cpus(refined_dir, tiny_survey, tmp
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from stellarnet.hardware import available_cpus
-    from stellarnet.paths import CONF_DIR
+    from stellarnet.common.hardware import available_cpus
+    from stellarnet.common.paths import CONF_DIR
     from stellarnet.predict import predict
 
     folder, _ = refined_dir
@@ -370,15 +370,15 @@ def test_refine_defaults_are_the_config_files():
     conf/refine_stage/default.yaml says: one set of defaults."""
     from omegaconf import OmegaConf
 
-    from stellarnet.paths import CONF_DIR
-    from stellarnet.refinement import REFINE_DEFAULTS
+    from stellarnet.common.paths import CONF_DIR
+    from stellarnet.refinement.stage import REFINE_DEFAULTS
 
     yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "refine_stage" / "default.yaml"), resolve=True)
     assert REFINE_DEFAULTS == yaml
 
 
 def test_training_subset_is_seeded_and_consistent():
-    from stellarnet.refinement import _training_rows
+    from stellarnet.refinement.stage import _training_rows
 
     assert np.array_equal(_training_rows(100, None, 0), np.arange(100))
     assert np.array_equal(_training_rows(100, 100, 0), np.arange(100))
@@ -389,8 +389,8 @@ def test_training_subset_is_seeded_and_consistent():
 
 def test_predictions_read_block_by_block_equal_those_of_the_loaded_split(refined_dir, tiny_shards):
     """predict_rows (the refinement build's reader) gives predict_split's numbers on the same rows."""
-    from stellarnet.data.shards import ShardReader
-    from stellarnet.eval.network import predict_rows, predict_split
+    from stellarnet.dataset.shards import ShardReader
+    from stellarnet.evaluation.split_predictions import predict_rows, predict_split
 
     model = load_model(refined_dir[0])
     reader = ShardReader(tiny_shards, "val", verify=False)
@@ -407,7 +407,7 @@ def test_a_streamed_build_reads_bounded_blocks_and_fits_as_well(refined_dir, tin
     """refine.memory_gb=0: the emulator's spectra are read from the shards every epoch; no read of
     spectra in the whole build asks for more than block_stars rows (the memory bound), and the stage is
     as good as the in-memory one (same stars, χ² no more than 15 % above, finite σ model)."""
-    from stellarnet.data.shards import ShardReader
+    from stellarnet.dataset.shards import ShardReader
 
     largest = {"rows": 0}
     rows_fn = ShardReader.rows
@@ -473,7 +473,7 @@ def test_rebuilding_a_stage_starts_from_the_network_again(refined_dir, tiny_shar
 
 
 def test_disagreement_factor_is_the_birge_ratio_of_the_two_estimates():
-    from stellarnet.models.inference import disagreement_factor
+    from stellarnet.network.inference import disagreement_factor
 
     lab = np.array([[5000.0, 4.0], [5000.0, 4.0], [5000.0, 4.0]])
     other = np.array([[5004.0, 4.0], [5030.0, 3.8], [np.nan, 4.5]])
@@ -487,7 +487,7 @@ def test_refined_sigma_grows_where_network_and_refinement_disagree(refined_dir, 
     """The stage's σ is the σ model's times the Birge ratio of refined vs network labels, and so is the
     network's own σ (where the refinement is kept); switching the inflation off gives the σ model's and
     the network's alone, the same labels, and the same flags (judged before it)."""
-    from stellarnet.models.inference import disagreement_factor
+    from stellarnet.network.inference import disagreement_factor
 
     folder, _ = refined_dir
     data = load_split(tiny_shards, "test")
@@ -514,8 +514,8 @@ def test_spline_continuum_absorbs_a_pseudo_continuum_a_chip_polynomial_cannot(re
     """A normalization error on ~100–200 Å scales (as a pseudo-continuum that follows the line
     blanketing leaves) moves the labels of a fit with a per-chip polynomial continuum; the B-spline
     continuum (knots every 100 Å) absorbs it: the labels stay near those of the undistorted spectra."""
-    from stellarnet.data import grids
-    from stellarnet.models.forward import refine_labels
+    from stellarnet.io import grids
+    from stellarnet.refinement.forward import refine_labels
 
     folder, _ = refined_dir
     model = load_model(folder)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from astropy.table import Table
 
-from stellarnet.results import PredictionWriter
+from stellarnet.io.predictions import PredictionWriter
 
 
 def _chunk(start: int, n: int) -> pd.DataFrame:

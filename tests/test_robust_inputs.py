@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from stellarnet.data import grids
-from stellarnet.data.grids import LSF_SIGMA_PIX
-from stellarnet.models.augment import SpectrumAugment
-from stellarnet.models.encoders import RobustInputs, SpectralConvEncoder, der_snr_noise, spectral_input_channels
-from stellarnet.models.module import StellarNetModule
+from stellarnet.io import grids
+from stellarnet.io.grids import LSF_SIGMA_PIX
+from stellarnet.network.augment import SpectrumAugment
+from stellarnet.network.encoders import RobustInputs, SpectralConvEncoder, der_snr_noise, spectral_input_channels
+from stellarnet.network.module import StellarNetModule
 
 P = grids.n_pixels("dr12")
 NOISE = 0.01
@@ -95,7 +95,7 @@ def test_augmentation_only_in_training_and_keeps_masked_pixels():
 
 
 def test_augmentation_flags_scattered_short_runs_as_prepare_spectrum_leaves_them():
-    from stellarnet.data.spectra import BAD_PIXEL_ERR
+    from stellarnet.io.spectra import BAD_PIXEL_ERR
 
     flux, err, mask = spectra(400)
     aug = SpectrumAugment(P, prob=1.0, mask_fraction=0.08, continuum=0.0, outlier_fraction=0.0, err_scale=(1.0, 1.0),
@@ -117,10 +117,10 @@ def test_augmentation_flags_scattered_short_runs_as_prepare_spectrum_leaves_them
 def _tiny_module(augment: dict | None) -> StellarNetModule:
     spec = {"grid": "dr12", "n_pixels": P, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
             "label_mean": [4800.0, 2.5], "label_std": [500.0, 1.0], "phot_features": [], "class_tasks": {}}
-    net = {"spectral_encoder": {"_target_": "stellarnet.models.encoders.SpectralConvEncoder", "channels": [4, 4],
+    net = {"spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder", "channels": [4, 4],
                                 "kernel_sizes": [5, 5], "strides": [8, 8], "pool_size": 8, "out_dim": 16,
                                 "inputs": "robust"},
-           "photometry": None, "trunk": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [16]}}
+           "photometry": None, "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP", "hidden": [16]}}
     return StellarNetModule(net=net, data_spec=spec, augment=augment)
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stellarnet.data.shards import BUILDING_MARKER, MANIFEST, ShardTasks, _ShardTask, load_manifest
+from stellarnet.dataset.shards import BUILDING_MARKER, MANIFEST, ShardTasks, _ShardTask, load_manifest
 
 
 def _overrides(survey: dict, out: Path) -> list[str]:
@@ -32,8 +32,8 @@ def _one_process(survey: dict, out: Path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from stellarnet.paths import CONF_DIR
-    from stellarnet.workflow import ensure_shards
+    from stellarnet.common.paths import CONF_DIR
+    from stellarnet.dataset.ensure import ensure_shards
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="train", overrides=_overrides(survey, out))
@@ -76,8 +76,8 @@ def test_a_shard_task_is_built_once_and_then_skipped(tiny_survey, tmp_path):
     complete file of the same build is kept and its entry returned unchanged."""
     import numpy as np
 
-    from stellarnet.data.catalogs import read_allstar
-    from stellarnet.data.shards import spectrum_path
+    from stellarnet.io.catalogs import read_allstar
+    from stellarnet.dataset.shards import spectrum_path
 
     df = read_allstar(tiny_survey["allstar"], columns=["APOGEE_ID", "TELESCOPE", "FIELD"]).iloc[:5]
     files = [str(spectrum_path(tiny_survey["root"], "aspcapStar", t, f, a))
@@ -96,7 +96,7 @@ def test_building_shards_leaves_the_global_random_state_alone(tiny_survey, loose
     other weights depending on whether the shards existed."""
     import torch
 
-    from stellarnet.data.shards import build_shards
+    from stellarnet.dataset.shards import build_shards
 
     torch.manual_seed(123)
     before = torch.get_rng_state().clone()

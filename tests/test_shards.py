@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stellarnet.data import grids
-from stellarnet.data.catalogs import read_allstar
-from stellarnet.data.datamodule import StellarDataModule
-from stellarnet.data.shards import ShardError, ShardReader, build_shards, load_manifest, verify_dataset
-from stellarnet.data.spectra import prepare_spectrum, read_spectrum
-from stellarnet.data.splits import assign_splits
+from stellarnet.io import grids
+from stellarnet.io.catalogs import read_allstar
+from stellarnet.dataset.datamodule import StellarDataModule
+from stellarnet.dataset.shards import ShardError, ShardReader, build_shards, load_manifest, verify_dataset
+from stellarnet.io.spectra import prepare_spectrum, read_spectrum
+from stellarnet.preparation.splits import assign_splits
 
 
 def _all_rows(dataset):
@@ -191,8 +191,8 @@ def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_s
                                                                           tmp_path, monkeypatch):
     """A rebuild killed after one shard leaves old shards, one new shard and the old manifest:
     no reader may take that for a dataset (doubled and missing stars); a rerun finishes it."""
-    import stellarnet.data.shards as shards_mod
-    from stellarnet.data.chunks import open_chunks
+    import stellarnet.dataset.shards as shards_mod
+    from stellarnet.dataset.chunks import open_chunks
 
     work = tmp_path / "half"
     shutil.copytree(tiny_shards, work)
@@ -228,7 +228,7 @@ def test_interrupted_rebuild_with_other_settings_is_refused_then_finished(tiny_s
 
 
 def test_modified_shard_is_refused_by_predict_source(tiny_shards, tmp_path):
-    from stellarnet.data.chunks import open_chunks
+    from stellarnet.dataset.chunks import open_chunks
 
     work = tmp_path / "mod"
     shutil.copytree(tiny_shards, work)
@@ -263,7 +263,7 @@ def test_concurrent_build_is_refused_and_stale_lock_taken_over(tiny_shards, tiny
 
 
 def test_class_weights_inverse_frequency_capped_and_normalized():
-    from stellarnet.data.shards import _class_weights
+    from stellarnet.dataset.shards import _class_weights
 
     codes = np.array([0] * 80 + [1] * 20 + [-1] * 50)  # −1 = undefined, ignored
     np.testing.assert_allclose(_class_weights(codes, 3), [0.4, 1.6, 0.0])  # 100/(2·count), mean 1 over present
@@ -275,7 +275,7 @@ def test_class_weights_inverse_frequency_capped_and_normalized():
 def test_a_lock_held_by_another_users_process_counts_as_alive(monkeypatch):
     import os
 
-    from stellarnet.data.shards import _pid_alive
+    from stellarnet.dataset.shards import _pid_alive
 
     def denied(pid, sig):
         raise PermissionError("not yours")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarnet.data import grids
-from stellarnet.data.grids import KMS_PER_PIXEL, LSF_SIGMA_PIX
+from stellarnet.io import grids
+from stellarnet.io.grids import KMS_PER_PIXEL, LSF_SIGMA_PIX
 from stellarnet.simulate.instrument import BAD_ERR, observe_spectra
 from stellarnet.simulate.shifts import (SHIFT_SUITE, Shift, broaden_lsf,
                                         continuum_residual, correlate_noise, convention_pixels, corrupt_pixels, normalize_convention,
@@ -93,7 +93,7 @@ def test_normalization_conventions_recover_a_smooth_continuum(convention):
 def test_smooth_convention_is_a_running_mean_that_follows_the_lines():
     """The "smooth" convention (Ho et al. 2017): a line-free spectrum comes back flat away from the chip
     edges, while lines pull the pseudo-continuum down — normalized flux averages ~1 on 100 Å scales."""
-    from stellarnet.data import grids
+    from stellarnet.io import grids
 
     x = np.linspace(-1, 1, P)
     cont = (4.0 + 0.5 * x + 0.3 * x**2)[None].astype(np.float64)
@@ -162,7 +162,7 @@ def test_errors_in_crlb_units_measure_distance_from_the_bound():
     """label_metrics with a CRLB: errors drawn at exactly 2 × each star's bound score 2 (within the
     sampling error of a robust σ of 4,000 draws, ~2 %), whatever the spread of the bounds; stars
     without a bound (NaN) are left out of that number only."""
-    from stellarnet.robustness import label_metrics
+    from stellarnet.benchmarks.shift_suite import label_metrics
 
     rng = np.random.default_rng(5)
     n = 4000
@@ -180,7 +180,7 @@ def test_errors_in_crlb_units_measure_distance_from_the_bound():
 
 def test_true_crlb_is_larger_at_lower_snr_and_nan_outside_the_box():
     """The bound scales as 1/S/N (white noise) and is NaN for labels outside the spectral model's box."""
-    from stellarnet.robustness import true_crlb
+    from stellarnet.benchmarks.shift_suite import true_crlb
 
     labels = np.array([[4800.0, 2.5, 0.0, 0.05], [4800.0, 2.5, 0.0, 0.05], [20000.0, 2.5, 0.0, 0.05]])
     b = true_crlb(labels, np.array([100.0, 50.0, 100.0]))
@@ -248,8 +248,8 @@ def test_score_catalogue_joins_rows_to_truth() -> None:
     labels on the S/N bin only, stages over all rows; a star missing from the truth is named."""
     from astropy.table import Table
 
-    from stellarnet.data.bitmasks import STELLARNET_FLAG
-    from stellarnet.robustness import score_catalogue
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
+    from stellarnet.benchmarks.shift_suite import score_catalogue
 
     rng = np.random.default_rng(0)
     n = 400
@@ -285,7 +285,7 @@ def test_companion_blends_a_cooler_dwarf_at_another_velocity():
     """The blend is the flux-weighted mean of the primary and a cooler dwarf of the same composition moved
     by 10–60 km/s: lines diluted where only the primary absorbs, new lines where the companion does; a
     zero flux ratio changes nothing."""
-    from stellarnet.simulate.emulator import load_emulator
+    from stellarnet.physics.kurucz import load_emulator
     from stellarnet.simulate.shifts import add_companion
 
     emu = load_emulator()

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from stellarnet.data import grids
-from stellarnet.data.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
-from stellarnet.data.spectra import continuum_normalize, read_aspcapstar
+from stellarnet.io import grids
+from stellarnet.io.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
+from stellarnet.io.spectra import continuum_normalize, read_aspcapstar
 from stellarnet.simulate.allstar import ALLSTAR_DTYPES, ALLSTAR_NAME, tmass_designation
-from stellarnet.simulate.emulator import load_emulator
+from stellarnet.physics.kurucz import load_emulator
 from stellarnet.simulate.external import GALAH_DTYPES, GALAH_NAME, LAMOST_DTYPES, LAMOST_NAME, apply_offsets, lamost_designation
 from stellarnet.simulate.instrument import observe_spectra
 from stellarnet.simulate.population import STAGES, sample_population

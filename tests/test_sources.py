@@ -12,9 +12,9 @@ from astropy.io import fits
 
 from conftest import copy_survey_slice
 
-from stellarnet.data import sources as S
-from stellarnet.data.catalogs import read_allstar
-from stellarnet.data.spectra import _checked_grid, read_aspcapstar, read_spectrum
+from stellarnet.dataset import sources as S
+from stellarnet.io.catalogs import read_allstar
+from stellarnet.io.spectra import _checked_grid, read_aspcapstar, read_spectrum
 
 GRID = "dr12"
 N_GOOD = 14
@@ -117,7 +117,7 @@ def test_wavelength_cache_only_keeps_passing_grids(survey):
 
 
 def test_file_reader_matches_read_spectrum_then_prepare(survey):
-    from stellarnet.data.spectra import prepare_spectrum
+    from stellarnet.io.spectra import prepare_spectrum
 
     files = survey["files"][:3]
     chunk = S.read_spectrum_files(files, GRID, None)
@@ -134,7 +134,7 @@ def test_file_reader_matches_read_spectrum_then_prepare(survey):
 def _loader_chunks(ds, num_workers: int) -> list[dict]:
     from torch.utils.data import DataLoader
 
-    from stellarnet.data.chunks import pass_through
+    from stellarnet.dataset.chunks import pass_through
 
     return list(DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=pass_through))
 
@@ -142,7 +142,7 @@ def _loader_chunks(ds, num_workers: int) -> list[dict]:
 def test_worker_processes_give_the_in_process_chunks(survey):
     """Spectrum files read by 2 DataLoader worker processes: the same chunks (order, arrays, per-file
     errors) as in this process; a bad file is one row with the reader's message, good rows untouched."""
-    from stellarnet.data.chunks import open_chunks
+    from stellarnet.dataset.chunks import open_chunks
 
     files = _mixed_files(survey)
     ds = open_chunks(files, GRID, chunk_size=4)
@@ -169,7 +169,7 @@ def test_worker_processes_give_the_in_process_chunks(survey):
 
 
 def test_catalogue_chunks_in_workers_match_in_process(survey):
-    from stellarnet.data.chunks import open_chunks
+    from stellarnet.dataset.chunks import open_chunks
 
     ds = open_chunks(str(survey["allstar"]), GRID, chunk_size=5, spectra_root=str(survey["root"]))
     assert (ds.kind, ds.n_stars) == ("catalog", 16)
@@ -196,7 +196,7 @@ def test_a_dead_worker_is_a_clear_error(survey, tmp_path):
     script.write_text(f"""
 import os, signal, time
 from torch.utils.data import DataLoader
-from stellarnet.data.chunks import open_chunks, pass_through
+from stellarnet.dataset.chunks import open_chunks, pass_through
 ds = open_chunks({[str(f) for f in survey["files"]] * 4!r}, {GRID!r}, chunk_size=1)
 it = iter(DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_through))
 next(it)

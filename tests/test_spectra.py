@@ -1,4 +1,4 @@
-"""Tests of stellarnet.data.spectra on the two real DR17 apStar files and synthetic spectra."""
+"""Tests of stellarnet.io.spectra on the two real DR17 apStar files and synthetic spectra."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from stellarnet.data import grids
-from stellarnet.data import spectra as S
-from stellarnet.data.bitmasks import APOGEE_PIXMASK
-from stellarnet.paths import resource
+from stellarnet.io import grids
+from stellarnet.io import spectra as S
+from stellarnet.io.bitmasks import APOGEE_PIXMASK
+from stellarnet.common.paths import resource
 
 APSTAR_MULTI = "apStar-dr17-2M17335483-2753043.fits"  # NVISITS = 3
 APSTAR_SINGLE = "apStar-dr17-2M19485057+5005279.fits"  # NVISITS = 1
@@ -493,7 +493,7 @@ def test_one_dimensional_apstar(tmp_path):
 def test_flux_that_is_not_what_its_kind_says_is_refused():
     """An "aspcapStar" holding un-normalized or negated flux, or apStar flux that is negated, gets
     a SpectrumQualityError (per star in predict), never labels; allow_empty makes them all-bad rows."""
-    from stellarnet.data.spectra import SpectrumQualityError
+    from stellarnet.io.spectra import SpectrumQualityError
 
     prepare_spectrum = S.prepare_spectrum
     rng = np.random.default_rng(0)

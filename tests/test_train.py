@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.paths import CONF_DIR
 from stellarnet.train import train
 
 
@@ -83,7 +83,7 @@ def test_a_real_tiny_training_run_exports_a_working_model_folder(tmp_path, tiny_
     fitted on val, the refinement stage, the evaluation report, the model card) — values checked."""
     import numpy as np
 
-    from stellarnet.models import load_model
+    from stellarnet.network import load_model
 
     cfg = make_cfg(tmp_path, tiny_survey, loose_cuts, ["trainer.max_epochs=2", "shifts.enabled=false",
                                                        "refine.epochs=3", "refine.hidden=16", "logger=none"])

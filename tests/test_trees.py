@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stellarnet.models import trees as T
+from stellarnet.baselines import trees as T
 
 LABELS = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
 TASKS = ["spectral_type", "luminosity_class", "stage"]
@@ -158,7 +158,7 @@ def test_missing_library_is_skipped(splits, monkeypatch, caplog) -> None:
     train, val, test = splits
     monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost -> ImportError
     cfg = {**TINY, "methods": ["xgboost", "random_forest"], "random_forest": {"n_estimators": 5}}
-    with caplog.at_level(logging.WARNING, logger="stellarnet.models.trees"):
+    with caplog.at_level(logging.WARNING, logger="stellarnet.baselines.trees"):
         res = T.run_baselines(train, val, test, cfg)
     assert res["xgboost"]["skipped"] and "pip install 'stellarnet[baselines]'" in res["xgboost"]["reason"]
     assert any("xgboost" in r.message for r in caplog.records)

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from stellarnet.utils import to_plain
+from stellarnet.common.files import to_plain
 
 __all__ = [
     "KINDS",
@@ -173,7 +173,7 @@ def default_windows(path: str | Path | None = None) -> list[IndexWindow]:
     """The window table of ``conf/features/default.yaml`` (or the features config at ``path``)."""
     from omegaconf import OmegaConf
 
-    from stellarnet.paths import CONF_DIR
+    from stellarnet.common.paths import CONF_DIR
 
     p = Path(path) if path is not None else CONF_DIR / "features" / "default.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)

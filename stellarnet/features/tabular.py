@@ -1,6 +1,6 @@
 """One tabular row per star of a shard dataset: IDs, engineered features, flags, labels, classes.
 
-:func:`build_feature_table` reads a shard dataset (``stellarnet.data.shards`` layout; spectra
+:func:`build_feature_table` reads a shard dataset (``stellarnet.dataset.shards`` layout; spectra
 shard by shard, so memory stays bounded by one shard) and the allStar DataFrame it was built
 from, and returns a DataFrame with, in this order:
 
@@ -10,7 +10,7 @@ from, and returns a DataFrame with, in this order:
   (``TEFF``, ``LOGG``, ``FE_H``, ``ALPHA_FE``) plus ``<label>_ERR``; NaN = missing.
 * Classes from the shards: one int64 column per class task (``spectral_type``,
   ``luminosity_class``, ``stage``), −1 = undefined.
-* Features: colour–magnitude (:data:`stellarnet.data.photometry.PHOT_FEATURES`, ``A_K`` and the
+* Features: colour–magnitude (:data:`stellarnet.preparation.photometry.PHOT_FEATURES`, ``A_K`` and the
   reduced proper motion ``H_K``; mag), abundance ratios (config ``abundances``; dex), spectral
   indices ``EW_*`` (Å) / ``DEPTH_*`` with ``*_ERR`` (:mod:`stellarnet.features.indices`).
 * Flags: ``<feature>_IMPUTED`` (bool) for features with the ``median`` missing policy,
@@ -19,7 +19,7 @@ from, and returns a DataFrame with, in this order:
 The statistics used for imputation and outlier flags come from the ``fit_split`` (train) rows
 only and are stored in ``df.attrs["feature_stats"]`` (kept by :func:`write_features`).
 Rows are matched to the allStar DataFrame by ``row_index`` (its index is the FITS row number, as
-:func:`stellarnet.data.catalogs.read_allstar` returns it) when the ``APOGEE_ID`` there agrees,
+:func:`stellarnet.io.catalogs.read_allstar` returns it) when the ``APOGEE_ID`` there agrees,
 else by ``APOGEE_ID`` (the highest-``SNR`` row among duplicates); stars not found get NaN
 catalogue features.
 """
@@ -37,11 +37,11 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from stellarnet.data.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
-from stellarnet.data.shards import ShardError, load_manifest, verify_dataset
-from stellarnet.data.splits import SPLITS
+from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
+from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
+from stellarnet.preparation.splits import SPLITS
 from stellarnet.features.indices import IndexMeasurer, load_windows
-from stellarnet.utils import to_plain
+from stellarnet.common.files import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ _MAG_LIMIT = 50.0  # |mag| >= this is a placeholder value, not a magnitude
 
 
 def _default_config_path() -> Path:
-    from stellarnet.paths import CONF_DIR
+    from stellarnet.common.paths import CONF_DIR
 
     return CONF_DIR / "features" / "default.yaml"
 
@@ -93,8 +93,8 @@ def load_features_config(path: str | Path | None = None) -> dict[str, Any]:
 
 def default_output_path(survey: str = "apogee", data_dir: str | Path | None = None) -> Path:
     """``<data_dir>/processed/<survey>_features.parquet``; ``data_dir`` defaults to
-    ``$STELLARNET_DATA`` or ``./data`` (:func:`stellarnet.paths.default_data_root`)."""
-    from stellarnet.paths import default_data_root
+    ``$STELLARNET_DATA`` or ``./data`` (:func:`stellarnet.common.paths.default_data_root`)."""
+    from stellarnet.common.paths import default_data_root
 
     root = Path(data_dir) if data_dir is not None else default_data_root()
     return root / "processed" / f"{survey}_features.parquet"
@@ -133,7 +133,7 @@ def colour_magnitude_features(
     reduced_pm: bool = True,
     rpm_only_without_parallax: bool = True,
 ) -> pd.DataFrame:
-    """:func:`stellarnet.data.photometry.photometric_features` (``PHOT_FEATURES``) plus ``A_K``
+    """:func:`stellarnet.preparation.photometry.photometric_features` (``PHOT_FEATURES``) plus ``A_K``
     (mag) and, if ``reduced_pm``, ``H_K`` (mag, :func:`reduced_proper_motion`). With
     ``rpm_only_without_parallax`` H_K is NaN where the parallax is good (ϖ > 0 and
     ϖ/σ_ϖ > ``min_parallax_snr``, i.e. where ``M_K`` can be used instead)."""
@@ -360,7 +360,7 @@ def build_feature_table(
     if icfg.get("enabled", True) and icfg.get("windows"):
         lam = np.asarray(manifest.get("wavelength") or [], dtype=float)
         if lam.size == 0:
-            from stellarnet.data import grids
+            from stellarnet.io import grids
 
             lam = grids.wavelength(manifest["grid"])
         measurer = IndexMeasurer(

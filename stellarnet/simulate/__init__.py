@@ -1,6 +1,6 @@
 """Simulated APOGEE-like survey in the real file formats (allStar, aspcapStar, GALAH DR3,
-LAMOST DR7, truth). Only entry points may import this package; ``stellarnet.data``,
-``stellarnet.models`` and ``stellarnet.eval`` never do.
+LAMOST DR7, truth). Only entry points may import this package; ``stellarnet.io``,
+``stellarnet.network`` and ``stellarnet.evaluation`` never do.
 
 Main entry: :func:`stellarnet.simulate.survey.simulate_survey`; CLI ``python -m stellarnet.simulate``.
 """
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing the package stays cheap
 
         return simulate_survey
     if name in ("KuruczEmulator", "load_emulator", "label_box"):
-        from stellarnet.simulate import emulator
+        from stellarnet.physics import kurucz as emulator
 
         return getattr(emulator, name)
     raise AttributeError(name)

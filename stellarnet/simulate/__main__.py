@@ -8,8 +8,8 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.errors import report_errors
-from stellarnet.paths import CONF_DIR
+from stellarnet.common.errors import report_errors
+from stellarnet.common.paths import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="simulate")

@@ -11,7 +11,7 @@ FE_H_ERR = 0.008 + 1/SNR; ALPHA_M_ERR = 0.01 + 1.5/SNR; C_FE/N_FE/MG_FE errors 0
 its own 0.01 dex scatter) and ``ALPHA_M`` is [α/M] as in DR17: the measured [α/Fe] + ``FE_H`` −
 ``M_H``, so that ``ALPHA_M + M_H − FE_H`` is the measured [α/Fe] (the truth file has [M/H] = [Fe/H]).
 
-Flags (names from :mod:`stellarnet.data.bitmasks`):
+Flags (names from :mod:`stellarnet.io.bitmasks`):
 
 * ASPCAPFLAG: SN_WARN (SNR < 70), SN_BAD (SNR < 30); STAR_BAD for SN_BAD and for ~2.5% "failed"
   rows whose labels are corrupted (Teff ± 600 K, logg ± 0.8, [Fe/H] ± 0.3; with CHI2_BAD,
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from stellarnet.data.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
+from stellarnet.io.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
 from stellarnet.simulate.instrument import MAX_BAD_RUNS
 from stellarnet.simulate.population import STAGES
 

@@ -7,7 +7,7 @@ Steps for each star (vectorized over chunks of stars):
 2. Instrument throughput: per chip, level (blue 0.85, green 1.0, red 0.9) × (1 + a₁x + a₂(x² − ⅓))
    with x ∈ [−1, 1] across the chip and a₁ ~ N(0, 0.08), a₂ ~ N(0, 0.05) per star and chip (a
    smooth blaze/flat-field residual). ``raw = model × throughput``.
-3. True continuum ``C``: the :func:`stellarnet.data.spectra.continuum_normalize` fit to the
+3. True continuum ``C``: the :func:`stellarnet.io.spectra.continuum_normalize` fit to the
    noiseless ``raw`` (so it is smooth and positive). Noise σ = C / SNR per pixel.
 4. Model-mismatch pixels (``apogee_bad_model_pixels_7214.npz``, where Kurucz models fit real
    spectra poorly): a systematic deviation δ = 0.01 C × s × p (p a fixed per-pixel N(0,1)
@@ -25,7 +25,7 @@ Steps for each star (vectorized over chunks of stars):
    and radial-velocity residual on the model (before step 2), pixel-correlated noise (step 6), unflagged
    outlier pixels with finite inflated errors (after step 7), another normalization convention (step 8), a smooth continuum
    residual and another error-array convention (after step 8). ``shift=None`` changes nothing.
-10. :func:`stellarnet.data.grids.gap_insert` places the spectra on the 8,575 grid with zeros in the
+10. :func:`stellarnet.io.grids.gap_insert` places the spectra on the 8,575 grid with zeros in the
    chip gaps and outside the DR12-era chips.
 """
 
@@ -38,10 +38,10 @@ from typing import Iterator
 
 import numpy as np
 
-from stellarnet.data import grids
-from stellarnet.data.spectra import continuum_normalize
-from stellarnet.paths import resource
-from stellarnet.simulate.emulator import KuruczEmulator, load_emulator
+from stellarnet.io import grids
+from stellarnet.io.spectra import continuum_normalize
+from stellarnet.common.paths import resource
+from stellarnet.physics.kurucz import KuruczEmulator, load_emulator
 from stellarnet.simulate.shifts import (Shift, add_companion, broaden_lsf, continuum_residual, correlate_noise,
                                         corrupt_pixels, flag_pixels, normalize_convention, shift_velocity)
 

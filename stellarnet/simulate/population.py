@@ -1,7 +1,7 @@
 """Stellar population: true labels, evolutionary stage, mass and surface abundances.
 
 Every star gets Teff (K), logg (dex, cgs), [Fe/H], [α/Fe] inside the emulator box, a stage
-(``MS``, ``SG``, ``RGB``, ``RC``; codes 0..3 as in ``stellarnet.data.classes.STAGES``), a mass
+(``MS``, ``SG``, ``RGB``, ``RC``; codes 0..3 as in ``stellarnet.preparation.classes.STAGES``), a mass
 (M☉) and [C/Fe], [N/Fe], [Mg/Fe]. Components:
 
 * **RGB** — resampled from real APOGEE DR17 giant labels (``dr17_rgb_labels.npy``; Teff, logg,
@@ -35,8 +35,8 @@ from typing import Mapping
 
 import numpy as np
 
-from stellarnet.paths import resource
-from stellarnet.simulate.emulator import load_emulator
+from stellarnet.common.paths import resource
+from stellarnet.physics.kurucz import load_emulator
 
 __all__ = ["STAGES", "DEFAULT_MIX", "Population", "sample_population", "rc_teff_ref", "rgb_label_pool"]
 

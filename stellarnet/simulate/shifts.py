@@ -8,7 +8,7 @@ effect is one plain function here, so a test can check that it does what it says
   Gaussian convolution for f > 0, first-order deconvolution (unsharp masking) for f < 0.
   APOGEE's LSF: R ≈ 22,500, FWHM ≈ 3.2 pixels of the 6e-6 dex grid, σ ≈ 1.37 pixels.
 * :func:`shift_velocity` — a radial-velocity zero-point residual (km/s): the spectrum is moved by
-  v / :data:`~stellarnet.data.grids.KMS_PER_PIXEL` (≈ 4.14 km/s) pixels (cubic spline, per chip).
+  v / :data:`~stellarnet.io.grids.KMS_PER_PIXEL` (≈ 4.14 km/s) pixels (cubic spline, per chip).
 * :func:`normalize_convention` — another continuum-normalization convention: per-chip Chebyshev of
   another degree on another continuum-pixel set (``"cannon"``: degree 2 on The Cannon's pixels —
   the shards' own convention; ``"astronn"``: degree 3 on astroNN's DR17 continuum mask;
@@ -49,8 +49,8 @@ import numpy as np
 from numpy.polynomial import chebyshev
 from scipy import ndimage
 
-from stellarnet.data import grids
-from stellarnet.data.spectra import continuum_pixels
+from stellarnet.io import grids
+from stellarnet.io.spectra import continuum_pixels
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from stellarnet.paths import resource
+from stellarnet.common.paths import resource
 
 __all__ = ["FieldLayout", "make_fields", "sample_positions", "galactic", "ak_infinity", "ak_at_distance", "real_positions"]
 

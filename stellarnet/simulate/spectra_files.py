@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from stellarnet.data import grids
+from stellarnet.io import grids
 
 __all__ = ["ASPCAP_SUBDIR", "aspcapstar_path", "aspcapstar_bytes", "write_aspcapstar", "write_many"]
 

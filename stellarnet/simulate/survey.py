@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stellarnet.paths import default_data_root
+from stellarnet.common.paths import default_data_root
 from stellarnet.simulate import allstar as A
 from stellarnet.simulate import external as X
 from stellarnet.simulate.instrument import iter_spectra

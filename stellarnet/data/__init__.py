@@ -1,1 +1,0 @@
-"""Readers, quality cuts, spectra preprocessing, shards and the DataModule."""

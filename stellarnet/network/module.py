@@ -1,0 +1,902 @@
+"""The multitask LightningModule: spectra (+ photometry) -> labels with σ, and stellar classes.
+
+``StellarNetModule`` takes only plain Python containers, so ``save_hyperparameters()`` stores plain
+dicts/lists/numbers and every checkpoint loads with ``torch.load(..., weights_only=True)``.
+Sub-networks are described by ``_target_`` dicts (Hydra style) and built inside the module with
+``hydra.utils.instantiate``; their size arguments (``n_pixels``, ``n_features``, ``in_dim``,
+``n_labels``, ``n_classes``) are filled in from ``data_spec``, so configs never repeat them.
+
+Multi-device (DDP) runs: validation and test outputs are gathered from every rank at the end of the
+epoch (``torch.distributed.all_gather_object``), the duplicates ``DistributedSampler`` pads the
+last ranks with are dropped by the batch ``index`` (row index in the split), and the metrics are
+computed once on the whole split, identically on every rank. Every rank therefore logs the same
+metric names in the same order (a collective ``sync_dist`` reduction would hang otherwise), and a
+non-finite training loss is a collective decision (all ranks skip, or all raise, together).
+
+Inputs are the batch dict of ``docs/architecture.md``; the network works in standardized label
+units, and everything it reports (logged metrics, ``test_outputs``, :meth:`predict_batch`) is in
+physical units (K for TEFF, dex for LOGG / FE_H / ALPHA_FE) using ``data_spec["label_mean"/"label_std"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from torch import nn
+
+from stellarnet.network.losses import classification_loss, gaussian_nll
+
+__all__ = [
+    "StellarNetModule",
+    "DEFAULT_NET",
+    "to_plain",
+    "compute_metrics",
+    "validate_data_spec",
+]
+
+log = logging.getLogger(__name__)
+
+ALLOWED_TARGET_PREFIX = "stellarnet."
+#: where components of model folders written before the package was restructured now live
+#: (old module prefix → new): those folders store the old ``_target_`` strings in their hyper-parameters.
+MOVED_TARGET_PREFIXES: dict[str, str] = {"stellarnet.models.": "stellarnet.network."}
+
+DEFAULT_NET: dict[str, dict[str, Any]] = {
+    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder"},
+    "photometry": {"_target_": "stellarnet.network.encoders.PhotometryMLP"},
+    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP"},
+    "regression_head": {"_target_": "stellarnet.network.heads.HeteroscedasticHead"},
+    "classification_head": {"_target_": "stellarnet.network.heads.ClassificationHead"},
+}
+
+NAN_POLICIES = ("skip", "raise")
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-container helpers
+# ----------------------------------------------------------------------------------------------
+def to_plain(obj: Any, where: str = "hparams") -> Any:
+    """Convert configs / numpy / torch / paths to plain ``dict``/``list``/``str``/numbers.
+
+    OmegaConf containers are resolved (``OmegaConf.to_container(resolve=True)``). Raises
+    ``TypeError`` naming the offending key for anything that would not survive
+    ``torch.load(weights_only=True)``.
+    """
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
+        pass
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{where}: cannot store {type(obj).__name__} as a plain hyper-parameter")
+
+
+def _check_targets(cfg: Any, where: str) -> None:
+    """Refuse ``_target_`` outside the stellarnet package (a checkpoint must not run arbitrary code)."""
+    if isinstance(cfg, dict):
+        target = cfg.get("_target_")
+        if target is not None and not (isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIX)):
+            raise ValueError(f"{where}._target_={target!r} is not allowed; targets must start with {ALLOWED_TARGET_PREFIX!r}")
+        for k, v in cfg.items():
+            _check_targets(v, f"{where}.{k}")
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            _check_targets(v, f"{where}[{i}]")
+
+
+def current_targets(cfg: Any) -> Any:
+    """``cfg`` with every ``_target_`` of a moved module rewritten to where it lives now
+    (:data:`MOVED_TARGET_PREFIXES`); other values unchanged, ``cfg`` itself not modified."""
+    if isinstance(cfg, dict):
+        out = {k: current_targets(v) for k, v in cfg.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for old, new in MOVED_TARGET_PREFIXES.items():
+                if target.startswith(old):
+                    out["_target_"] = new + target[len(old):]
+        return out
+    if isinstance(cfg, list):
+        return [current_targets(v) for v in cfg]
+    return cfg
+
+
+def _build(cfg: dict[str, Any], where: str, **sizes: Any) -> nn.Module:
+    _check_targets(cfg, where)
+    cfg = current_targets(cfg)
+    if "_target_" not in cfg:
+        raise ValueError(f"{where} needs a _target_")
+    return instantiate(cfg, _convert_="all", **sizes)
+
+
+def validate_data_spec(spec: dict[str, Any]) -> None:
+    """Check the keys and lengths of a ``data_spec`` dict (from the shard manifest); raise ``ValueError``."""
+    missing = [k for k in ("n_pixels", "label_names", "label_mean", "label_std") if k not in spec]
+    if missing:
+        raise ValueError(f"data_spec lacks required keys {missing}")
+    n_lab = len(spec["label_names"])
+    for key in ("label_mean", "label_std", "label_units"):
+        if spec.get(key) is not None and len(spec[key]) != n_lab:
+            raise ValueError(f"data_spec[{key!r}] has {len(spec[key])} entries, label_names has {n_lab}")
+    if any(not (float(s) > 0) for s in spec["label_std"]):
+        raise ValueError(f"data_spec['label_std'] must be positive, got {spec['label_std']}")
+    n_phot = len(spec.get("phot_features") or [])
+    for key in ("phot_mean", "phot_std"):
+        if n_phot and len(spec.get(key) or []) != n_phot:
+            raise ValueError(f"data_spec[{key!r}] must have {n_phot} entries (one per phot_features)")
+    if n_phot and any(not (float(s) > 0) for s in spec["phot_std"]):
+        raise ValueError(f"data_spec['phot_std'] must be positive, got {spec['phot_std']}")
+    wl = spec.get("wavelength")
+    if wl is not None and len(wl) != int(spec["n_pixels"]):
+        raise ValueError(f"data_spec['wavelength'] has {len(wl)} entries but n_pixels={spec['n_pixels']}")
+    for task, weights in (spec.get("class_weights") or {}).items():
+        names = (spec.get("class_tasks") or {}).get(task)
+        if names is None:
+            raise ValueError(f"data_spec['class_weights'] names unknown task {task!r}")
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"class_weights[{task!r}] has {len(weights)} entries for {len(names)} classes")
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics on accumulated outputs
+# ----------------------------------------------------------------------------------------------
+def compute_metrics(outputs: dict[str, Any], data_spec: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Summary metrics from accumulated outputs (physical units; see ``StellarNetModule.test_outputs``).
+
+    Returns ``{"labels": {name: {"n", "mae", "bias", "rmse", "z_std", "coverage_68", "unit"}},
+    "classes": {task: {"n", "accuracy"}}}`` with plain floats (NaN where no star has the label).
+    ``z = (pred - true) / sqrt(sigma_total**2 + label_err**2)``; ``coverage_68`` is the fraction with
+    ``|z| < 1`` (0.683 for calibrated Gaussian errors).
+    """
+    units = data_spec.get("label_units") or [""] * len(data_spec["label_names"])
+    res: dict[str, dict[str, dict[str, float]]] = {"labels": {}, "classes": {}}
+    for j, name in enumerate(data_spec["label_names"]):
+        m = outputs["label_mask"][:, j].astype(bool)
+        d = outputs["labels_pred"][m, j] - outputs["labels_true"][m, j]
+        s = np.sqrt(outputs["sigma_total"][m, j] ** 2 + np.nan_to_num(outputs["label_err"][m, j]) ** 2)
+        z = d / np.where(s > 0, s, np.nan)
+        n = int(m.sum())
+        res["labels"][name] = {
+            "n": n,
+            "mae": float(np.mean(np.abs(d))) if n else math.nan,
+            "bias": float(np.mean(d)) if n else math.nan,
+            "rmse": float(np.sqrt(np.mean(d**2))) if n else math.nan,
+            "z_std": float(np.nanstd(z)) if n > 1 else math.nan,
+            "coverage_68": float(np.nanmean(np.abs(z) < 1)) if n else math.nan,
+            "unit": units[j],
+        }
+    for task in outputs["class_probs"]:
+        true = outputs["class_true"][task]
+        ok = true >= 0
+        n = int(ok.sum())
+        pred = outputs["class_probs"][task].argmax(1)
+        res["classes"][task] = {"n": n, "accuracy": float(np.mean(pred[ok] == true[ok])) if n else math.nan}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# the module
+# ----------------------------------------------------------------------------------------------
+class StellarNetModule(pl.LightningModule):
+    """Multitask network: spectral CNN (+ photometry MLP) -> fusion trunk -> heads.
+
+    Args:
+        net: component configs (``_target_`` dicts, targets must be in ``stellarnet``), keys
+            ``spectral_encoder``, ``photometry`` (``None``: no photometry branch), ``trunk``,
+            ``regression_head``, ``classification_head`` (one head per task is built from it).
+            Missing keys fall back to :data:`DEFAULT_NET`. Size arguments are filled in here.
+        data_spec: dataset description from the shard manifest: ``grid``, ``n_pixels``,
+            ``wavelength`` (Å), ``label_names``, ``label_units``, ``label_mean``/``label_std``
+            (physical units), ``phot_features``, ``phot_mean``/``phot_std``, ``class_tasks``
+            ({task: [class names]}, key order = column order of ``batch["classes"]``),
+            ``class_weights`` ({task: [K floats]}, optional).
+        loss_weights: ``{"regression": w, <task>: w, ...}``; missing entries are 1.0.
+            Total loss = w_regression · NLL + Σ_task w_task · CE.
+        optimizer: AdamW settings ``{"lr", "weight_decay", "betas", "eps"}`` (weight decay is not
+            applied to biases and normalization parameters).
+        scheduler: ``None`` / ``{"name": "none"}``, ``{"name": "onecycle", "max_lr", "pct_start",
+            "div_factor", "final_div_factor"}`` or ``{"name": "cosine", "warmup_steps", "eta_min"}``;
+            stepped every optimizer step over ``trainer.estimated_stepping_batches``.
+        mc_dropout_samples: MC-dropout passes used in ``test_step``/``predict_step`` for the
+            epistemic σ (0: none).
+        nan_policy: ``"skip"`` (warn and skip the optimizer step on a non-finite training loss) or
+            ``"raise"`` (``FloatingPointError``). A skipped batch leaves the weights and the batch-norm
+            statistics untouched (Lightning still counts the optimizer step). With DDP the decision is
+            collective: when the loss is non-finite on any rank, every rank skips that batch (or
+            raises), so the ranks never disagree about the gradient all-reduce or the logged metrics.
+        log_figures: log pred-vs-true and confusion-matrix figures to TensorBoard at the end of
+            validation epochs (~0.3 s per epoch; only with a TensorBoardLogger, only on rank 0).
+        figure_every_n_epochs: log the figures every n-th epoch (and always on the last one).
+        augment: keyword arguments of :class:`stellarnet.network.augment.SpectrumAugment` (training-time
+            domain randomization of the spectra: continuum, outlier pixels, error convention, radial
+            velocity, LSF); None or ``{"enabled": false}``: none. Never applied outside training.
+
+    The learning rate is *not* logged here: add ``LearningRateMonitor(logging_interval="step")``.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any] | None = None,
+        data_spec: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        mc_dropout_samples: int = 0,
+        nan_policy: str = "skip",
+        log_figures: bool = True,
+        figure_every_n_epochs: int = 1,
+        augment: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if data_spec is None:
+            raise ValueError("StellarNetModule needs data_spec (from the shard manifest)")
+        net = to_plain(net or {}, "net")
+        data_spec = to_plain(data_spec, "data_spec")
+        loss_weights = to_plain(loss_weights or {}, "loss_weights")
+        optimizer = to_plain(optimizer or {}, "optimizer")
+        scheduler = to_plain(scheduler, "scheduler")
+        augment = to_plain(augment, "augment")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        validate_data_spec(data_spec)
+        unknown = set(net) - set(DEFAULT_NET)
+        if unknown:
+            raise ValueError(f"unknown net components {sorted(unknown)}; expected {sorted(DEFAULT_NET)}")
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "data_spec": data_spec,
+                "loss_weights": loss_weights,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "mc_dropout_samples": int(mc_dropout_samples),
+                "nan_policy": nan_policy,
+                "log_figures": bool(log_figures),
+                "figure_every_n_epochs": int(figure_every_n_epochs),
+                "augment": augment,
+            }
+        )
+        self.data_spec = data_spec
+        self.label_names: list[str] = list(data_spec["label_names"])
+        self.label_units: list[str] = list(data_spec.get("label_units") or [""] * len(self.label_names))
+        self.phot_features: list[str] = list(data_spec.get("phot_features") or [])
+        self.class_tasks: dict[str, list[str]] = {t: list(v) for t, v in (data_spec.get("class_tasks") or {}).items()}
+        self.n_pixels = int(data_spec["n_pixels"])
+        self.grid = data_spec.get("grid")
+        self.nan_policy = nan_policy
+        self.mc_dropout_samples = int(mc_dropout_samples)
+        self.log_figures = bool(log_figures)
+        self.figure_every_n_epochs = max(int(figure_every_n_epochs), 1)
+        self.optimizer_cfg = optimizer
+        self.scheduler_cfg = scheduler
+        tasks = set(self.class_tasks)
+        bad = set(loss_weights) - tasks - {"regression"}
+        if bad:
+            raise ValueError(f"loss_weights has unknown keys {sorted(bad)}; use 'regression' and {sorted(tasks)}")
+        self.loss_weights = {"regression": float(loss_weights.get("regression", 1.0))}
+        self.loss_weights.update({t: float(loss_weights.get(t, 1.0)) for t in self.class_tasks})
+
+        # statistics (not persistent: they are part of the hyper-parameters)
+        self.register_buffer("label_mean", torch.tensor(data_spec["label_mean"], dtype=torch.float32), persistent=False)
+        self.register_buffer("label_std", torch.tensor(data_spec["label_std"], dtype=torch.float32), persistent=False)
+        self._class_weight_names: dict[str, str] = {}
+        for task, w in (data_spec.get("class_weights") or {}).items():
+            if w is not None:
+                name = f"class_weight_{task}"
+                self.register_buffer(name, torch.tensor(w, dtype=torch.float32), persistent=False)
+                self._class_weight_names[task] = name
+
+        comp = {k: net.get(k, DEFAULT_NET[k]) for k in DEFAULT_NET}
+        self.spectral_encoder = _build(comp["spectral_encoder"], "net.spectral_encoder", n_pixels=self.n_pixels)
+        feat_dim = self.spectral_encoder.out_dim
+        self.photometry_encoder: nn.Module | None = None
+        if comp["photometry"] is not None and self.phot_features:
+            self.photometry_encoder = _build(comp["photometry"], "net.photometry", n_features=len(self.phot_features))
+            feat_dim += self.photometry_encoder.out_dim
+        self.trunk = _build(comp["trunk"], "net.trunk", in_dim=feat_dim)
+        self.regression_head = _build(
+            comp["regression_head"], "net.regression_head", in_dim=self.trunk.out_dim, n_labels=len(self.label_names)
+        )
+        self.class_heads = nn.ModuleDict(
+            {
+                task: _build(comp["classification_head"], "net.classification_head", in_dim=self.trunk.out_dim, n_classes=len(names))
+                for task, names in self.class_tasks.items()
+            }
+        )
+
+        aug = dict(augment or {})
+        self.augment: nn.Module | None = None
+        if aug.pop("enabled", True) and augment:
+            from stellarnet.network.augment import SpectrumAugment
+
+            self.augment = SpectrumAugment(self.n_pixels, **aug)
+
+        self.n_skipped_batches = 0
+        self._val_store: list[dict[str, Any]] = []
+        self._test_store: list[dict[str, Any]] = []
+        self.val_outputs: dict[str, Any] = {}
+        self.test_outputs: dict[str, Any] = {}
+        self.test_metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # forward / prediction
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        flux: torch.Tensor,
+        flux_err: torch.Tensor,
+        pix_mask: torch.Tensor,
+        photometry: torch.Tensor | None = None,
+        phot_mask: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Run the network.
+
+        Args:
+            flux, flux_err, pix_mask: (B, P) as in the batch dict.
+            photometry, phot_mask: (B, F) standardized features and presence mask; ``None`` means no
+                photometry for any star (ignored when the model has no photometry branch).
+
+        Returns:
+            ``{"mean": (B, L), "log_var": (B, L), "logits": {task: (B, K)}}`` in standardized units.
+        """
+        return self._heads(self._spectral_stage1(flux, flux_err, pix_mask), photometry, phot_mask)
+
+    def _spectral_stage1(self, flux: torch.Tensor, flux_err: torch.Tensor, pix_mask: torch.Tensor) -> torch.Tensor:
+        """Deterministic (dropout-free) spectral features when the encoder splits them out, else the full encoding."""
+        enc = self.spectral_encoder
+        if hasattr(enc, "conv_features") and hasattr(enc, "project"):
+            return enc.conv_features(flux, flux_err, pix_mask)
+        return enc(flux, flux_err, pix_mask)
+
+    def _heads(
+        self, stage1: torch.Tensor, photometry: torch.Tensor | None, phot_mask: torch.Tensor | None
+    ) -> dict[str, Any]:
+        enc = self.spectral_encoder
+        feats = [enc.project(stage1) if hasattr(enc, "conv_features") and hasattr(enc, "project") else stage1]
+        if self.photometry_encoder is not None:
+            if photometry is None or phot_mask is None:
+                nf = len(self.phot_features)
+                photometry = stage1.new_zeros(stage1.shape[0], nf)
+                phot_mask = stage1.new_zeros(stage1.shape[0], nf)
+            feats.append(self.photometry_encoder(photometry, phot_mask))
+        h = self.trunk(torch.cat(feats, dim=1) if len(feats) > 1 else feats[0])
+        mean, log_var = self.regression_head(h)
+        return {"mean": mean, "log_var": log_var, "logits": {t: head(h) for t, head in self.class_heads.items()}}
+
+    def _forward_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return self(batch["flux"], batch["flux_err"], batch["pix_mask"], batch.get("photometry"), batch.get("phot_mask"))
+
+    @contextlib.contextmanager
+    def mc_dropout(self) -> Iterator[None]:
+        """Context in which only the ``nn.Dropout`` layers are in training mode (MC dropout).
+
+        Batch-norm statistics and the photometry feature dropout stay in evaluation mode.
+        """
+        drops = [m for m in self.modules() if isinstance(m, nn.Dropout)]
+        states = [m.training for m in drops]
+        try:
+            for m in drops:
+                m.train(True)
+            yield
+        finally:
+            for m, s in zip(drops, states):
+                m.train(s)
+
+    @property
+    def has_mc_dropout(self) -> bool:
+        """Whether MC dropout can sample anything: some ``nn.Dropout`` layer has ``p > 0``."""
+        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
+    def predict_batch(
+        self,
+        flux: torch.Tensor,
+        flux_err: torch.Tensor,
+        pix_mask: torch.Tensor,
+        photometry: torch.Tensor | None = None,
+        phot_mask: torch.Tensor | None = None,
+        mc_samples: int = 0,
+    ) -> dict[str, Any]:
+        """Predictions in physical units for one batch (call in eval mode, under no_grad/inference_mode).
+
+        ``labels`` and ``sigma_aleatoric`` come from the deterministic (eval-mode) pass, so they do
+        not depend on ``mc_samples``; ``sigma_epistemic`` is the standard deviation of the predicted
+        means over ``mc_samples`` passes with dropout on (zeros if ``mc_samples`` < 2, or if the model
+        has no dropout to sample: :attr:`has_mc_dropout`, and then the passes are skipped);
+        ``sigma_total = sqrt(ale² + epi²)``. Units: those of ``data_spec["label_units"]``.
+
+        Returns:
+            ``{"labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"}`` (B, L) tensors and
+            ``"class_probs"`` ``{task: (B, K)}``.
+        """
+        stage1 = self._spectral_stage1(flux, flux_err, pix_mask)  # the convolutions run once
+        out = self._heads(stage1, photometry, phot_mask)
+        std = self.label_std
+        labels = out["mean"] * std + self.label_mean
+        ale = torch.exp(0.5 * out["log_var"]) * std
+        epi = torch.zeros_like(ale)
+        if mc_samples >= 2 and self.has_mc_dropout:
+            with self.mc_dropout():
+                means = torch.stack([self._heads(stage1, photometry, phot_mask)["mean"] for _ in range(mc_samples)])
+            epi = means.std(dim=0, unbiased=True) * std
+        return {
+            "labels": labels,
+            "sigma_aleatoric": ale,
+            "sigma_epistemic": epi,
+            "sigma_total": torch.sqrt(ale**2 + epi**2),
+            "class_probs": {t: torch.softmax(lg, dim=1) for t, lg in out["logits"].items()},
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # losses
+    # ------------------------------------------------------------------------------------------
+    def compute_loss(
+        self, out: dict[str, Any], batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Multitask loss.
+
+        Returns:
+            ``(total, parts, per_label_nll)``: ``parts`` = {"regression": NLL, <task>: CE} (unweighted),
+            ``per_label_nll`` (L,).
+        """
+        nll, per_label = gaussian_nll(out["mean"], out["log_var"], batch["labels"], batch["label_mask"], batch.get("label_err"))
+        parts = {"regression": nll}
+        total = self.loss_weights["regression"] * nll
+        classes = batch.get("classes")
+        if classes is not None and self.class_tasks and (classes.ndim != 2 or classes.shape[1] != len(self.class_tasks)):
+            raise ValueError(
+                f"batch['classes'] has shape {tuple(classes.shape)}; expected (B, {len(self.class_tasks)}) "
+                f"for tasks {list(self.class_tasks)}"
+            )
+        for c, task in enumerate(self.class_tasks):
+            if classes is None:
+                break
+            w = getattr(self, self._class_weight_names[task]) if task in self._class_weight_names else None
+            ce = classification_loss(out["logits"][task], classes[:, c], w)
+            parts[task] = ce
+            total = total + self.loss_weights[task] * ce
+        return total, parts, per_label
+
+    def _log_losses(self, stage: str, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        for name, value in parts.items():
+            self.log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def _norm_buffers(self) -> dict[str, torch.Tensor]:
+        """Batch-norm running statistics (a forward pass in training mode updates them)."""
+        return {
+            n: b for n, b in self.named_buffers()
+            if n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        }
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        # snapshot the (small) batch-norm statistics so a skipped non-finite batch cannot poison them
+        saved = {n: b.clone() for n, b in self._norm_buffers().items()} if self.nan_policy == "skip" else {}
+        if self.augment is not None:  # domain randomization, training batches only
+            flux, flux_err, pix_mask = self.augment(batch["flux"], batch["flux_err"], batch["pix_mask"])
+            batch = {**batch, "flux": flux, "flux_err": flux_err, "pix_mask": pix_mask}
+        out = self._forward_batch(batch)
+        total, parts, _ = self.compute_loss(out, batch)
+        finite_here = bool(torch.isfinite(total))
+        if not self._all_ranks_agree(finite_here):  # with DDP: all ranks skip (or raise) together
+            if finite_here:
+                msg = (f"non-finite training loss on another rank at batch_idx={batch_idx} (epoch "
+                       f"{self.current_epoch}, global step {self.global_step})")
+            else:
+                bad_heads = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+                bad_out = [k for k in ("mean", "log_var") if not bool(torch.isfinite(out[k]).all())]
+                bad_in = [k for k in ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_err")
+                          if k in batch and not bool(torch.isfinite(batch[k]).all())]
+                msg = (
+                    f"non-finite training loss at batch_idx={batch_idx} (epoch {self.current_epoch}, global step "
+                    f"{self.global_step}); non-finite heads: {bad_heads or ['total']}; non-finite outputs: {bad_out}; "
+                    f"non-finite inputs: {bad_in}"
+                )
+            if self.nan_policy == "raise":
+                raise FloatingPointError(msg)
+            self.n_skipped_batches += 1
+            with torch.no_grad():
+                for n, b in self._norm_buffers().items():
+                    b.copy_(saved[n])
+            log.warning("%s; skipping this batch (nan_policy='skip')", msg)
+            return None
+        bs = batch["flux"].shape[0]
+        self._log_losses("train", total, parts, bs)
+        return total
+
+    def _distributed(self) -> bool:
+        """True inside a multi-process run with an initialized process group."""
+        tr = self._trainer
+        return (tr is not None and tr.world_size > 1 and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    def _all_ranks_agree(self, decision: bool) -> bool:
+        """``decision`` AND-ed over all ranks (one small all-reduce; ``decision`` itself when single-process)."""
+        if not self._distributed():
+            return decision
+        return bool(self.trainer.strategy.reduce_boolean_decision(decision, all=True))
+
+    # ------------------------------------------------------------------------------------------
+    # validation / test
+    # ------------------------------------------------------------------------------------------
+    def _collect(self, batch: Mapping[str, torch.Tensor], pred: dict[str, Any]) -> dict[str, Any]:
+        """Detach one batch of predictions and truths to CPU numpy, physical units."""
+        std, mu = self.label_std, self.label_mean
+        mask = batch["label_mask"] > 0
+        true = torch.where(mask, batch["labels"] * std + mu, torch.full_like(batch["labels"], float("nan")))
+        err = batch.get("label_err")
+        err = torch.where(mask, err * std, torch.full_like(true, float("nan"))) if err is not None else torch.full_like(true, float("nan"))
+        item: dict[str, Any] = {k: pred[k].float().cpu().numpy() for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total")}
+        item.update(
+            labels_true=true.float().cpu().numpy(),
+            label_err=err.float().cpu().numpy(),
+            label_mask=mask.cpu().numpy(),
+            class_probs={t: p.float().cpu().numpy() for t, p in pred["class_probs"].items()},
+        )
+        classes = batch.get("classes")
+        item["class_true"] = {
+            t: (classes[:, c].cpu().numpy() if classes is not None else np.full(len(true), -1, dtype=np.int64))
+            for c, t in enumerate(self.class_tasks)
+        }
+        idx = batch.get("index")
+        item["index"] = idx.cpu().numpy() if idx is not None else np.full(len(true), -1, dtype=np.int64)
+        return item
+
+    @staticmethod
+    def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Concatenate per-batch (or per-rank) output dicts along the sample axis (``{}`` if none)."""
+        parts = [p for p in parts if p]
+        if not parts:
+            return {}
+        out: dict[str, Any] = {}
+        for k, v in parts[0].items():
+            if isinstance(v, dict):
+                out[k] = {t: np.concatenate([p[k][t] for p in parts]) for t in v}
+            else:
+                out[k] = np.concatenate([p[k] for p in parts])
+        return out
+
+    @staticmethod
+    def _take(outputs: dict[str, Any], sel: np.ndarray) -> dict[str, Any]:
+        return {k: ({t: a[sel] for t, a in v.items()} if isinstance(v, dict) else v[sel]) for k, v in outputs.items()}
+
+    @classmethod
+    def _concat(cls, store: list[dict[str, Any]]) -> dict[str, Any]:
+        out = cls._merge(store)
+        if out:
+            out["labels_pred"] = out.pop("labels")
+        return out
+
+    def _gather_outputs(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """This epoch's outputs of *all* ranks: padding duplicates dropped, rows sorted by ``index``.
+
+        ``DistributedSampler`` gives each rank an equal share and pads the split with repeats of its
+        first rows; a row is kept once per ``index`` (the row index in the split, see the batch
+        dict). Collective: every rank calls it from the same epoch-end hook, and every rank gets
+        the same result. Single-process: ``outputs`` unchanged.
+        """
+        if not self._distributed():
+            return outputs
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, outputs)
+        merged = self._merge(parts)
+        if not merged:
+            return merged
+        index = merged["index"]
+        if (index < 0).any():
+            log.warning("batches without 'index': cannot drop DistributedSampler padding duplicates; "
+                        "metrics of this epoch may count up to world_size-1 rows twice")
+            return merged
+        _, first = np.unique(index, return_index=True)
+        return self._take(merged, first)
+
+    def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], mc_samples: int) -> torch.Tensor:
+        out = self._forward_batch(batch)
+        total, parts, per_label = self.compute_loss(out, batch)
+        bs = batch["flux"].shape[0]
+        self._log_losses(stage, total, parts, bs)
+        for j, name in enumerate(self.label_names):
+            self.log(f"{stage}/nll_{name}", per_label[j], on_epoch=True, batch_size=bs, sync_dist=True)
+        pred = self.predict_batch(
+            batch["flux"], batch["flux_err"], batch["pix_mask"], batch.get("photometry"), batch.get("phot_mask"), mc_samples
+        ) if mc_samples >= 2 else self._pred_from_out(out)
+        (self._val_store if stage == "val" else self._test_store).append(self._collect(batch, pred))
+        return total
+
+    def _pred_from_out(self, out: dict[str, Any]) -> dict[str, Any]:
+        std = self.label_std
+        ale = torch.exp(0.5 * out["log_var"]) * std
+        return {
+            "labels": out["mean"] * std + self.label_mean,
+            "sigma_aleatoric": ale,
+            "sigma_epistemic": torch.zeros_like(ale),
+            "sigma_total": ale,
+            "class_probs": {t: torch.softmax(lg, dim=1) for t, lg in out["logits"].items()},
+        }
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
+        """Log epoch metrics computed on the gathered outputs (hence identical on every rank).
+
+        The names logged (and skipped: labels with n = 0, non-finite values) depend only on those
+        gathered metrics, so every rank makes the same ``self.log`` calls in the same order, which
+        the collective ``sync_dist`` reduction needs. ``reduce_fx="max"`` of equal values returns the
+        value exactly (a mean over ranks could differ from it in the last bit).
+        """
+        kw = {"sync_dist": True, "reduce_fx": "max"}
+        for name in self.label_names:
+            m = metrics["labels"].get(name)
+            if not m or m["n"] == 0:
+                continue
+            for key in ("mae", "bias", "z_std", "coverage_68"):
+                if math.isfinite(m[key]):
+                    self.log(f"{stage}/{key}_{name}", m[key], **kw)
+        for task in self.class_tasks:
+            m = metrics["classes"].get(task)
+            if m and m["n"]:
+                self.log(f"{stage}/acc_{task}", m["accuracy"], **kw)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_store = []
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step("val", batch, 0)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_outputs = self._gather_outputs(self._concat(self._val_store))
+        self._val_store = []
+        if not self.val_outputs:
+            return
+        metrics = compute_metrics(self.val_outputs, self.data_spec)
+        self._log_metrics("val", metrics)
+        tr = self.trainer
+        last = tr.max_epochs is not None and self.current_epoch + 1 >= tr.max_epochs
+        due = (self.current_epoch + 1) % self.figure_every_n_epochs == 0 or last
+        if self.log_figures and due and not tr.sanity_checking and tr.is_global_zero:
+            self._log_val_figures()
+
+    def on_test_epoch_start(self) -> None:
+        self._test_store = []
+        self.test_outputs = {}
+        self.test_metrics = {}
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step("test", batch, self.mc_dropout_samples)
+
+    def on_test_epoch_end(self) -> None:
+        """Fill ``self.test_outputs`` (numpy, physical units) and ``self.test_metrics``.
+
+        ``test_outputs`` keys: ``index`` (N,), ``labels_pred``, ``sigma_aleatoric``,
+        ``sigma_epistemic``, ``sigma_total``, ``labels_true`` (NaN where missing), ``label_err``
+        (NaN where missing), ``label_mask`` (bool) - all (N, L) - and ``class_probs`` {task: (N, K)},
+        ``class_true`` {task: (N,) int, −1 missing}. On multi-device runs both are gathered from all
+        ranks (every rank holds the whole split, each row once, sorted by ``index``).
+        """
+        self.test_outputs = self._gather_outputs(self._concat(self._test_store))
+        self._test_store = []
+        if self.test_outputs:
+            self.test_metrics = compute_metrics(self.test_outputs, self.data_spec)
+            self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Physical-unit predictions (see :meth:`predict_batch`) plus the batch ``index``."""
+        pred = self.predict_batch(
+            batch["flux"], batch["flux_err"], batch["pix_mask"], batch.get("photometry"), batch.get("phot_mask"),
+            self.mc_dropout_samples,
+        )
+        if "index" in batch:
+            pred["index"] = batch["index"]
+        return pred
+
+    # ------------------------------------------------------------------------------------------
+    # figures
+    # ------------------------------------------------------------------------------------------
+    def _tensorboard(self) -> Any | None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for lg in getattr(self, "loggers", None) or []:
+            if isinstance(lg, TensorBoardLogger):
+                return lg.experiment
+        return None
+
+    def _log_val_figures(self) -> None:
+        tb = self._tensorboard()
+        if tb is None:
+            return
+        step = int(self.current_epoch)
+        tb.add_figure("val/pred_vs_true", self.figure_pred_vs_true(self.val_outputs), global_step=step)
+        for task in self.class_tasks:
+            tb.add_figure(f"val/confusion_{task}", self.figure_confusion(self.val_outputs, task), global_step=step)
+
+    def figure_pred_vs_true(self, outputs: dict[str, Any], max_points: int = 5000) -> Any:
+        """Matplotlib (Agg) figure: predicted vs true value per label, physical units."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        n = len(self.label_names)
+        fig = Figure(figsize=(3.2 * n, 3.2))
+        FigureCanvasAgg(fig)
+        rng = np.random.default_rng(0)
+        for j, name in enumerate(self.label_names):
+            ax = fig.add_subplot(1, n, j + 1)
+            m = np.flatnonzero(outputs["label_mask"][:, j])
+            if len(m) > max_points:
+                m = rng.choice(m, max_points, replace=False)
+            t, p = outputs["labels_true"][m, j], outputs["labels_pred"][m, j]
+            ax.scatter(t, p, s=2, alpha=0.4)
+            if len(m):
+                lo, hi = float(np.nanmin([t.min(), p.min()])), float(np.nanmax([t.max(), p.max()]))
+                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            unit = f" [{self.label_units[j]}]" if self.label_units[j] else ""
+            ax.set_xlabel(f"true {name}{unit}")
+            ax.set_ylabel(f"predicted {name}{unit}")
+        fig.tight_layout()
+        return fig
+
+    def figure_confusion(self, outputs: dict[str, Any], task: str) -> Any:
+        """Matplotlib (Agg) figure: row-normalized confusion matrix of one task (rows = true class)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = self.class_tasks[task]
+        k = len(names)
+        true = outputs["class_true"][task]
+        pred = outputs["class_probs"][task].argmax(1)
+        ok = true >= 0
+        cm = np.zeros((k, k))
+        np.add.at(cm, (true[ok], pred[ok]), 1)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        fig = Figure(figsize=(1.0 + 0.7 * k, 0.8 + 0.7 * k))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), names)
+        ax.set_yticks(range(k), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(task)
+        fig.tight_layout()
+        return fig
+
+    # ------------------------------------------------------------------------------------------
+    # optimization
+    # ------------------------------------------------------------------------------------------
+    def _schedule_steps(self) -> int:
+        """Optimizer steps the learning-rate schedule spans (``trainer.estimated_stepping_batches``)."""
+        sname = str((self.scheduler_cfg or {}).get("name", "none")).lower()
+        if sname in ("none", "null", ""):
+            return 0
+        total = int(self.trainer.estimated_stepping_batches)
+        if total < 1 or total > 10**9:
+            raise ValueError(f"cannot schedule over {total} steps; set trainer.max_epochs or max_steps")
+        return total
+
+    def _make_scheduler(self, opt: torch.optim.Optimizer, total: int) -> Any:
+        """The learning-rate scheduler of ``scheduler_cfg`` over ``total`` optimizer steps (None: constant lr)."""
+        sch = dict(self.scheduler_cfg or {})
+        sname = str(sch.pop("name", "none")).lower()
+        if sname in ("none", "null", ""):
+            return None
+        if sname == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                opt,
+                max_lr=float(sch.pop("max_lr", opt.defaults["lr"])),
+                total_steps=total,
+                pct_start=float(sch.pop("pct_start", 0.3)),
+                div_factor=float(sch.pop("div_factor", 25.0)),
+                final_div_factor=float(sch.pop("final_div_factor", 1e4)),
+            )
+        elif sname == "cosine":
+            warmup = int(sch.pop("warmup_steps", 0))
+            eta_min = float(sch.pop("eta_min", 0.0))
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total - warmup, 1), eta_min=eta_min)
+            if warmup > 0:
+                ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+                scheduler = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], milestones=[warmup])
+            else:
+                scheduler = cosine
+        else:
+            raise ValueError(f"unknown scheduler {sname!r}; use 'onecycle', 'cosine' or 'none'")
+        if sch:
+            raise ValueError(f"unknown options {sorted(sch)} for scheduler {sname!r}")
+        return scheduler
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the schedule length, so a resumed run with another ``max_epochs`` can re-stretch it."""
+        total = getattr(self, "_schedule_total", None)
+        if total:
+            checkpoint["stellarnet_schedule_total"] = int(total)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_schedule_total = checkpoint.get("stellarnet_schedule_total")
+
+    def on_train_start(self) -> None:
+        """After a resume with a different run length (e.g. ``max_epochs`` raised to train longer),
+        rebuild the learning-rate schedule for the new length and advance it to the restored step.
+
+        The restored scheduler state keeps the old length: OneCycle would stop with "Tried to step
+        N times" and a cosine schedule would climb back up after its end.
+        """
+        restored = getattr(self, "_restored_schedule_total", None)
+        self._restored_schedule_total = None
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        if len(configs) != 1 or len(self.trainer.optimizers) != 1:
+            return
+        old = configs[0].scheduler
+        if restored is None:
+            restored = getattr(old, "total_steps", None)  # checkpoints written before the key existed
+        total = self._schedule_steps()
+        if restored is None or not total or int(restored) == total:
+            return
+        done = int(old.last_epoch)
+        if done >= total:
+            raise ValueError(
+                f"resumed at optimizer step {done}, but the new run spans only {total} steps; "
+                "raise trainer.max_epochs (or max_steps) above the checkpoint's"
+            )
+        opt = self.trainer.optimizers[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+            new = self._make_scheduler(opt, total)
+            for _ in range(done):
+                new.step()
+        configs[0].scheduler = new
+        self._schedule_total = total
+        log.warning("learning-rate schedule re-stretched from %d to %d optimizer steps on resume "
+                    "(continuing at step %d, lr %.3g)", int(restored), total, done, opt.param_groups[0]["lr"])
+
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optimizer_cfg)
+        name = str(cfg.pop("name", "adamw")).lower()
+        if name != "adamw":
+            raise ValueError(f"only the AdamW optimizer is supported, got {name!r}")
+        lr = float(cfg.pop("lr", 1e-3))
+        wd = float(cfg.pop("weight_decay", 1e-4))
+        betas = tuple(cfg.pop("betas", (0.9, 0.999)))
+        eps = float(cfg.pop("eps", 1e-8))
+        if cfg:
+            raise ValueError(f"unknown optimizer options {sorted(cfg)}")
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps
+        )
+        total = self._schedule_steps()
+        scheduler = self._make_scheduler(opt, total)
+        if scheduler is None:
+            return opt
+        self._schedule_total = total
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
