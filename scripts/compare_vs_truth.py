@@ -24,7 +24,7 @@ from stellarnet.dataset.shards import ShardReader, load_manifest
 from stellarnet.evaluation.metrics import classification_report, regression_metrics
 from stellarnet.evaluation.split_predictions import class_codes, load_split, predict_split
 from stellarnet.network.inference import load_model
-from stellarnet.baselines.trees import run_baselines
+from stellarnet.workflows.baselines import run_baselines
 
 
 def main() -> None:

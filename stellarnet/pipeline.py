@@ -171,7 +171,7 @@ def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
 def _run_cuts(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.io.catalogs import read_allstar
     from stellarnet.preparation.cuts import apply_cuts
-    from stellarnet.io.export import write_table
+    from stellarnet.io.tables import write_table
 
     df = read_allstar(ctx.out("survey", "allstar"))
     kept, report = apply_cuts(df, ctx.data()["cuts"])
@@ -279,9 +279,9 @@ def _baselines_config(ctx: Context) -> Any:
 
 
 def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.baselines.run import baselines
+    from stellarnet.workflows.baselines import baselines
     from stellarnet.evaluation.importance import feature_set_comparison, feature_set_markdown, group_importance
-    from stellarnet.io.export import write_table
+    from stellarnet.io.tables import write_table
 
     pcfg = ctx.cfg.pipeline.baselines
     sets = list(pcfg.feature_sets)
@@ -340,7 +340,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
     )
     from stellarnet.evaluation.split_predictions import load_split
     from stellarnet.evaluate import evaluate
-    from stellarnet.io.export import write_table
+    from stellarnet.io.tables import write_table
     from stellarnet.network.inference import load_model
 
     ckpt = ctx.out("train", "checkpoint")
@@ -440,7 +440,7 @@ def _export_config(ctx: Context) -> Any:
 def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from stellarnet.io.export import build_catalogue, write_catalogue
+    from stellarnet.workflows.catalogue import build_catalogue, write_catalogue
     from stellarnet.features.tabular import read_features
 
     ecfg = to_plain(ctx.cfg.pipeline.export)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from stellarnet.common.errors import report_errors
 from stellarnet.dataset.sources import resolve_num_workers, source_kind
 from stellarnet.common.paths import CONF_DIR
+from stellarnet.common.errors import StellarnetError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 AUTO_BATCH_SIZE = {"32": 128, "bf16": 256}
 
 
-class PredictionError(RuntimeError):
+class PredictionError(StellarnetError, RuntimeError):
     """A prediction run produced nothing usable (e.g. every spectrum failed to read)."""
 
 
@@ -50,7 +51,7 @@ def catalogue_provenance(ckpt_path: Any, predictor: Any, inp: Any) -> dict[str, 
     import hashlib
     import json
 
-    import stellarnet
+    from stellarnet.common.version import __version__
     from stellarnet.network.inference import EMULATOR_FILE, MODEL_FILE
 
     path = Path(str(ckpt_path))
@@ -64,7 +65,7 @@ def catalogue_provenance(ckpt_path: Any, predictor: Any, inp: Any) -> dict[str, 
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     digest.update(block)
-    out: dict[str, Any] = {"stellarnet_version": stellarnet.__version__, "model": str(path.resolve()),
+    out: dict[str, Any] = {"stellarnet_version": __version__, "model": str(path.resolve()),
                            "model_sha256": digest.hexdigest(), "refined": predictor.emulator is not None,
                            "input": inp if isinstance(inp, str) else f"{len(inp)} file(s)",
                            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}

@@ -279,7 +279,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("best checkpoint: %s; calibrated model folder: %s", best, objects["model_dir"])
             refine_cfg = cfg.get("refine")
             if refine_cfg is not None and refine_cfg.get("enabled", False):
-                from stellarnet.refinement.stage import build_refinement
+                from stellarnet.workflows.refinement import build_refinement
 
                 objects["refinement"] = build_refinement(objects["model_dir"], datamodule.dataset_dir, refine_cfg,
                                                          tensorboard_dir=output_dir / "tensorboard" / "refinement")

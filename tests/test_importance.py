@@ -23,7 +23,9 @@ from stellarnet.evaluation.importance import (
     saliency_frame,
     tree_importance,
 )
-from stellarnet.baselines.trees import TreeBaseline, run_baselines, tabular_features
+from stellarnet.baselines.inputs import tabular_features
+from stellarnet.baselines.trees import TreeBaseline
+from stellarnet.workflows.baselines import run_baselines
 
 LABELS = ["TEFF", "LOGG"]
 TASKS = ["stage"]

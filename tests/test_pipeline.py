@@ -156,7 +156,7 @@ def test_export_catalogue(tmp_path):
     from astropy.table import Table
 
     from stellarnet.crossval.offsets import Calibration
-    from stellarnet.io.export import build_catalogue, write_catalogue
+    from stellarnet.workflows.catalogue import build_catalogue, write_catalogue
 
     n = 8
     pred = _predictions(n)

@@ -19,7 +19,7 @@ from stellarnet.dataset.shards import load_manifest
 from stellarnet.evaluation.split_predictions import load_split
 from stellarnet.network import StellarNetModule, save_model_folder
 from stellarnet.network.inference import EMULATOR_FILE, CheckpointError, load_model
-from stellarnet.refinement.stage import build_refinement
+from stellarnet.workflows.refinement import build_refinement
 from stellarnet.io.predictions import predictions_frame
 
 NET = copy.deepcopy(EVAL_NET)  # the evaluation tests' tiny network, without dropout (as the default model)
@@ -309,7 +309,7 @@ def test_refinement_guard_and_flags(refined_dir, tiny_shards, monkeypatch):
 
 
 def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
-    from stellarnet.refinement.stage import _device
+    from stellarnet.workflows.refinement import _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _device("auto") == "cuda" and _device(None) == "cuda" and _device("cpu") == "cpu"
@@ -371,14 +371,14 @@ def test_refine_defaults_are_the_config_files():
     from omegaconf import OmegaConf
 
     from stellarnet.common.paths import CONF_DIR
-    from stellarnet.refinement.stage import REFINE_DEFAULTS
+    from stellarnet.workflows.refinement import REFINE_DEFAULTS
 
     yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "refine_stage" / "default.yaml"), resolve=True)
     assert REFINE_DEFAULTS == yaml
 
 
 def test_training_subset_is_seeded_and_consistent():
-    from stellarnet.refinement.stage import _training_rows
+    from stellarnet.workflows.refinement import _training_rows
 
     assert np.array_equal(_training_rows(100, None, 0), np.arange(100))
     assert np.array_equal(_training_rows(100, 100, 0), np.arange(100))

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stellarnet.baselines import cannon, inputs
+from stellarnet.baselines import pca as pca_module
 from stellarnet.baselines import trees as T
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.workflows import baselines as runner
 
 LABELS = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
 TASKS = ["spectral_type", "luminosity_class", "stage"]
@@ -58,27 +62,27 @@ def _r2(pred: np.ndarray, true: np.ndarray) -> float:
 def test_pca_state_roundtrip_npz(tmp_path) -> None:
     rng = np.random.default_rng(0)
     flux = (1 + rng.normal(size=(200, 6)) @ rng.normal(size=(6, 90)) * 0.01 + 0.001 * rng.normal(size=(200, 90)))
-    pca = T.SpectralPCAFeatures(n_components=6).fit(flux)
+    pca = pca_module.SpectralPCAFeatures(n_components=6).fit(flux)
     assert pca.components_.shape == (6, 90)
     assert pca.explained_variance_ratio_.sum() > 0.95
     path = pca.save(tmp_path / "pca")
     assert path.suffix == ".npz"
     with np.load(path, allow_pickle=False) as z:  # plain arrays only
         assert all(z[k].dtype != object for k in z.files)
-    back = T.SpectralPCAFeatures.load(path)
+    back = pca_module.SpectralPCAFeatures.load(path)
     np.testing.assert_allclose(back.transform(flux), pca.transform(flux), rtol=1e-6, atol=1e-6)
     assert back.n_components == 6 and not back.whiten
     with pytest.raises(ValueError):
         back.transform(flux[:, :50])
     with pytest.raises(RuntimeError):
-        T.SpectralPCAFeatures().transform(flux)
+        pca_module.SpectralPCAFeatures().transform(flux)
 
 
 def test_pca_incremental_and_mask() -> None:
     rng = np.random.default_rng(1)
     flux = 1 + rng.normal(size=(300, 4)) @ rng.normal(size=(4, 60)) * 0.02 + 0.001 * rng.normal(size=(300, 60))
-    full = T.SpectralPCAFeatures(4).fit(flux)
-    inc = T.SpectralPCAFeatures(4, incremental=True, batch_size=64).fit(flux)
+    full = pca_module.SpectralPCAFeatures(4).fit(flux)
+    inc = pca_module.SpectralPCAFeatures(4, incremental=True, batch_size=64).fit(flux)
     # same subspace: projections agree up to sign per component
     a, b = full.transform(flux), inc.transform(flux)
     for k in range(4):
@@ -92,14 +96,14 @@ def test_pca_incremental_and_mask() -> None:
     at_mean[:10, 7] = full.mean_[7]
     np.testing.assert_allclose(full.transform(bad, mask)[:10], full.transform(at_mean)[:10], atol=1e-5)
     # n_components is capped at the number of training rows
-    assert T.SpectralPCAFeatures(50).fit(flux[:20]).components_.shape[0] == 20
+    assert pca_module.SpectralPCAFeatures(50).fit(flux[:20]).components_.shape[0] == 20
 
 
 def test_impute_medians() -> None:
     x = np.array([[1.0, np.nan], [3.0, np.nan], [np.nan, np.nan], [5.0, np.nan]])
-    med = T.fit_medians(x)
+    med = inputs.fit_medians(x)
     assert med.tolist() == [3.0, 0.0]
-    assert T.impute(x, med)[2].tolist() == [3.0, 0.0]
+    assert inputs.impute(x, med)[2].tolist() == [3.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -116,7 +120,7 @@ def baseline_results(splits) -> dict:
 
 
 def run(train, val, test, cfg):
-    return T.run_baselines(train, val, test, cfg, return_predictions=True)
+    return runner.run_baselines(train, val, test, cfg, return_predictions=True)
 
 
 @pytest.mark.parametrize("method", ["xgboost", "lightgbm", "random_forest", "hist_gb"])
@@ -147,7 +151,7 @@ def test_baselines_learn_linear_labels(baseline_results, splits, method) -> None
 def test_gbdt_early_stopping_uses_validation(splits) -> None:
     pytest.importorskip("xgboost", reason="xgboost is in the optional 'baselines' extra")
     train, val, _ = splits
-    pca = T.SpectralPCAFeatures(8).fit(train["flux"])
+    pca = pca_module.SpectralPCAFeatures(8).fit(train["flux"])
     tb = T.TreeBaseline("xgboost", pca, params={"n_estimators": 400, "learning_rate": 0.5, "max_depth": 3,
                                                 "early_stopping_rounds": 5}, n_jobs=1)
     tb.fit(train, val)
@@ -158,8 +162,8 @@ def test_missing_library_is_skipped(splits, monkeypatch, caplog) -> None:
     train, val, test = splits
     monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost -> ImportError
     cfg = {**TINY, "methods": ["xgboost", "random_forest"], "random_forest": {"n_estimators": 5}}
-    with caplog.at_level(logging.WARNING, logger="stellarnet.baselines.trees"):
-        res = T.run_baselines(train, val, test, cfg)
+    with caplog.at_level(logging.WARNING, logger="stellarnet.workflows.baselines"):
+        res = runner.run_baselines(train, val, test, cfg)
     assert res["xgboost"]["skipped"] and "pip install 'stellarnet[baselines]'" in res["xgboost"]["reason"]
     assert any("xgboost" in r.message for r in caplog.records)
     assert res["random_forest"]["regression"]["overall"]["TEFF"]["n"] == 250
@@ -172,14 +176,14 @@ def test_hydra_baseline_configs_are_valid(splits, name) -> None:
     """Every method and hyper-parameter in conf/baselines/*.yaml builds and fits (few trees)."""
     from omegaconf import OmegaConf
 
-    conf_dir = Path(T.__file__).resolve().parents[1] / "conf" / "baselines"
+    conf_dir = CONF_DIR / "baselines"
     cfg = OmegaConf.load(conf_dir / f"{name}.yaml")
     small = {"n_jobs": 1, "pca": {"n_components": 5}, "xgboost": {"n_estimators": 3}, "lightgbm": {"n_estimators": 3},
              "random_forest": {"n_estimators": 3}, "hist_gb": {"max_iter": 3}, "cannon": {"n_iter": 3}}
     cfg = OmegaConf.merge(cfg, small)
     assert set(cfg.methods) <= set(T.METHODS) | {"cannon"}
     train, val, test = splits
-    res = T.run_baselines(train, val, test, cfg)
+    res = runner.run_baselines(train, val, test, cfg)
     assert set(res) == set(cfg.methods)
     for method, r in res.items():
         if method in ("xgboost", "lightgbm") and not _installed(method):  # the optional 'baselines' extra
@@ -205,26 +209,26 @@ def test_cannon_recovers_quadratic_labels() -> None:
     scaled = (lab - lab.mean(0)) / lab.std(0)
     theta = rng.normal(size=(10, n_pix)) * 0.02
     theta[0] = 1.0
-    flux = T.quadratic_vectorizer(scaled) @ theta + 0.002 * rng.normal(size=(n, n_pix))
+    flux = cannon.quadratic_vectorizer(scaled) @ theta + 0.002 * rng.normal(size=(n, n_pix))
     err = np.full_like(flux, 0.002)
-    model = T.CannonModel(scatter=True).fit(lab[:300], flux[:300], err[:300])
+    model = cannon.CannonModel(scatter=True).fit(lab[:300], flux[:300], err[:300])
     pred = model.predict(flux[300:], err[300:])
     for j in range(3):
         assert _r2(pred[:, j], lab[300:, j]) > 0.98
     # vectorizer Jacobian agrees with finite differences
     x = rng.normal(size=(2, 3))
-    jac = T.quadratic_vectorizer_jacobian(x)
+    jac = cannon.quadratic_vectorizer_jacobian(x)
     h = 1e-6
     for j in range(3):
         dx = np.zeros(3)
         dx[j] = h
-        fd = (T.quadratic_vectorizer(x + dx) - T.quadratic_vectorizer(x - dx)) / (2 * h)
+        fd = (cannon.quadratic_vectorizer(x + dx) - cannon.quadratic_vectorizer(x - dx)) / (2 * h)
         np.testing.assert_allclose(jac[:, :, j], fd, atol=1e-6)
 
 
 def test_cannon_in_run_baselines(splits) -> None:
     train, val, test = splits
-    res = T.run_baselines(train, val, test, {**TINY, "methods": ["cannon"]})["cannon"]
+    res = runner.run_baselines(train, val, test, {**TINY, "methods": ["cannon"]})["cannon"]
     assert "classification" not in res
     assert res["regression"]["overall"]["TEFF"]["n"] == 250
     assert res["n_train"] == int(np.all(np.isfinite(train["labels"]), axis=1).sum())

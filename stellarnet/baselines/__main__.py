@@ -1,4 +1,4 @@
-"""``python -m stellarnet.baselines``: the entry point (library: :mod:`stellarnet.baselines.run`)."""
+"""``python -m stellarnet.baselines``: the entry point (library: :mod:`stellarnet.workflows.baselines`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.baselines.run import baselines
+from stellarnet.workflows.baselines import baselines
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="baselines")

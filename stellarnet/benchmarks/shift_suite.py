@@ -118,7 +118,9 @@ def stage_metrics(pred_stage: np.ndarray, true_stage: np.ndarray) -> dict[str, f
 def train_baselines(dataset: str) -> dict[str, Any]:
     """The Cannon-style model and PCA(100) + XGBoost, trained on the shards' training split."""
     from stellarnet.evaluation.split_predictions import load_split
-    from stellarnet.baselines.trees import CannonModel, SpectralPCAFeatures, TreeBaseline
+    from stellarnet.baselines.cannon import CannonModel
+    from stellarnet.baselines.pca import SpectralPCAFeatures
+    from stellarnet.baselines.trees import TreeBaseline
 
     train = load_split(dataset, "train")
     t0 = time.perf_counter()

@@ -32,19 +32,9 @@ EXIT_INTERRUPTED = 130
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, LookupError)
 
 
-def _project_error_types() -> tuple[type[BaseException], ...]:
-    """The project's own error classes that do not derive from :data:`USER_ERRORS`."""
-    from stellarnet.dataset.shards import ShardError
-    from stellarnet.network.inference import CheckpointError
-    from stellarnet.io.predictions import MissingPartsError
-
-    out: list[type[BaseException]] = [ShardError, CheckpointError, MissingPartsError]
-    try:
-        from stellarnet.predict import PredictionError
-        out.append(PredictionError)
-    except ImportError:  # pragma: no cover - predict is part of the package
-        pass
-    return tuple(out)
+class StellarnetError(Exception):
+    """Base of the project's own errors that do not derive from :data:`USER_ERRORS` (a shard dataset,
+    checkpoint or prediction that cannot be used): their messages are written for users."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -52,7 +42,7 @@ def one_line(exc: BaseException) -> str:
     (a multi-line message, e.g. a cut report, follows on the next lines)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     text = text.strip() or type(exc).__name__
-    if isinstance(exc, USER_ERRORS + _project_error_types()):
+    if isinstance(exc, USER_ERRORS + (StellarnetError,)):
         return text
     return (f"unexpected {type(exc).__name__}: {text} (a bug or an input the checks do not know; rerun with "
             "HYDRA_FULL_ERROR=1 for the traceback and report it)")

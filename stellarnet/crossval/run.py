@@ -23,12 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from stellarnet.common.errors import report_errors
 from stellarnet.io.bitmasks import ASPCAPFLAG
 from stellarnet.io.catalogs import MissingColumnError, add_derived_columns, allstar_columns, read_allstar
 from stellarnet.io.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
@@ -41,7 +39,6 @@ from stellarnet.crossval.offsets import (
     compare,
     fit_calibration,
 )
-from stellarnet.common.paths import CONF_DIR
 from stellarnet.common.files import to_plain
 
 log = logging.getLogger(__name__)

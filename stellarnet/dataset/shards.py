@@ -49,6 +49,7 @@ import pandas as pd
 from stellarnet.io import grids
 from stellarnet.preparation.splits import SPLITS, assign_splits
 from stellarnet.common.files import atomic_write_text, env_global_rank_is_zero, to_plain
+from stellarnet.common.errors import StellarnetError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ SPECTRA_LAYOUT = {
 }
 
 
-class ShardError(RuntimeError):
+class ShardError(StellarnetError, RuntimeError):
     """A shard dataset is missing, corrupted, truncated or from an unknown schema."""
 
 

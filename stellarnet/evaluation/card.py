@@ -31,7 +31,7 @@ def _cuts_summary(manifest: Mapping[str, Any]) -> str:
 def write_model_card(model_dir: str | Path, manifest: Mapping[str, Any], simulated: bool,
                      metrics: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``provenance.json`` and ``MODEL_CARD.md`` into ``model_dir`` (atomically)."""
-    import stellarnet
+    from stellarnet.common.version import __version__
 
     model_dir = Path(model_dir)
     src = dict(manifest.get("sources") or {})
@@ -40,7 +40,7 @@ def write_model_card(model_dir: str | Path, manifest: Mapping[str, Any], simulat
                    f"{src.get('spectra_kind', '?')} spectra on grid {manifest.get('grid')}, "
                    f"{sum((manifest.get('split_rows') or {}).values())} stars after cuts")
     prov = {
-        "stellarnet_version": stellarnet.__version__,
+        "stellarnet_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "simulated": bool(simulated),
         "training_data": description,

@@ -295,7 +295,7 @@ def method_comparison_figure(
     """Grouped bars comparing methods: one panel per label (regression ``metric``, label unit, from
     ``results[method]["regression"]["overall"]``) and one panel with ``class_metric`` per
     classification task. ``results`` is ``{method: result}`` as returned by
-    :func:`stellarnet.baselines.trees.run_baselines`; skipped methods are left out."""
+    :func:`stellarnet.workflows.baselines.run_baselines`; skipped methods are left out."""
     methods = [m for m, r in results.items() if not r.get("skipped") and "regression" in r]
     labels: list[str] = []
     tasks: list[str] = []

@@ -3,7 +3,7 @@
 ``build_report`` computes every metric from numpy arrays (physical units: Teff in K, logg /
 [Fe/H] / [α/Fe] in dex); ``write_report`` writes ``<name>.json`` and ``<name>.md`` atomically
 (temporary file + ``os.replace``); ``comparison_table`` renders a methods × metrics markdown table
-from ``{method: result}`` (the structure :func:`stellarnet.baselines.trees.run_baselines` returns and
+from ``{method: result}`` (the structure :func:`stellarnet.workflows.baselines.run_baselines` returns and
 ``build_report`` produces).
 
 JSON conventions: NaN / ±inf become ``null``; numpy scalars and arrays become Python numbers and

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from stellarnet.common.errors import StellarnetError
 from astropy.table import Table
 
 
@@ -319,7 +320,7 @@ def finished_parts(parts_dir: str | Path) -> set[int]:
     return out
 
 
-class MissingPartsError(RuntimeError):
+class MissingPartsError(StellarnetError, RuntimeError):
     """A prediction run ended with chunks that have no part file (a process died): rerun to resume."""
 
 

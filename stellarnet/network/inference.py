@@ -29,6 +29,7 @@ from torch import nn
 from stellarnet.refinement.forward import (CHI2_SCALE_FLOOR, RefineResult, SpectrumEmulator, apply_label_calibration,
                                        emulator_from_state, fit_settings, refine_labels)
 from stellarnet.network.module import StellarNetModule
+from stellarnet.common.errors import StellarnetError
 
 __all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
            "precision_name", "resolve_precision", "load_emulator_file", "MODEL_FILE", "EMULATOR_FILE",
@@ -56,7 +57,7 @@ FOLDER_FORMAT = "stellarnet-model-folder/1"
 _BAD_PIXEL_ERR = 1.0e3
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StellarnetError, RuntimeError):
     """A checkpoint or model folder cannot be (safely) loaded."""
 
 
@@ -190,14 +191,14 @@ def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
     """
     from omegaconf import OmegaConf
 
-    import stellarnet
+    from stellarnet.common.version import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hp = dict(module.hparams)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     torch.save(
-        {"state_dict": state, "hyper_parameters": hp, "format": FOLDER_FORMAT, "stellarnet_version": stellarnet.__version__},
+        {"state_dict": state, "hyper_parameters": hp, "format": FOLDER_FORMAT, "stellarnet_version": __version__},
         directory / MODEL_FILE,
     )
     (directory / "data_spec.json").write_text(json.dumps(hp["data_spec"], indent=1))

@@ -1,4 +1,4 @@
-"""``python -m stellarnet.refinement``: the entry point (library: :mod:`stellarnet.refinement.stage`)."""
+"""``python -m stellarnet.refinement``: the entry point (library: :mod:`stellarnet.workflows.refinement`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.refinement.stage import build_refinement
+from stellarnet.workflows.refinement import build_refinement
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refinement")

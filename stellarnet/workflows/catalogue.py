@@ -15,7 +15,7 @@ Columns (in this order):
   ``FEATURE_OUTLIERS`` (their names, comma separated), ``FLAG_FEATURE_OUTLIER``
   (``N_FEATURE_OUTLIERS > 0``; −1 / False where the star has no feature-table row).
 
-Files are written atomically (temporary file in the same directory, then ``os.replace``).
+Files are written atomically by :func:`stellarnet.io.tables.write_table`.
 """
 
 from __future__ import annotations
@@ -28,45 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["FORMATS", "write_table", "feature_flags", "build_catalogue", "write_catalogue"]
+from stellarnet.io.tables import FORMATS, write_table
 
-FORMATS: dict[str, str] = {"fits": ".fits", "csv": ".csv", "parquet": ".parquet"}
-
-
-def write_table(df: pd.DataFrame, path: str | os.PathLike, fmt: str | None = None) -> Path:
-    """Write ``df`` as FITS / CSV / parquet (``fmt``, else from the suffix) atomically."""
-    path = Path(path)
-    fmt = (fmt or path.suffix.lstrip(".")).lower()
-    if fmt == "fit":
-        fmt = "fits"
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown table format {fmt!r}; known: {sorted(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        if fmt == "csv":
-            df.to_csv(tmp, index=False)
-        elif fmt == "parquet":
-            df.to_parquet(tmp, engine="pyarrow", index=False)
-        else:
-            from astropy.table import Table
-
-            Table.from_pandas(_fits_safe(df)).write(tmp, format="fits", overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _fits_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """FITS cannot hold Python objects / empty strings of width 0: object columns → str."""
-    out = df.copy()
-    for c in out.columns:
-        if out[c].dtype == object:
-            s = out[c].fillna("").astype(str)
-            out[c] = s.where(s.str.len() > 0, " ") if (s.str.len() == 0).all() else s
-    return out
+__all__ = ["feature_flags", "build_catalogue", "write_catalogue"]
 
 
 def feature_flags(features: pd.DataFrame) -> pd.DataFrame:

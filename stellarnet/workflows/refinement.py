@@ -25,19 +25,15 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from stellarnet.common.errors import report_errors
 from stellarnet.evaluation.calibration import fit_sigma_two_term
 from stellarnet.dataset.shards import ShardReader, load_manifest, verify_dataset
 from stellarnet.evaluation.split_predictions import predict_rows
 from stellarnet.refinement.forward import (SpectraBlocks, emulator_state, fit_label_calibration, fit_settings, refine_labels,
                                        train_emulator)
 from stellarnet.network.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_emulator_file, load_model
-from stellarnet.common.paths import CONF_DIR
 from stellarnet.common.files import atomic_open, to_plain, write_json
 
 __all__ = ["build_refinement", "REFINE_DEFAULTS"]
