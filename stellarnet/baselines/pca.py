@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from stellarnet.common.files import atomic_path
 from stellarnet.common.hardware import available_cpus
 
 log = logging.getLogger(__name__)
@@ -162,10 +163,8 @@ class SpectralPCAFeatures:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **self.state_dict())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **self.state_dict())
         return path
 
     @classmethod

@@ -13,47 +13,70 @@ from typing import IO, Any, Iterator, Mapping
 import numpy as np
 
 
-def to_plain(obj: Any) -> Any:
-    """OmegaConf nodes, mappings, sequences and numpy values → plain JSON-able Python."""
+def to_plain(obj: Any, where: str | None = None) -> Any:
+    """OmegaConf nodes, mappings, sequences, numpy / torch values and paths → plain Python
+    (``dict`` / ``list`` / ``str`` / numbers), e.g. for JSON or a weights-only checkpoint.
+
+    With ``where`` (the name of the value, for the message) anything else raises ``TypeError``
+    naming the offending key — what a checkpoint's hyper-parameters need to survive
+    ``torch.load(weights_only=True)``; without it such values are returned unchanged."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
+            obj = OmegaConf.to_container(obj, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
         pass
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
     if isinstance(obj, Mapping):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {(str(k) if where is not None else k): to_plain(v, None if where is None else f"{where}.{k}")
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, None if where is None else f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):  # a tensor (torch not imported here)
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if where is not None:
+        raise TypeError(f"{where}: cannot store {type(obj).__name__} as a plain hyper-parameter")
     return obj
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it is fsynced and renamed onto ``path``.
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary path next to ``path`` for a writer that wants a file name (astropy, h5py, pandas,
+    numpy); on success the file is fsynced and renamed onto ``path``, on an exception removed.
 
-    A killed process leaves either the old file or the new one, never a truncated one; on an
-    exception the temporary file is removed. ``mode``: ``"w"`` (text, UTF-8) or ``"wb"``.
-    """
+    The one atomic write of the package: a killed process leaves either the old file or the new
+    one, never a truncated one, and two processes never share a temporary file. Parent
+    directories are created. ``suffix``: the temporary name's ending (default ``path``'s, for
+    writers that choose the format by it; e.g. ``numpy.savez`` adds ``.npz`` otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    end = path.suffix if suffix is None else suffix
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{end}")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kw) as fh:
-            yield fh
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """:func:`atomic_path` as an open file: ``mode`` ``"w"`` (text, UTF-8) or ``"wb"``."""
+    kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path, suffix="") as tmp, open(tmp, mode, **kw) as fh:
+        yield fh
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

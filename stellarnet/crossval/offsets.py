@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stellarnet.common.labels import LABEL_UNITS
+from stellarnet.evaluation.metrics import robust_scatter
 import pandas as pd
 
 __all__ = [
@@ -70,21 +73,13 @@ TREND_AXES: dict[str, tuple[str, float, float]] = {
     "logg": ("logg", 2.5, 1.0),
     "fe_h": ("fe_h", 0.0, 1.0),
 }
-UNITS: dict[str, str] = {"teff": "K", "logg": "dex", "fe_h": "dex", "alpha_fe": "dex"}
+#: unit by lower-case label name (the offsets tables' convention)
+UNITS: dict[str, str] = {name.lower(): unit for name, unit in LABEL_UNITS.items()}
 
 _MAX_ELEMENTS = 4_000_000  # bootstrap chunk size (replicates × stars)
 
 
 # --------------------------------------------------------------------------- basic statistics
-
-
-def robust_scatter(x: np.ndarray) -> float:
-    """1.4826 · median(|x − median(x)|) of the finite values (NaN if none)."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
 def _bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

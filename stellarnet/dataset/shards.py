@@ -46,10 +46,12 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from stellarnet.common.files import atomic_path
 from stellarnet.io import grids
 from stellarnet.preparation.splits import SPLITS, assign_splits
 from stellarnet.common.files import atomic_write_text, env_global_rank_is_zero, to_plain
 from stellarnet.common.errors import StellarnetError
+from stellarnet.common.labels import LABEL_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ BUILD_LOCK = ".build.lock"
 #: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.io.catalogs.DERIVED_COLUMNS`,
 #: [α/Fe] = ALPHA_M + M_H − FE_H; DR17's ALPHA_M is [α/M])
 DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_FE"}
-LABEL_UNITS = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex", "ALPHA_FE": "dex"}
 SPECTRA_LAYOUT = {
     "aspcapStar": "apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits",
     "apStar": "apogee/spectro/redux/dr17/stars/{TELESCOPE}/{FIELD}/apStar-dr17-{APOGEE_ID}.fits",
@@ -211,8 +212,7 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
             ok[i] = True
         except Exception as exc:  # noqa: BLE001 - recorded per star, never silently
             failures.append({"file": os.path.basename(fpath), "error": f"{type(exc).__name__}: {exc}"})
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with atomic_path(final) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         kw = dict(track_times=False)
         f.create_dataset("flux", data=flux[ok], **kw)
         f.create_dataset("flux_err", data=err[ok], **kw)
@@ -223,7 +223,6 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
         f.attrs["grid"] = task.grid
         f.attrs["failures"] = json.dumps(failures)
         f.attrs["complete"] = True
-    os.replace(tmp, final)
     return {"file": final.name, "rows": int(ok.sum()), "sha256": sha256_file(final),
             "failures": failures, "skipped": False}
 

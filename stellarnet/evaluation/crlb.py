@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from stellarnet.io import grids
-from stellarnet.evaluation.metrics import DEFAULT_LABEL_NAMES, DEFAULT_SNR_EDGES, LABEL_UNITS, snr_bin_index, snr_bin_names
+from stellarnet.common.labels import LABEL_NAMES, LABEL_UNITS
+from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES, snr_bin_index, snr_bin_names
 
 __all__ = [
     "CATALOGUE_NOTE",
@@ -116,7 +117,7 @@ class SingularFisherWarning(RuntimeWarning):
 def _steps_array(steps: float | Sequence[float] | np.ndarray | Mapping[str, float] | None, n_labels: int,
                  label_names: Sequence[str] | None) -> np.ndarray:
     if steps is None:
-        names = list(label_names) if label_names is not None else list(DEFAULT_LABEL_NAMES[:n_labels])
+        names = list(label_names) if label_names is not None else list(LABEL_NAMES[:n_labels])
         if len(names) != n_labels or any(n not in DEFAULT_STEPS for n in names):
             raise ValueError(f"no default finite-difference steps for labels {names}; pass steps explicitly")
         steps = [DEFAULT_STEPS[n] for n in names]
@@ -378,7 +379,7 @@ def crlb_for_stars(
 # ----------------------------------------------------------------------------------------------
 # summaries
 def _names(label_names: Sequence[str] | None, n: int) -> list[str]:
-    names = list(label_names) if label_names is not None else list(DEFAULT_LABEL_NAMES[:n])
+    names = list(label_names) if label_names is not None else list(LABEL_NAMES[:n])
     if len(names) != n:
         raise ValueError(f"{len(names)} label names for {n} labels")
     return names

@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.metrics import (
-    LABEL_UNITS,
     _as_2d,
     _label_list,
     regression_metrics,

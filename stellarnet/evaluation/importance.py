@@ -413,7 +413,7 @@ def feature_set_comparison(results: Mapping[str, Mapping[str, Any]],
 def feature_set_markdown(long: pd.DataFrame, winners: pd.DataFrame) -> str:
     """Markdown: the method × feature-set table (labels: MAE [unit], tasks: accuracy) and the
     winner per target."""
-    from stellarnet.evaluation.metrics import LABEL_UNITS
+    from stellarnet.common.labels import LABEL_UNITS
 
     if long.empty:
         return "(no baseline results)\n"

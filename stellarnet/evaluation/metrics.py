@@ -22,31 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from stellarnet.common.labels import CLASS_NAMES
+from stellarnet.common.labels import CLASS_TASKS as DEFAULT_CLASS_TASKS
+from stellarnet.common.labels import LABEL_NAMES as DEFAULT_LABEL_NAMES
+
 MAD_TO_SIGMA = 1.4826
 """Factor converting a median absolute deviation into a Gaussian-equivalent σ."""
 
-DEFAULT_LABEL_NAMES: tuple[str, ...] = ("TEFF", "LOGG", "FE_H", "ALPHA_FE")
-DEFAULT_CLASS_TASKS: tuple[str, ...] = ("spectral_type", "luminosity_class", "stage")
 DEFAULT_SNR_EDGES: tuple[float, ...] = (0.0, 50.0, 100.0, 200.0, math.inf)
-LABEL_UNITS: dict[str, str] = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex", "ALPHA_FE": "dex", "M_H": "dex"}
 
 
 def default_class_names() -> dict[str, tuple[str, ...]]:
-    """Class names per task, from :mod:`stellarnet.preparation.classes` (contract values as fallback)."""
-    try:  # the data layer is the source of truth; fall back to the documented contract values
-        from stellarnet.preparation import classes as _c
-
-        return {
-            "spectral_type": tuple(_c.SPECTRAL_TYPES),
-            "luminosity_class": tuple(_c.LUMINOSITY_CLASSES),
-            "stage": tuple(_c.STAGES),
-        }
-    except (ImportError, AttributeError):
-        return {
-            "spectral_type": ("F", "G", "K", "M"),
-            "luminosity_class": ("I", "II", "III", "IV", "V"),
-            "stage": ("MS", "SG", "RGB", "RC"),
-        }
+    """Class names per task (:data:`stellarnet.common.labels.CLASS_NAMES`), a copy."""
+    return dict(CLASS_NAMES)
 
 
 def _f(x: Any) -> float:

@@ -23,10 +23,10 @@ import numpy as np
 
 from stellarnet.evaluation.calibration import apply_sigma_scale, calibration_report
 from stellarnet.evaluation.crlb import crlb_table_markdown
+from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.metrics import (
     DEFAULT_CLASS_TASKS,
     DEFAULT_SNR_EDGES,
-    LABEL_UNITS,
     classification_report,
     default_class_names,
     regression_report,

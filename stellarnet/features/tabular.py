@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from stellarnet.common.files import atomic_path
 from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
 from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
 from stellarnet.preparation.splits import SPLITS
@@ -493,14 +493,8 @@ def write_features(df: pd.DataFrame, path: str | Path) -> Path:
     """Write ``df`` to parquet at ``path`` atomically (temp file in the same directory, then
     ``os.replace``); parent directories are created. Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, engine="pyarrow")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from stellarnet.common.files import atomic_path
 from stellarnet.common.errors import StellarnetError
 from astropy.table import Table
 
@@ -148,12 +149,10 @@ def write_predictions(df: pd.DataFrame, out_dir: str | Path, stem: str = "predic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "fits": out_dir / f"{stem}.fits"}
-    tmp = paths["csv"].with_name(paths["csv"].name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, paths["csv"])
-    tmp = paths["fits"].with_name(paths["fits"].name + ".tmp")
-    Table.from_pandas(df).write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, paths["fits"])
+    with atomic_path(paths["csv"]) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(paths["fits"]) as tmp:
+        Table.from_pandas(df).write(tmp, format="fits", overwrite=True)
     return paths
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stellarnet.common.files import atomic_path
+
 __all__ = ["FORMATS", "write_table"]
 
 FORMATS: dict[str, str] = {"fits": ".fits", "csv": ".csv", "parquet": ".parquet"}
@@ -21,9 +23,7 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, fmt: str | None = Non
         fmt = "fits"
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; known: {sorted(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         if fmt == "csv":
             df.to_csv(tmp, index=False)
         elif fmt == "parquet":
@@ -32,10 +32,6 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, fmt: str | None = Non
             from astropy.table import Table
 
             Table.from_pandas(_fits_safe(df)).write(tmp, format="fits", overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

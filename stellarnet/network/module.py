@@ -25,7 +25,6 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,12 +34,12 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from torch import nn
 
+from stellarnet.common.files import to_plain
 from stellarnet.network.losses import classification_loss, gaussian_nll
 
 __all__ = [
     "StellarNetModule",
     "DEFAULT_NET",
-    "to_plain",
     "compute_metrics",
     "validate_data_spec",
 ]
@@ -66,37 +65,6 @@ NAN_POLICIES = ("skip", "raise")
 # ----------------------------------------------------------------------------------------------
 # plain-container helpers
 # ----------------------------------------------------------------------------------------------
-def to_plain(obj: Any, where: str = "hparams") -> Any:
-    """Convert configs / numpy / torch / paths to plain ``dict``/``list``/``str``/numbers.
-
-    OmegaConf containers are resolved (``OmegaConf.to_container(resolve=True)``). Raises
-    ``TypeError`` naming the offending key for anything that would not survive
-    ``torch.load(weights_only=True)``.
-    """
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{where}: cannot store {type(obj).__name__} as a plain hyper-parameter")
-
-
 def _check_targets(cfg: Any, where: str) -> None:
     """Refuse ``_target_`` outside the stellarnet package (a checkpoint must not run arbitrary code)."""
     if isinstance(cfg, dict):

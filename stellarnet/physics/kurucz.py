@@ -21,12 +21,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from stellarnet.common.labels import LABEL_NAMES
+
 from stellarnet.common.paths import resource
 
 __all__ = ["KuruczEmulator", "LABEL_NAMES", "label_box", "load_emulator"]
 
 #: Emulator label order and units: K, dex (cgs), dex, dex.
-LABEL_NAMES: tuple[str, ...] = ("TEFF", "LOGG", "FE_H", "ALPHA_FE")
 N_PIX_EMULATOR = 7214
 
 

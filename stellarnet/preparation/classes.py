@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from stellarnet.common.labels import CLASS_TASKS, LUMINOSITY_CLASSES, SPECTRAL_TYPES, STAGES
 import pandas as pd
 
 from stellarnet.io.bitmasks import PARAM_ORDER, PARAMFLAG
@@ -48,10 +50,6 @@ __all__ = [
     "derive_classes",
 ]
 
-SPECTRAL_TYPES: tuple[str, ...] = ("F", "G", "K", "M")
-LUMINOSITY_CLASSES: tuple[str, ...] = ("I", "II", "III", "IV", "V")
-STAGES: tuple[str, ...] = ("MS", "SG", "RGB", "RC")
-CLASS_TASKS: tuple[str, ...] = ("spectral_type", "luminosity_class", "stage")
 MS, SG, RGB, RC = 0, 1, 2, 3
 
 Interval = Sequence[float | None]

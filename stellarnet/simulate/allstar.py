@@ -33,14 +33,13 @@ Flags (names from :mod:`stellarnet.io.bitmasks`):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stellarnet.common.files import atomic_open
 from stellarnet.io.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
 from stellarnet.simulate.instrument import MAX_BAD_RUNS
 from stellarnet.simulate.population import STAGES
@@ -372,11 +371,6 @@ def allstar_columns(
 # writing
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-
-
 def write_fits_table(path: str | Path, columns: dict[str, np.ndarray], dtypes: list[tuple[str, str, tuple[int, ...]]], extname: str | None = None) -> Path:
     """Write a binary-table FITS file (HDU0 empty primary, HDU1 table) atomically (temp file +
     rename). Strings are **space**-padded to their width as in the real SDSS files (astropy's
@@ -407,16 +401,10 @@ def write_fits_table(path: str | Path, columns: dict[str, np.ndarray], dtypes: l
     header = fits.BinTableHDU(data=np.zeros(1, dtype=logical), name=extname).header
     header["NAXIS2"] = n
     head = fits.PrimaryHDU().header.tostring().encode("ascii") + header.tostring().encode("ascii")
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(head)
-            fh.write(memoryview(raw).cast("B"))
-            fh.write(b"\0" * ((-raw.nbytes) % 2880))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fh.write(head)
+        fh.write(memoryview(raw).cast("B"))
+        fh.write(b"\0" * ((-raw.nbytes) % 2880))
     return path
 
 

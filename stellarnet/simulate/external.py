@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stellarnet.common.files import atomic_write_text
 from stellarnet.simulate.allstar import write_fits_table
 
 __all__ = [
@@ -231,12 +232,7 @@ def resolve_offsets(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, 
 
 def write_offsets(path: str | Path, offsets: Mapping[str, Any]) -> Path:
     """Write the injected offsets JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(offsets, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(offsets, indent=2, sort_keys=True))
 
 
 def write_galah(path: str | Path, columns: dict[str, np.ndarray]) -> Path:

@@ -35,12 +35,13 @@ from typing import Mapping
 
 import numpy as np
 
+from stellarnet.common.labels import STAGES
+
 from stellarnet.common.paths import resource
 from stellarnet.physics.kurucz import load_emulator
 
 __all__ = ["STAGES", "DEFAULT_MIX", "Population", "sample_population", "rc_teff_ref", "rgb_label_pool"]
 
-STAGES: tuple[str, ...] = ("MS", "SG", "RGB", "RC")
 #: Default fractions; "MP" = metal-poor giant tail (stage RGB). Normalized to sum 1.
 DEFAULT_MIX: dict[str, float] = {"RGB": 0.52, "RC": 0.20, "SG": 0.08, "MS": 0.17, "MP": 0.03}
 

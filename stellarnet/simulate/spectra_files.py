@@ -13,13 +13,13 @@ against astropy's reader in the tests. Files are written to a temporary name and
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from stellarnet.common.files import atomic_open
 from stellarnet.io import grids
 
 __all__ = ["ASPCAP_SUBDIR", "aspcapstar_path", "aspcapstar_bytes", "write_aspcapstar", "write_many"]
@@ -121,12 +121,9 @@ def aspcapstar_bytes(flux: np.ndarray, flux_err: np.ndarray, model: np.ndarray, 
 def write_aspcapstar(path: str | Path, flux: np.ndarray, flux_err: np.ndarray, model: np.ndarray, meta: dict[str, Any]) -> Path:
     """Write one aspcapStar file atomically (temporary name in the same folder + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = aspcapstar_bytes(flux, flux_err, model, meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         fh.write(data)
-    os.replace(tmp, path)
     return path
 
 

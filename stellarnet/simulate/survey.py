@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stellarnet.common.files import atomic_write_text
 from stellarnet.common.paths import default_data_root
 from stellarnet.simulate import allstar as A
 from stellarnet.simulate import external as X
@@ -306,9 +307,7 @@ def simulate_survey(
         "counts": counts, "timing": timing,
         "paths": {k: str(v.relative_to(root)) if v != root else "." for k, v in paths.items()},
     }
-    tmp = sim_json.with_name("." + SIMULATION_JSON + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(sim_json)
+    atomic_write_text(sim_json, json.dumps(info, indent=2))
     return paths
 
 
