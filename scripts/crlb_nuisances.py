@@ -21,7 +21,7 @@ import numpy as np
 
 from stellarnet.io import grids
 from stellarnet.evaluation.crlb import DEFAULT_STEPS, jacobian
-from stellarnet.refinement.forward import continuum_spline_basis
+from stellarnet.refinement.basis import continuum_spline_basis
 from stellarnet.simulate.population import sample_population
 from stellarnet.simulate.shifts import SHIFTED_MIX
 from stellarnet.evaluation.spectral_model import emulator_model

@@ -42,7 +42,7 @@ from test_train import make_cfg
 import stellarnet.network.module as module_mod
 import stellarnet.train as T
 from stellarnet.dataset.datamodule import StellarDataModule
-from stellarnet.network.module import compute_metrics
+from stellarnet.network.epoch_metrics import compute_metrics
 from stellarnet.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

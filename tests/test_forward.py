@@ -1,4 +1,4 @@
-"""The spectrum emulator and χ² refinement (stellarnet.refinement.forward) on a known synthetic forward model."""
+"""The spectrum emulator and χ² refinement (stellarnet.refinement.fit) on a known synthetic forward model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from stellarnet.refinement.forward import (SpectraBlocks, SpectrumEmulator, chip_segments, emulator_from_state,
-                                       emulator_state, fit_weights, refine_labels, train_emulator)
+from stellarnet.refinement.training import SpectraBlocks, train_emulator
+from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state, emulator_state
+from stellarnet.refinement.basis import chip_segments, fit_weights
+from stellarnet.refinement.fit import refine_labels
 
 NAMES = ["TEFF", "LOGG", "FE_H", "ALPHA_FE"]
 MEAN = np.array([4800.0, 2.5, -0.2, 0.1])
@@ -114,7 +116,7 @@ def test_continuum_correction_absorbs_a_normalization_error(emulator):
 
 def test_continuum_basis_follows_the_chips():
     from stellarnet.io import grids
-    from stellarnet.refinement.forward import continuum_basis
+    from stellarnet.refinement.basis import continuum_basis
 
     basis = continuum_basis(7214, "dr12", 2).numpy()
     assert basis.shape == (7214, 9)
@@ -184,7 +186,7 @@ def test_chip_segments_follow_the_grid():
 
 
 def test_label_calibration_removes_a_smooth_bias_despite_noisy_references():
-    from stellarnet.refinement.forward import apply_label_calibration, fit_label_calibration
+    from stellarnet.refinement.calibration import apply_label_calibration, fit_label_calibration
 
     rng = np.random.default_rng(9)
     truth = MEAN + STD * rng.uniform(-1.5, 1.5, (20000, 4))
@@ -279,7 +281,7 @@ def test_line_shape_fit_measures_a_velocity_shift(emulator):
 # ------------------------------------------------------------------ mutation-benchmark survivors
 def test_continuum_basis_of_degree_zero_is_one_constant_per_chip():
     """Degree 0 (a per-chip scale) is a real correction, not "no correction" (None or < 0)."""
-    from stellarnet.refinement.forward import continuum_basis
+    from stellarnet.refinement.basis import continuum_basis
 
     assert continuum_basis(7214, "dr12", 0).shape == (7214, 3)
     assert continuum_basis(7214, "dr12", -1).shape == (7214, 0)
@@ -289,7 +291,7 @@ def test_line_shape_operator_matches_a_real_broadening_and_shift():
     """The second-order line-shape expansion against exact operations on a Gaussian line (σ = 2.5 px):
     a shift of δ = 0.4 px (m(x − δ), analytic) and an LSF variance change s = 0.8 px² (variances add)
     agree to a few % of the change, and the returned derivatives are the flux's (finite differences)."""
-    from stellarnet.refinement.forward import _line_shape, _line_shape_mask
+    from stellarnet.refinement.fit import _line_shape, _line_shape_mask
 
     x = torch.arange(200, dtype=torch.float64)
 
@@ -362,7 +364,7 @@ def test_outlier_fraction_counts_the_rejected_pixels(emulator):
 def test_label_calibration_needs_more_stars_than_coefficients():
     """Whatever min_stars says, a label needs more usable stars than its polynomial has coefficients
     (degree 2 in 4 labels: 15) — an exactly determined fit would pass through the noise."""
-    from stellarnet.refinement.forward import fit_label_calibration
+    from stellarnet.refinement.calibration import fit_label_calibration
 
     rng = np.random.default_rng(4)
     labels = MEAN + STD * rng.uniform(-1, 1, (16, 4))
@@ -419,7 +421,7 @@ def test_cached_blocks_train_exactly_as_arrays():
 
 def test_spline_continuum_basis_is_a_partition_of_unity_per_chip():
     from stellarnet.io import grids
-    from stellarnet.refinement.forward import continuum_spline_basis
+    from stellarnet.refinement.basis import continuum_spline_basis
 
     basis = continuum_spline_basis(7214, "dr12", 100.0).numpy()
     wave = grids.wavelength("dr12")
@@ -481,7 +483,7 @@ def test_noise_correlation_widens_sigma_for_shared_noise_and_not_for_white_noise
 
 
 def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_boundaries():
-    from stellarnet.refinement.forward import _chip_straddles, noise_correlation_factor
+    from stellarnet.refinement.fit import _chip_straddles, noise_correlation_factor
 
     n, P = 64, 7214
     g = torch.Generator().manual_seed(0)
@@ -505,12 +507,13 @@ def test_weighted_gram_matches_dense(kind: str) -> None:
     and the cached pair products go when the basis does."""
     import gc
 
-    from stellarnet.refinement import forward as fw
+    from stellarnet.refinement import basis as fw_basis
+    from stellarnet.refinement import fit as fw
 
-    basis = {"spline": lambda: fw.continuum_spline_basis(7214, "dr12", 100.0),
-             "chebyshev": lambda: fw.continuum_basis(7214, "dr12", 4),
-             "one_segment": lambda: fw.continuum_basis(300, None, 3),
-             "none": lambda: fw.continuum_basis(7214, "dr12", None)}[kind]()
+    basis = {"spline": lambda: fw_basis.continuum_spline_basis(7214, "dr12", 100.0),
+             "chebyshev": lambda: fw_basis.continuum_basis(7214, "dr12", 4),
+             "one_segment": lambda: fw_basis.continuum_basis(300, None, 3),
+             "none": lambda: fw_basis.continuum_basis(7214, "dr12", None)}[kind]()
     v = torch.rand(5, basis.shape[0], dtype=torch.float64).float()
     dense = (v[:, :, None] * basis[None]).transpose(1, 2) @ basis
     gram = fw._weighted_gram(basis, v)
@@ -561,7 +564,7 @@ def test_companion_score_finds_a_double_lined_binary_and_not_a_single_star(emula
 def test_companion_score_uses_pairs_within_a_chip_only():
     """A pattern and its copy k pixels further on give t_k = its norm; the same copy placed across the
     boundary of two chips gives nothing (no wrap-around, no cross-chip pairs)."""
-    from stellarnet.refinement.forward import companion_score
+    from stellarnet.refinement.fit import companion_score
 
     P_ = 200
     lines = torch.zeros(1, P_)

@@ -42,7 +42,7 @@ def test_an_old_model_folder_predicts_what_it_predicted_before(refine):
 
 
 def test_moved_targets_are_rewritten_and_others_kept():
-    from stellarnet.network.module import current_targets
+    from stellarnet.network.components import current_targets
 
     cfg = {"a": {"_target_": "stellarnet.models.heads.TrunkMLP", "hidden": [8]},
            "b": [{"_target_": "stellarnet.network.encoders.PhotometryMLP"}], "c": None}

@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+
+from stellarnet.evaluation.tensorboard import ValidationFigures
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -154,7 +156,8 @@ def trained(tmp_path_factory):
     )
     train_ds, val_ds = SyntheticStars(1024, seed=1), SyntheticStars(256, seed=2)
     tb = pl.loggers.TensorBoardLogger(str(tmp), name="tb")
-    tr = trainer(tmp, max_epochs=10, logger=tb, log_every_n_steps=5, num_sanity_val_steps=0)
+    tr = trainer(tmp, max_epochs=10, logger=tb, log_every_n_steps=5, num_sanity_val_steps=0,
+                 callbacks=[ValidationFigures()])
     tr.fit(module, loader(train_ds, shuffle=True), loader(val_ds))
     return {"module": module, "trainer": tr, "tmp": tmp, "val": val_ds, "tb_dir": Path(tb.log_dir)}
 

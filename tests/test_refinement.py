@@ -515,7 +515,7 @@ def test_spline_continuum_absorbs_a_pseudo_continuum_a_chip_polynomial_cannot(re
     blanketing leaves) moves the labels of a fit with a per-chip polynomial continuum; the B-spline
     continuum (knots every 100 Å) absorbs it: the labels stay near those of the undistorted spectra."""
     from stellarnet.io import grids
-    from stellarnet.refinement.forward import refine_labels
+    from stellarnet.refinement.fit import refine_labels
 
     folder, _ = refined_dir
     model = load_model(folder)

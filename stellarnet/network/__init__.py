@@ -7,7 +7,8 @@ from stellarnet.network.encoders import PhotometryMLP, SpectralConvEncoder
 from stellarnet.network.heads import ClassificationHead, HeteroscedasticHead, TrunkMLP
 from stellarnet.network.inference import CheckpointError, Predictor, load_model, load_module, save_model_folder
 from stellarnet.network.losses import classification_loss, gaussian_nll
-from stellarnet.network.module import StellarNetModule, compute_metrics
+from stellarnet.network.module import StellarNetModule
+from stellarnet.network.epoch_metrics import compute_metrics
 
 __all__ = [
     "SpectralConvEncoder",

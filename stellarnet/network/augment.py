@@ -44,7 +44,7 @@ _N_LEVELS = 6
 def _chip_basis(n_pixels: int, degree: int) -> torch.Tensor:
     """(P, n_chips·(degree+1)) per-chip Chebyshev basis (one chip when the grid is unknown)."""
     from stellarnet.io import grids
-    from stellarnet.refinement.forward import continuum_basis
+    from stellarnet.refinement.basis import continuum_basis
 
     grid = grids.grid_name(n_pixels) if n_pixels in grids.GRID_ALIASES else None
     return continuum_basis(n_pixels, grid, degree)

@@ -148,11 +148,11 @@ class RobustInputs(nn.Module):
 
 
 def _continuum_design(n_pixels: int, degree: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-chip Chebyshev basis (P, 3·(degree+1)) (:func:`stellarnet.refinement.forward.continuum_basis`) and
+    """Per-chip Chebyshev basis (P, 3·(degree+1)) (:func:`stellarnet.refinement.basis.continuum_basis`) and
     continuum-pixel indicator (P,) of the grid with ``n_pixels`` pixels, or None (unknown grid or ``degree`` None)."""
     from stellarnet.io import grids
     from stellarnet.io.spectra import continuum_pixels
-    from stellarnet.refinement.forward import continuum_basis
+    from stellarnet.refinement.basis import continuum_basis
 
     if degree is None or n_pixels not in grids.GRID_ALIASES:
         return None

@@ -8,7 +8,7 @@ strict: missing or unexpected weights raise :class:`CheckpointError` listing the
 A *model folder* (astroNN style) holds ``model.pt`` (``{"state_dict", "hyper_parameters"}``),
 ``data_spec.json`` and ``config.yaml`` (human-readable copies of the data spec and settings), and
 optionally ``emulator.pt``: the data-driven spectrum emulator of the χ² refinement stage
-(:mod:`stellarnet.refinement.forward`; written by :mod:`stellarnet.refinement`). When it is there the
+(:mod:`stellarnet.refinement.fit`; written by :mod:`stellarnet.refinement`). When it is there the
 :class:`Predictor` refines the network's labels by default.
 """
 
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stellarnet.refinement.forward import (CHI2_SCALE_FLOOR, RefineResult, SpectrumEmulator, apply_label_calibration,
-                                       emulator_from_state, fit_settings, refine_labels)
+from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
+from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state
+from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.network.module import StellarNetModule
 from stellarnet.common.errors import StellarnetError
 
@@ -159,7 +160,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
                refine: bool = True) -> Predictor:
     """Load a Lightning ``.ckpt`` file or a saved model folder as a :class:`Predictor` (see
     :func:`load_module`; ``precision`` as in :class:`Predictor`). With ``refine`` and a model folder
-    holding ``emulator.pt``, the predictor refines labels with it (:mod:`stellarnet.refinement.forward`)."""
+    holding ``emulator.pt``, the predictor refines labels with it (:mod:`stellarnet.refinement.fit`)."""
     module = load_module(path, map_location)
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -298,10 +299,10 @@ class Predictor:
         phot_features: photometric feature names, in the column order ``predict`` expects.
         class_tasks: ``{task: [class names]}``.
         precision: the resolved precision, ``"32"`` or ``"bf16"``.
-        emulator: the refinement stage's :class:`~stellarnet.refinement.forward.SpectrumEmulator`, or None;
+        emulator: the refinement stage's :class:`~stellarnet.refinement.emulator.SpectrumEmulator`, or None;
             ``refine_sigma_scale`` a and ``refine_sigma_network_scale`` b (per label; refined
             σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
-            keywords) and ``label_calibration`` (:func:`~stellarnet.refinement.forward.fit_label_calibration`)
+            keywords) and ``label_calibration`` (:func:`~stellarnet.refinement.calibration.fit_label_calibration`)
             go with it. ``disagreement_inflation``: the refined σ of a label is multiplied by
             :func:`disagreement_factor` (network and refinement inconsistent: σ grows).
     """

@@ -19,152 +19,26 @@ physical units (K for TEFF, dex for LOGG / FE_H / ALPHA_FE) using ``data_spec["l
 """
 
 from __future__ import annotations
-
 import contextlib
 import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from torch import nn
-
 from stellarnet.common.files import to_plain
 from stellarnet.network.losses import classification_loss, gaussian_nll
-
-__all__ = [
-    "StellarNetModule",
-    "DEFAULT_NET",
-    "compute_metrics",
-    "validate_data_spec",
-]
+from stellarnet.network.components import DEFAULT_NET, _build, validate_data_spec
+from stellarnet.network.epoch_metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 
-ALLOWED_TARGET_PREFIX = "stellarnet."
-#: where components of model folders written before the package was restructured now live
-#: (old module prefix → new): those folders store the old ``_target_`` strings in their hyper-parameters.
-MOVED_TARGET_PREFIXES: dict[str, str] = {"stellarnet.models.": "stellarnet.network."}
-
-DEFAULT_NET: dict[str, dict[str, Any]] = {
-    "spectral_encoder": {"_target_": "stellarnet.network.encoders.SpectralConvEncoder"},
-    "photometry": {"_target_": "stellarnet.network.encoders.PhotometryMLP"},
-    "trunk": {"_target_": "stellarnet.network.heads.TrunkMLP"},
-    "regression_head": {"_target_": "stellarnet.network.heads.HeteroscedasticHead"},
-    "classification_head": {"_target_": "stellarnet.network.heads.ClassificationHead"},
-}
 
 NAN_POLICIES = ("skip", "raise")
-
-
-# ----------------------------------------------------------------------------------------------
-# plain-container helpers
-# ----------------------------------------------------------------------------------------------
-def _check_targets(cfg: Any, where: str) -> None:
-    """Refuse ``_target_`` outside the stellarnet package (a checkpoint must not run arbitrary code)."""
-    if isinstance(cfg, dict):
-        target = cfg.get("_target_")
-        if target is not None and not (isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIX)):
-            raise ValueError(f"{where}._target_={target!r} is not allowed; targets must start with {ALLOWED_TARGET_PREFIX!r}")
-        for k, v in cfg.items():
-            _check_targets(v, f"{where}.{k}")
-    elif isinstance(cfg, list):
-        for i, v in enumerate(cfg):
-            _check_targets(v, f"{where}[{i}]")
-
-
-def current_targets(cfg: Any) -> Any:
-    """``cfg`` with every ``_target_`` of a moved module rewritten to where it lives now
-    (:data:`MOVED_TARGET_PREFIXES`); other values unchanged, ``cfg`` itself not modified."""
-    if isinstance(cfg, dict):
-        out = {k: current_targets(v) for k, v in cfg.items()}
-        target = out.get("_target_")
-        if isinstance(target, str):
-            for old, new in MOVED_TARGET_PREFIXES.items():
-                if target.startswith(old):
-                    out["_target_"] = new + target[len(old):]
-        return out
-    if isinstance(cfg, list):
-        return [current_targets(v) for v in cfg]
-    return cfg
-
-
-def _build(cfg: dict[str, Any], where: str, **sizes: Any) -> nn.Module:
-    _check_targets(cfg, where)
-    cfg = current_targets(cfg)
-    if "_target_" not in cfg:
-        raise ValueError(f"{where} needs a _target_")
-    return instantiate(cfg, _convert_="all", **sizes)
-
-
-def validate_data_spec(spec: dict[str, Any]) -> None:
-    """Check the keys and lengths of a ``data_spec`` dict (from the shard manifest); raise ``ValueError``."""
-    missing = [k for k in ("n_pixels", "label_names", "label_mean", "label_std") if k not in spec]
-    if missing:
-        raise ValueError(f"data_spec lacks required keys {missing}")
-    n_lab = len(spec["label_names"])
-    for key in ("label_mean", "label_std", "label_units"):
-        if spec.get(key) is not None and len(spec[key]) != n_lab:
-            raise ValueError(f"data_spec[{key!r}] has {len(spec[key])} entries, label_names has {n_lab}")
-    if any(not (float(s) > 0) for s in spec["label_std"]):
-        raise ValueError(f"data_spec['label_std'] must be positive, got {spec['label_std']}")
-    n_phot = len(spec.get("phot_features") or [])
-    for key in ("phot_mean", "phot_std"):
-        if n_phot and len(spec.get(key) or []) != n_phot:
-            raise ValueError(f"data_spec[{key!r}] must have {n_phot} entries (one per phot_features)")
-    if n_phot and any(not (float(s) > 0) for s in spec["phot_std"]):
-        raise ValueError(f"data_spec['phot_std'] must be positive, got {spec['phot_std']}")
-    wl = spec.get("wavelength")
-    if wl is not None and len(wl) != int(spec["n_pixels"]):
-        raise ValueError(f"data_spec['wavelength'] has {len(wl)} entries but n_pixels={spec['n_pixels']}")
-    for task, weights in (spec.get("class_weights") or {}).items():
-        names = (spec.get("class_tasks") or {}).get(task)
-        if names is None:
-            raise ValueError(f"data_spec['class_weights'] names unknown task {task!r}")
-        if weights is not None and len(weights) != len(names):
-            raise ValueError(f"class_weights[{task!r}] has {len(weights)} entries for {len(names)} classes")
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics on accumulated outputs
-# ----------------------------------------------------------------------------------------------
-def compute_metrics(outputs: dict[str, Any], data_spec: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Summary metrics from accumulated outputs (physical units; see ``StellarNetModule.test_outputs``).
-
-    Returns ``{"labels": {name: {"n", "mae", "bias", "rmse", "z_std", "coverage_68", "unit"}},
-    "classes": {task: {"n", "accuracy"}}}`` with plain floats (NaN where no star has the label).
-    ``z = (pred - true) / sqrt(sigma_total**2 + label_err**2)``; ``coverage_68`` is the fraction with
-    ``|z| < 1`` (0.683 for calibrated Gaussian errors).
-    """
-    units = data_spec.get("label_units") or [""] * len(data_spec["label_names"])
-    res: dict[str, dict[str, dict[str, float]]] = {"labels": {}, "classes": {}}
-    for j, name in enumerate(data_spec["label_names"]):
-        m = outputs["label_mask"][:, j].astype(bool)
-        d = outputs["labels_pred"][m, j] - outputs["labels_true"][m, j]
-        s = np.sqrt(outputs["sigma_total"][m, j] ** 2 + np.nan_to_num(outputs["label_err"][m, j]) ** 2)
-        z = d / np.where(s > 0, s, np.nan)
-        n = int(m.sum())
-        res["labels"][name] = {
-            "n": n,
-            "mae": float(np.mean(np.abs(d))) if n else math.nan,
-            "bias": float(np.mean(d)) if n else math.nan,
-            "rmse": float(np.sqrt(np.mean(d**2))) if n else math.nan,
-            "z_std": float(np.nanstd(z)) if n > 1 else math.nan,
-            "coverage_68": float(np.nanmean(np.abs(z) < 1)) if n else math.nan,
-            "unit": units[j],
-        }
-    for task in outputs["class_probs"]:
-        true = outputs["class_true"][task]
-        ok = true >= 0
-        n = int(ok.sum())
-        pred = outputs["class_probs"][task].argmax(1)
-        res["classes"][task] = {"n": n, "accuracy": float(np.mean(pred[ok] == true[ok])) if n else math.nan}
-    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +72,8 @@ class StellarNetModule(pl.LightningModule):
             collective: when the loss is non-finite on any rank, every rank skips that batch (or
             raises), so the ranks never disagree about the gradient all-reduce or the logged metrics.
         log_figures: log pred-vs-true and confusion-matrix figures to TensorBoard at the end of
-            validation epochs (~0.3 s per epoch; only with a TensorBoardLogger, only on rank 0).
+            validation epochs (~0.3 s per epoch; only with a TensorBoardLogger, only on rank 0; drawn by
+            the :class:`stellarnet.evaluation.tensorboard.ValidationFigures` callback, ``conf/callbacks``).
         figure_every_n_epochs: log the figures every n-th epoch (and always on the last one).
         augment: keyword arguments of :class:`stellarnet.network.augment.SpectrumAugment` (training-time
             domain randomization of the spectra: continuum, outlier pixels, error convention, radial
@@ -644,11 +519,7 @@ class StellarNetModule(pl.LightningModule):
             return
         metrics = compute_metrics(self.val_outputs, self.data_spec)
         self._log_metrics("val", metrics)
-        tr = self.trainer
-        last = tr.max_epochs is not None and self.current_epoch + 1 >= tr.max_epochs
-        due = (self.current_epoch + 1) % self.figure_every_n_epochs == 0 or last
-        if self.log_figures and due and not tr.sanity_checking and tr.is_global_zero:
-            self._log_val_figures()
+        # the figures (``log_figures``) are drawn by stellarnet.evaluation.tensorboard.ValidationFigures
 
     def on_test_epoch_start(self) -> None:
         self._test_store = []
@@ -686,77 +557,6 @@ class StellarNetModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     # figures
     # ------------------------------------------------------------------------------------------
-    def _tensorboard(self) -> Any | None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        for lg in getattr(self, "loggers", None) or []:
-            if isinstance(lg, TensorBoardLogger):
-                return lg.experiment
-        return None
-
-    def _log_val_figures(self) -> None:
-        tb = self._tensorboard()
-        if tb is None:
-            return
-        step = int(self.current_epoch)
-        tb.add_figure("val/pred_vs_true", self.figure_pred_vs_true(self.val_outputs), global_step=step)
-        for task in self.class_tasks:
-            tb.add_figure(f"val/confusion_{task}", self.figure_confusion(self.val_outputs, task), global_step=step)
-
-    def figure_pred_vs_true(self, outputs: dict[str, Any], max_points: int = 5000) -> Any:
-        """Matplotlib (Agg) figure: predicted vs true value per label, physical units."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        n = len(self.label_names)
-        fig = Figure(figsize=(3.2 * n, 3.2))
-        FigureCanvasAgg(fig)
-        rng = np.random.default_rng(0)
-        for j, name in enumerate(self.label_names):
-            ax = fig.add_subplot(1, n, j + 1)
-            m = np.flatnonzero(outputs["label_mask"][:, j])
-            if len(m) > max_points:
-                m = rng.choice(m, max_points, replace=False)
-            t, p = outputs["labels_true"][m, j], outputs["labels_pred"][m, j]
-            ax.scatter(t, p, s=2, alpha=0.4)
-            if len(m):
-                lo, hi = float(np.nanmin([t.min(), p.min()])), float(np.nanmax([t.max(), p.max()]))
-                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-            unit = f" [{self.label_units[j]}]" if self.label_units[j] else ""
-            ax.set_xlabel(f"true {name}{unit}")
-            ax.set_ylabel(f"predicted {name}{unit}")
-        fig.tight_layout()
-        return fig
-
-    def figure_confusion(self, outputs: dict[str, Any], task: str) -> Any:
-        """Matplotlib (Agg) figure: row-normalized confusion matrix of one task (rows = true class)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        names = self.class_tasks[task]
-        k = len(names)
-        true = outputs["class_true"][task]
-        pred = outputs["class_probs"][task].argmax(1)
-        ok = true >= 0
-        cm = np.zeros((k, k))
-        np.add.at(cm, (true[ok], pred[ok]), 1)
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        fig = Figure(figsize=(1.0 + 0.7 * k, 0.8 + 0.7 * k))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        ax.set_xticks(range(k), names)
-        ax.set_yticks(range(k), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(task)
-        fig.tight_layout()
-        return fig
-
     # ------------------------------------------------------------------------------------------
     # optimization
     # ------------------------------------------------------------------------------------------

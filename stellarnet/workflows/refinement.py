@@ -4,11 +4,11 @@
 the model folder is written, ``refine.enabled``):
 
 1. the network predicts the training split (a seeded subset of ``refine.max_stars``);
-2. a :class:`~stellarnet.refinement.forward.SpectrumEmulator` is fitted to those spectra with the
+2. a :class:`~stellarnet.refinement.emulator.SpectrumEmulator` is fitted to those spectra with the
    network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard) — in memory when
    they fit ``refine.memory_gb``, else streamed from the shards block by block;
 3. the training stars are refined and a quadratic calibration of the refined labels to the
-   catalogue scale is fitted (:func:`~stellarnet.refinement.forward.fit_label_calibration`);
+   catalogue scale is fitted (:func:`~stellarnet.refinement.calibration.fit_label_calibration`);
 4. the validation split is refined and the σ model sqrt((a·σ_fit)² + (b·σ_network)²) fitted per
    label against the catalogue labels and their errors (Gaussian maximum likelihood);
 5. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
@@ -31,8 +31,10 @@ import torch
 from stellarnet.evaluation.calibration import fit_sigma_two_term
 from stellarnet.dataset.shards import ShardReader, load_manifest, verify_dataset
 from stellarnet.evaluation.split_predictions import predict_rows
-from stellarnet.refinement.forward import (SpectraBlocks, emulator_state, fit_label_calibration, fit_settings, refine_labels,
-                                       train_emulator)
+from stellarnet.refinement.training import SpectraBlocks, train_emulator
+from stellarnet.refinement.emulator import emulator_state
+from stellarnet.refinement.calibration import fit_label_calibration
+from stellarnet.refinement.fit import fit_settings, refine_labels
 from stellarnet.network.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_emulator_file, load_model
 from stellarnet.common.files import atomic_open, to_plain, write_json
 
