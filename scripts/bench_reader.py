@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stellarnet.io import spectra  # noqa: E402
+from stellarnet.preparation import spectra as prep_spectra  # noqa: E402
 from stellarnet.io.fitsfile import UnsupportedFITS  # noqa: E402
 from stellarnet.common.paths import resource  # noqa: E402
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [spectra.read_aspcapstar(p, header=False) for p in aspcap[:500]]
         t0 = time.perf_counter()
         for s in specs:
-            spectra.prepare_spectrum(s.flux, s.flux_err, s.pixmask, grid="dr12", normalized=True)
+            prep_spectra.prepare_spectrum(s.flux, s.flux_err, s.pixmask, grid="dr12", normalized=True)
         row["prepare_spectrum (dr12) per star"] = len(specs) / (time.perf_counter() - t0)
         rounds.append(row)
         print(f"round {r + 1}: " + "; ".join(f"{k}: {v:,.0f}/s" for k, v in row.items()), flush=True)

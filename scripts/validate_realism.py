@@ -3,7 +3,7 @@
 The real star is ``apogee_combined_2M13012770+5754582.npz`` (The_Payne, MIT): a combined,
 continuum-normalized DR12-grid spectrum with errors. Steps:
 
-1. Normalize emulator spectra with :func:`stellarnet.io.spectra.continuum_normalize`
+1. Normalize emulator spectra with :func:`stellarnet.preparation.spectra.continuum_normalize`
    (``grid="dr12"``, the Cannon continuum pixels — the same pixel set the real spectrum was
    normalized with).
 2. Fit (Teff, logg, [Fe/H], [α/Fe]) by weighted least squares (``scipy.optimize.least_squares``,

@@ -25,13 +25,8 @@ from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_
 from stellarnet.preparation.cuts import PHYSICAL_LABEL_RANGES, CutSpecError, EmptySelectionError, apply_cuts
 from stellarnet.dataset.datamodule import StellarDataModule
 from stellarnet.dataset.shards import ShardError, build_shards, load_manifest, spectrum_path, verify_dataset
-from stellarnet.io.spectra import (
-    BAD_PIXEL_ERR,
-    SpectrumFormatError,
-    SpectrumQualityError,
-    prepare_spectrum,
-    read_spectrum,
-)
+from stellarnet.preparation.spectra import BAD_PIXEL_ERR, SpectrumQualityError, prepare_spectrum
+from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
 from stellarnet.io.surveys import read_galah, read_lamost
 from stellarnet.crossval.crossmatch import NoMatchError, crossmatch
 from stellarnet.network import StellarNetModule, load_model, save_model_folder

@@ -213,7 +213,7 @@ def _giant_model_fn():
 
 
 def test_spectral_model_is_the_normalized_emulator():
-    from stellarnet.io.spectra import continuum_normalize
+    from stellarnet.preparation.spectra import continuum_normalize
     from stellarnet.physics.kurucz import load_emulator
     from stellarnet.evaluation.spectral_model import MODEL_GRID, emulator_model
 

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_allstar
 from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
-from stellarnet.io.spectra import SpectrumFormatError, SpectrumQualityError, prepare_spectrum, read_spectrum
+from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
+from stellarnet.preparation.spectra import SpectrumQualityError, prepare_spectrum
 from stellarnet.io.surveys import read_galah, read_lamost
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"

@@ -95,7 +95,7 @@ def test_augmentation_only_in_training_and_keeps_masked_pixels():
 
 
 def test_augmentation_flags_scattered_short_runs_as_prepare_spectrum_leaves_them():
-    from stellarnet.io.spectra import BAD_PIXEL_ERR
+    from stellarnet.preparation.spectra import BAD_PIXEL_ERR
 
     flux, err, mask = spectra(400)
     aug = SpectrumAugment(P, prob=1.0, mask_fraction=0.08, continuum=0.0, outlier_fraction=0.0, err_scale=(1.0, 1.0),

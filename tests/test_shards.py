@@ -15,7 +15,8 @@ from stellarnet.io import grids
 from stellarnet.io.catalogs import read_allstar
 from stellarnet.dataset.datamodule import StellarDataModule
 from stellarnet.dataset.shards import ShardError, ShardReader, build_shards, load_manifest, verify_dataset
-from stellarnet.io.spectra import prepare_spectrum, read_spectrum
+from stellarnet.preparation.spectra import prepare_spectrum
+from stellarnet.io.spectra import read_spectrum
 from stellarnet.preparation.splits import assign_splits
 
 

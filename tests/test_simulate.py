@@ -15,7 +15,8 @@ from astropy.io import fits
 
 from stellarnet.io import grids
 from stellarnet.io.bitmasks import ASPCAPFLAG, EXTRATARG, PARAM_ORDER, PARAMFLAG, STARFLAG
-from stellarnet.io.spectra import continuum_normalize, read_aspcapstar
+from stellarnet.preparation.spectra import continuum_normalize
+from stellarnet.io.spectra import read_aspcapstar
 from stellarnet.simulate.allstar import ALLSTAR_DTYPES, ALLSTAR_NAME, tmass_designation
 from stellarnet.physics.kurucz import load_emulator
 from stellarnet.simulate.external import GALAH_DTYPES, GALAH_NAME, LAMOST_DTYPES, LAMOST_NAME, apply_offsets, lamost_designation

@@ -117,7 +117,7 @@ def test_wavelength_cache_only_keeps_passing_grids(survey):
 
 
 def test_file_reader_matches_read_spectrum_then_prepare(survey):
-    from stellarnet.io.spectra import prepare_spectrum
+    from stellarnet.preparation.spectra import prepare_spectrum
 
     files = survey["files"][:3]
     chunk = S.read_spectrum_files(files, GRID, None)

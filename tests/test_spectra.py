@@ -11,6 +11,7 @@ from astropy.io import fits
 
 from stellarnet.io import grids
 from stellarnet.io import spectra as S
+from stellarnet.preparation import spectra as P
 from stellarnet.io.bitmasks import APOGEE_PIXMASK
 from stellarnet.common.paths import resource
 
@@ -26,7 +27,7 @@ APSTARS = [APSTAR_MULTI, APSTAR_SINGLE]
 def synthetic(grid: str = "dr17", n: int = 1, snr: float = 300.0, seed: int = 0):
     """Spectra = per-chip quadratic continuum × absorption lines that avoid continuum pixels."""
     rng = np.random.default_rng(seed)
-    cont_pix = S.continuum_pixels(grid)
+    cont_pix = P.continuum_pixels(grid)
     p = grids.n_pixels(grid)
     cont = np.empty((n, p))
     for k, sl in enumerate(grids.chip_slices(grid)):
@@ -141,7 +142,7 @@ def test_real_pixmask_bits_are_known(name):
 @pytest.mark.parametrize("name", APSTARS)
 def test_real_gaps_are_bad(name):
     sp = S.read_apstar(resource(name))
-    bad = S.bad_pixel_mask(sp.flux, sp.flux_err, sp.pixmask)
+    bad = P.bad_pixel_mask(sp.flux, sp.flux_err, sp.pixmask)
     h = sp.header
     outside = np.ones(8575, bool)  # pixels no frame contributes to
     for lo, hi in (("BMIN", "BMAX"), ("GMIN", "GMAX"), ("RMIN", "RMAX")):
@@ -155,14 +156,14 @@ def test_real_gaps_are_bad(name):
 @pytest.mark.parametrize("name", APSTARS)
 def test_prepare_real_apstar_normalized(name):
     sp = S.read_apstar(resource(name))
-    flux, err, good = S.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17")
+    flux, err, good = P.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17")
     assert flux.shape == err.shape == good.shape == (7514,)
     assert flux.dtype == err.dtype == np.float32 and good.dtype == bool
     assert np.isfinite(flux).all() and np.isfinite(err).all()
     assert good.mean() > 0.9
-    assert (flux[~good] == 1.0).all() and (err[~good] == S.BAD_PIXEL_ERR).all()
-    assert (err[good] < S.BAD_PIXEL_ERR).all() and (err[good] > 0).all()
-    cont_pix = S.continuum_pixels("dr17")
+    assert (flux[~good] == 1.0).all() and (err[~good] == P.BAD_PIXEL_ERR).all()
+    assert (err[good] < P.BAD_PIXEL_ERR).all() and (err[good] > 0).all()
+    cont_pix = P.continuum_pixels("dr17")
     for sl in grids.chip_slices("dr17"):
         sel = cont_pix[sl] & good[sl]
         assert abs(np.median(flux[sl][sel]) - 1) < 0.02
@@ -177,34 +178,34 @@ def test_prepare_real_apstar_normalized(name):
 def test_prepare_real_error_propagation():
     sp = S.read_apstar(resource(APSTAR_MULTI))
     f = grids.gap_delete(sp.flux, "dr17")
-    e = grids.gap_delete(sp.flux_err * S.persistence_weight(sp.pixmask), "dr17")
-    bad = grids.gap_delete(S.bad_pixel_mask(sp.flux, sp.flux_err, sp.pixmask), "dr17")
-    nf, ne, cont = S.continuum_normalize(f, e, bad, grid="dr17")
-    flux, err, good = S.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17")
+    e = grids.gap_delete(sp.flux_err * P.persistence_weight(sp.pixmask), "dr17")
+    bad = grids.gap_delete(P.bad_pixel_mask(sp.flux, sp.flux_err, sp.pixmask), "dr17")
+    nf, ne, cont = P.continuum_normalize(f, e, bad, grid="dr17")
+    flux, err, good = P.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17")
     np.testing.assert_allclose(err[good], (e / cont)[good], rtol=1e-5)
     np.testing.assert_allclose(flux[good], (f / cont)[good], rtol=1e-5)
     np.testing.assert_allclose(ne, e / cont)
     # pixels with absurd errors (up to 1e13 in the real file, even without a mask bit) are bad
-    assert not good[e / cont >= S.BAD_PIXEL_ERR].any()
+    assert not good[e / cont >= P.BAD_PIXEL_ERR].any()
 
 
 def test_prepare_real_visits_and_dr12_grid():
     path = resource(APSTAR_MULTI)
-    cont_pix = S.continuum_pixels("dr12")
+    cont_pix = P.continuum_pixels("dr12")
     batch = [S.read_apstar(path, row=k) for k in range(3)]
     fl = np.stack([b.flux for b in batch])
     er = np.stack([b.flux_err for b in batch])
     pm = np.stack([b.pixmask for b in batch])
-    flux, err, good = S.prepare_spectrum(fl, er, pm, grid="dr12")
+    flux, err, good = P.prepare_spectrum(fl, er, pm, grid="dr12")
     assert flux.shape == (3, 7214)
     for i in range(3):
         assert abs(np.median(flux[i][cont_pix & good[i]]) - 1) < 0.02
-        f1, e1, g1 = S.prepare_spectrum(fl[i], er[i], pm[i], grid="dr12")
+        f1, e1, g1 = P.prepare_spectrum(fl[i], er[i], pm[i], grid="dr12")
         np.testing.assert_allclose(f1, flux[i], rtol=1e-6)
         np.testing.assert_array_equal(g1, good[i])
     # visit rows: 0 flux and 0 error outside the chips (not NaN as in the combined rows)
     assert (fl[:, :190] == 0).all() and (er[:, :190] == 0).all()
-    assert S.bad_pixel_mask(fl, er, pm)[:, :190].all()
+    assert P.bad_pixel_mask(fl, er, pm)[:, :190].all()
     assert (good.mean(axis=1) > 0.9).all()
 
 
@@ -212,14 +213,14 @@ def test_real_combined_normalized_spectrum_dr12():
     with np.load(resource("apogee_combined_2M13012770+5754582.npz")) as z:
         spec, spec_err = z["spectrum"], z["spec_err"]
     assert spec.shape == spec_err.shape == (7214,)
-    cont_pix = S.continuum_pixels("dr12")
+    cont_pix = P.continuum_pixels("dr12")
     assert abs(np.median(spec[cont_pix]) - 1) < 0.02
     assert 0 <= spec.min() and np.percentile(spec, 99) < 1.1 and np.percentile(spec, 1) < 0.85
     # already normalized: the fitted continuum of a normalized spectrum is ≈ 1
-    bad = S.bad_pixel_mask(spec, spec_err)
-    _, _, cont = S.continuum_normalize(spec, spec_err, bad, grid="dr12")
+    bad = P.bad_pixel_mask(spec, spec_err)
+    _, _, cont = P.continuum_normalize(spec, spec_err, bad, grid="dr12")
     assert np.all(np.abs(cont - 1) < 0.02)
-    flux, err, good = S.prepare_spectrum(spec, spec_err, None, grid="dr12", normalized=True)
+    flux, err, good = P.prepare_spectrum(spec, spec_err, None, grid="dr12", normalized=True)
     np.testing.assert_allclose(flux[good], spec[good], rtol=1e-6)
     assert good.mean() > 0.9
 
@@ -233,10 +234,10 @@ def test_continuum_recovered(grid):
     flux, err, cont, lines = synthetic(grid, n=1)
     bad = np.zeros(flux.shape, bool)
     # corrupt a few continuum pixels and flag them: they must not affect the fit
-    cp = np.flatnonzero(S.continuum_pixels(grid))[::15]
+    cp = np.flatnonzero(P.continuum_pixels(grid))[::15]
     flux[0, cp] = 1e6
     bad[0, cp] = True
-    nf, ne, c = S.continuum_normalize(flux[0], err[0], bad[0], grid=grid)
+    nf, ne, c = P.continuum_normalize(flux[0], err[0], bad[0], grid=grid)
     assert nf.shape == ne.shape == c.shape == (grids.n_pixels(grid),)
     assert np.max(np.abs(c / cont[0] - 1)) < 0.005
     np.testing.assert_allclose(ne, err[0] / c)
@@ -246,26 +247,26 @@ def test_continuum_recovered(grid):
 
 def test_continuum_higher_degree_and_given_continuum():
     flux, err, cont, _ = synthetic("dr17", n=2, seed=3)
-    nf, ne, c = S.continuum_normalize(flux, err, None, degree=4)
+    nf, ne, c = P.continuum_normalize(flux, err, None, degree=4)
     assert np.max(np.abs(c / cont - 1)) < 0.005
-    nf2, ne2, c2 = S.continuum_normalize(flux, err, None, continuum=cont)
+    nf2, ne2, c2 = P.continuum_normalize(flux, err, None, continuum=cont)
     np.testing.assert_allclose(c2, cont)
     np.testing.assert_allclose(nf2, flux / cont)
     with pytest.raises(ValueError, match="continuum shape"):
-        S.continuum_normalize(flux, err, None, continuum=cont[0, :100])
+        P.continuum_normalize(flux, err, None, continuum=cont[0, :100])
 
 
 def test_batch_equals_loop_and_dtype():
     flux, err, _, _ = synthetic("dr17", n=6, seed=5)
     rng = np.random.default_rng(2)
     bad = rng.random(flux.shape) < 0.05
-    nf, ne, c = S.continuum_normalize(flux, err, bad)
+    nf, ne, c = P.continuum_normalize(flux, err, bad)
     for i in range(len(flux)):
-        a, b, d = S.continuum_normalize(flux[i], err[i], bad[i])
+        a, b, d = P.continuum_normalize(flux[i], err[i], bad[i])
         np.testing.assert_allclose(nf[i], a, rtol=1e-10)
         np.testing.assert_allclose(ne[i], b, rtol=1e-10)
         np.testing.assert_allclose(c[i], d, rtol=1e-10)
-    f32 = S.continuum_normalize(flux.astype(np.float32), err.astype(np.float32), bad)
+    f32 = P.continuum_normalize(flux.astype(np.float32), err.astype(np.float32), bad)
     assert all(x.dtype == np.float32 for x in f32)
     np.testing.assert_allclose(f32[0], nf, rtol=1e-4)
 
@@ -276,7 +277,7 @@ def test_nan_and_zero_flux_become_bad():
     full_err = grids.gap_insert(err[0], "dr17")
     pm = np.zeros(8575, np.int64)
     idx = grids.grid_indices("dr17")
-    cp = idx[S.continuum_pixels("dr17")]
+    cp = idx[P.continuum_pixels("dr17")]
     full[cp[0]] = np.nan
     full[cp[1]] = np.inf
     full[cp[2]] = 0.0
@@ -287,58 +288,58 @@ def test_nan_and_zero_flux_become_bad():
     pm[cp[7]] = 1 << APOGEE_PIXMASK.bit("SIG_SKYLINE")
     pm[cp[8]] = 1 << APOGEE_PIXMASK.bit("PERSIST_HIGH")  # down-weighted, not bad
     pm[cp[9]] = 1 << APOGEE_PIXMASK.bit("SIG_TELLURIC")  # not in the default bits
-    bad = S.bad_pixel_mask(full, full_err, pm)
+    bad = P.bad_pixel_mask(full, full_err, pm)
     assert bad[cp[:8]].all() and not bad[cp[8:10]].any()
     assert bad[np.setdiff1d(np.arange(8575), idx)].all()  # gap pixels (flux 0)
-    flux_o, err_o, good = S.prepare_spectrum(full, full_err, pm, grid="dr17")
+    flux_o, err_o, good = P.prepare_spectrum(full, full_err, pm, grid="dr17")
     pos = np.searchsorted(idx, cp[:10])
     assert not good[pos[:8]].any() and good[pos[8:10]].all()
-    assert (flux_o[pos[:8]] == 1.0).all() and (err_o[pos[:8]] == S.BAD_PIXEL_ERR).all()
+    assert (flux_o[pos[:8]] == 1.0).all() and (err_o[pos[:8]] == P.BAD_PIXEL_ERR).all()
     assert np.isfinite(flux_o).all() and np.isfinite(err_o).all()
     # the continuum is still fine; persistence inflated the error ×3 at that pixel
     c = grids.gap_delete(full, "dr17") / flux_o
     assert abs(np.median(c[good] / cont[0][good]) - 1) < 0.005
     ratio = err_o[pos[8]] / (full_err[cp[8]] / cont[0][pos[8]])
-    assert ratio == pytest.approx(S.PERSIST_ERR_FACTORS[9], rel=0.01)
+    assert ratio == pytest.approx(P.PERSIST_ERR_FACTORS[9], rel=0.01)
 
 
 def test_bad_pixel_mask_bits_argument_and_errors():
     flux = np.ones(5)
     err = np.full(5, 0.1)
     pm = np.array([0, 1 << 12, 1 << 13, 1, 1 << 10])
-    np.testing.assert_array_equal(S.bad_pixel_mask(flux, err, pm), [0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(S.bad_pixel_mask(flux, err, pm, bits=["SIG_TELLURIC"]), [0, 0, 1, 0, 0])
-    np.testing.assert_array_equal(S.bad_pixel_mask(flux, err, pm, bits=()), [0] * 5)
+    np.testing.assert_array_equal(P.bad_pixel_mask(flux, err, pm), [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(P.bad_pixel_mask(flux, err, pm, bits=["SIG_TELLURIC"]), [0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(P.bad_pixel_mask(flux, err, pm, bits=()), [0] * 5)
     with pytest.raises(ValueError, match="pixmask shape"):
-        S.bad_pixel_mask(flux, err, pm[:3])
+        P.bad_pixel_mask(flux, err, pm[:3])
     with pytest.raises(TypeError, match="integer"):
-        S.bad_pixel_mask(flux, err, pm.astype(float))
+        P.bad_pixel_mask(flux, err, pm.astype(float))
     with pytest.raises(ValueError, match="flux_err shape"):
-        S.bad_pixel_mask(flux, err[:2])
+        P.bad_pixel_mask(flux, err[:2])
 
 
 def test_persistence_weight():
     pm = np.array([0, 1 << 9, 1 << 10, 1 << 11, (1 << 10) | (1 << 11), 1])
-    np.testing.assert_allclose(S.persistence_weight(pm), [1, 3, 2, 1.5, 2, 1])
-    np.testing.assert_array_equal(S.persistence_weight(None, shape=(4,)), np.ones(4))
+    np.testing.assert_allclose(P.persistence_weight(pm), [1, 3, 2, 1.5, 2, 1])
+    np.testing.assert_array_equal(P.persistence_weight(None, shape=(4,)), np.ones(4))
     with pytest.raises(ValueError):
-        S.persistence_weight(None)
+        P.persistence_weight(None)
 
 
 def test_wrong_grid_length_errors():
     flux, err, _, _ = synthetic("dr17", n=1)
     with pytest.raises(ValueError, match="7514 pixels but grid 'dr12' has 7214"):
-        S.continuum_normalize(flux, err, None, grid="dr12")
+        P.continuum_normalize(flux, err, None, grid="dr12")
     with pytest.raises(ValueError, match="gap_delete"):
-        S.continuum_normalize(np.ones(8575), np.ones(8575), None)
+        P.continuum_normalize(np.ones(8575), np.ones(8575), None)
     with pytest.raises(ValueError, match="expected 8575"):
-        S.prepare_spectrum(np.ones(7000), np.ones(7000), None)
+        P.prepare_spectrum(np.ones(7000), np.ones(7000), None)
     with pytest.raises(ValueError, match="flux_err shape"):
-        S.continuum_normalize(flux, err[:, :10], None)
+        P.continuum_normalize(flux, err[:, :10], None)
     with pytest.raises(ValueError, match="bad shape"):
-        S.continuum_normalize(flux, err, np.zeros(5, bool))
+        P.continuum_normalize(flux, err, np.zeros(5, bool))
     # grid=None infers the grid from the length
-    _, _, c = S.continuum_normalize(flux, err, None, grid=None)
+    _, _, c = P.continuum_normalize(flux, err, None, grid=None)
     assert c.shape == flux.shape
 
 
@@ -346,18 +347,18 @@ def test_too_few_continuum_pixels_gives_nan_chip():
     flux, err, _, _ = synthetic("dr17", n=2, seed=11)
     bad = np.zeros(flux.shape, bool)
     sl = grids.chip_slices("dr17")[1]
-    cp = S.continuum_pixels("dr17")
-    keep = np.flatnonzero(cp[sl])[: S.MIN_CONTINUUM_PIXELS - 1] + sl.start
+    cp = P.continuum_pixels("dr17")
+    keep = np.flatnonzero(cp[sl])[: P.MIN_CONTINUUM_PIXELS - 1] + sl.start
     bad[0, sl] = True
     bad[0, keep] = False  # only MIN-1 continuum pixels left in the green chip of spectrum 0
-    nf, ne, c = S.continuum_normalize(flux, err, bad)
+    nf, ne, c = P.continuum_normalize(flux, err, bad)
     assert np.isnan(c[0, sl]).all() and np.isnan(nf[0, sl]).all()
     assert np.isfinite(c[0, : sl.start]).all() and np.isfinite(c[1]).all()
     full = grids.gap_insert(flux, "dr17")
     full_err = grids.gap_insert(err, "dr17", fill=1.0)
     pm = np.zeros(full.shape, np.int64)
     pm[:, grids.grid_indices("dr17")] = np.where(bad, 1, 0)
-    f, e, good = S.prepare_spectrum(full, full_err, pm)
+    f, e, good = P.prepare_spectrum(full, full_err, pm)
     assert not good[0, sl].any() and good[0, : sl.start].mean() > 0.99 and good[1].mean() > 0.99
     assert np.isfinite(f).all() and np.isfinite(e).all()
 
@@ -367,26 +368,26 @@ def test_all_bad_spectrum_raises_or_flags():
     full = grids.gap_insert(flux, "dr17")
     full_err = grids.gap_insert(err, "dr17")
     full[1] = np.nan
-    with pytest.raises(S.SpectrumQualityError, match=r"rows \[1\]"):
-        S.prepare_spectrum(full, full_err, None)
-    with pytest.raises(S.SpectrumQualityError, match="no good pixel"):
-        S.prepare_spectrum(np.zeros(8575), np.ones(8575), None)
-    f, e, good = S.prepare_spectrum(full, full_err, None, allow_empty=True)
+    with pytest.raises(P.SpectrumQualityError, match=r"rows \[1\]"):
+        P.prepare_spectrum(full, full_err, None)
+    with pytest.raises(P.SpectrumQualityError, match="no good pixel"):
+        P.prepare_spectrum(np.zeros(8575), np.ones(8575), None)
+    f, e, good = P.prepare_spectrum(full, full_err, None, allow_empty=True)
     assert not good[1].any() and good[0].mean() > 0.99
-    assert (f[1] == 1).all() and (e[1] == S.BAD_PIXEL_ERR).all()
+    assert (f[1] == 1).all() and (e[1] == P.BAD_PIXEL_ERR).all()
 
 
 def test_continuum_pixels_reference_files():
-    c17 = S.continuum_pixels("dr17")
-    c12 = S.continuum_pixels(7214)
+    c17 = P.continuum_pixels("dr17")
+    c12 = P.continuum_pixels(7214)
     assert c17.dtype == bool and c17.shape == (7514,) and c17.sum() == 532
     assert c12.dtype == bool and c12.shape == (7214,) and c12.sum() == 529
     for g, c in (("dr17", c17), ("dr12", c12)):
         assert all(c[sl].sum() > 100 for sl in grids.chip_slices(g))
     c17[:] = False  # a copy: the cached mask is untouched
-    assert S.continuum_pixels("dr17").sum() == 532
+    assert P.continuum_pixels("dr17").sum() == 532
     with pytest.raises(ValueError, match="unknown APOGEE grid"):
-        S.continuum_pixels("dr14")
+        P.continuum_pixels("dr14")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def test_read_aspcapstar_built_file(tmp_path):
     np.testing.assert_allclose(sp.model, model, rtol=1e-6)
     assert (sp.pixmask == 0).all() and sp.pixmask.dtype == np.int64
     np.testing.assert_allclose(sp.wavelength, grids.wavelength_full(), rtol=1e-12)
-    f, e, good = S.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17", normalized=True)
+    f, e, good = P.prepare_spectrum(sp.flux, sp.flux_err, sp.pixmask, grid="dr17", normalized=True)
     np.testing.assert_allclose(f, grids.gap_delete(flux, "dr17"), rtol=1e-6)
     assert good.all()
     # dispatch by name and by structure
@@ -495,7 +496,7 @@ def test_flux_that_is_not_what_its_kind_says_is_refused():
     a SpectrumQualityError (per star in predict), never labels; allow_empty makes them all-bad rows."""
     from stellarnet.io.spectra import SpectrumQualityError
 
-    prepare_spectrum = S.prepare_spectrum
+    prepare_spectrum = P.prepare_spectrum
     rng = np.random.default_rng(0)
     n = grids.n_pixels("dr12")
     norm = 1 - 0.1 * rng.random(n)

@@ -30,7 +30,7 @@ import numpy as np
 
 from stellarnet.io.bitmasks import STELLARNET_FLAG
 from stellarnet.io.catalogs import fits_strings
-from stellarnet.io.spectra import prepare_spectrum
+from stellarnet.preparation.spectra import prepare_spectrum
 from stellarnet.network.inference import Predictor, load_model
 from stellarnet.evaluation.metrics import red_clump_purity_completeness, robust_scatter
 from stellarnet.simulate.allstar import draw_detector_defects

@@ -183,7 +183,8 @@ class _ShardTask:
 
 def _write_shard(task: _ShardTask) -> dict[str, Any]:
     """Read, preprocess and write one shard (runs in a worker process)."""
-    from stellarnet.io.spectra import prepare_spectrum, read_spectrum
+    from stellarnet.preparation.spectra import prepare_spectrum
+    from stellarnet.io.spectra import read_spectrum
 
     final = Path(task.path)
     if final.exists():

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stellarnet.io.spectra import continuum_normalize
+from stellarnet.preparation.spectra import continuum_normalize
 from stellarnet.evaluation.crlb import ModelFn
 from stellarnet.physics.kurucz import LABEL_NAMES, KuruczEmulator, load_emulator
 

@@ -18,7 +18,7 @@ drawn uniformly up to its maximum:
 * **line-spread function**: width × (1 + f), f ~ U(lo, hi): Gaussian convolution (f > 0) or a
   first-order deconvolution (f < 0); APOGEE's LSF σ ≈ 1.37 pixels;
 * **flagged pixels**: a fraction U(0, m) of the pixels masked in scattered runs of 1–3 (flux 1,
-  error :data:`~stellarnet.io.spectra.BAD_PIXEL_ERR`, ``pix_mask`` 0, as ``prepare_spectrum``
+  error :data:`~stellarnet.preparation.spectra.BAD_PIXEL_ERR`, ``pix_mask`` 0, as ``prepare_spectrum``
   leaves a flagged pixel) — pipelines flag many single pixels around sky lines; a network that
   only saw a few long bad-pixel runs reads a masked pixel in a line as a weaker line.
 
@@ -115,7 +115,7 @@ class SpectrumAugment(nn.Module):
               pix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flag a fraction U(0, mask_fraction) of the pixels of a share ``prob`` of the spectra, in runs of
         1–3 pixels (each run grows by one more pixel with probability ½, twice; mean length 1.75)."""
-        from stellarnet.io.spectra import BAD_PIXEL_ERR
+        from stellarnet.preparation.spectra import BAD_PIXEL_ERR
 
         n, dev = flux.shape[0], flux.device
         frac = torch.rand(n, 1, device=dev) * self.mask_fraction * self._pick(n, dev)

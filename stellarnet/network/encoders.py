@@ -79,7 +79,7 @@ class RobustInputs(nn.Module):
        pixels whose error is inflated (r = 5: g = 0.025) — so one corrupted pixel carrying a finite
        inflated error cannot move the labels.
     2. **Renormalization** (known grids only): the flux is divided by a per-chip Chebyshev polynomial
-       (``renormalize_degree``) fitted to the continuum pixels (:func:`stellarnet.io.spectra.continuum_pixels`)
+       (``renormalize_degree``) fitted to the continuum pixels (:func:`stellarnet.preparation.spectra.continuum_pixels`)
        with weights ``g`` (not 1/σ²: the error convention must not matter), refitted once without the
        pixels more than 4 robust σ off. Data normalized by another convention, or with a smooth
        residual, is brought back to the training set's convention; on the training set's own
@@ -151,7 +151,7 @@ def _continuum_design(n_pixels: int, degree: int | None) -> tuple[torch.Tensor, 
     """Per-chip Chebyshev basis (P, 3·(degree+1)) (:func:`stellarnet.refinement.basis.continuum_basis`) and
     continuum-pixel indicator (P,) of the grid with ``n_pixels`` pixels, or None (unknown grid or ``degree`` None)."""
     from stellarnet.io import grids
-    from stellarnet.io.spectra import continuum_pixels
+    from stellarnet.preparation.spectra import continuum_pixels
     from stellarnet.refinement.basis import continuum_basis
 
     if degree is None or n_pixels not in grids.GRID_ALIASES:

@@ -53,7 +53,7 @@ FLAG_MIN_PIXEL_FRACTION = 0.7
 #: BINARY_CANDIDATE: the refinement's companion score (forward.companion_score, in σ) above this
 FLAG_COMPANION = 8.0
 FOLDER_FORMAT = "stellarnet-model-folder/1"
-# normalized error given to bad / non-finite pixels (same value as stellarnet.io.spectra.BAD_PIXEL_ERR;
+# normalized error given to bad / non-finite pixels (same value as stellarnet.preparation.spectra.BAD_PIXEL_ERR;
 # the network ignores it anyway because such pixels get pix_mask = 0)
 _BAD_PIXEL_ERR = 1.0e3
 

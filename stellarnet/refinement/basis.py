@@ -39,7 +39,7 @@ def chip_segments(n_pixels: int, grid: str | None, per_chip: int = SEGMENTS_PER_
 def continuum_basis(n_pixels: int, grid: str | None, degree: int | None) -> torch.Tensor:
     """(P, K) float32 basis of a multiplicative continuum correction: per chip, Chebyshev polynomials
     T₀…T_degree of x ∈ [−1, 1] across the chip (zero outside it), i.e. the space in which the
-    per-chip continuum normalization (:func:`stellarnet.io.spectra.continuum_normalize`) errs.
+    per-chip continuum normalization (:func:`stellarnet.preparation.spectra.continuum_normalize`) errs.
     One segment for the whole spectrum if the grid is unknown; ``degree`` None or < 0: K = 0."""
     if degree is None or int(degree) < 0:
         return torch.zeros(n_pixels, 0)

@@ -7,8 +7,9 @@ Steps for each star (vectorized over chunks of stars):
 2. Instrument throughput: per chip, level (blue 0.85, green 1.0, red 0.9) × (1 + a₁x + a₂(x² − ⅓))
    with x ∈ [−1, 1] across the chip and a₁ ~ N(0, 0.08), a₂ ~ N(0, 0.05) per star and chip (a
    smooth blaze/flat-field residual). ``raw = model × throughput``.
-3. True continuum ``C``: the :func:`stellarnet.io.spectra.continuum_normalize` fit to the
-   noiseless ``raw`` (so it is smooth and positive). Noise σ = C / SNR per pixel.
+3. True continuum ``C``: the survey's normalization convention (:func:`stellarnet.simulate.shifts.normalize_convention`
+   ``"cannon"``: per-chip Chebyshev of degree 2 on The Cannon's continuum pixels, the simulator's own
+   implementation, independent of the pipeline's) fitted to the noiseless ``raw`` (smooth and positive). Noise σ = C / SNR per pixel.
 4. Model-mismatch pixels (``apogee_bad_model_pixels_7214.npz``, where Kurucz models fit real
    spectra poorly): a systematic deviation δ = 0.01 C × s × p (p a fixed per-pixel N(0,1)
    pattern, s ~ U(0.5, 1.5) per star) is added and the reported error is inflated to
@@ -19,7 +20,7 @@ Steps for each star (vectorized over chunks of stars):
 7. Bad-pixel runs (dead columns, cosmic rays; positions given by the caller): flux replaced by
    garbage (U(0, 2) × C), error set to :data:`BAD_ERR` (≥ the pipeline's ``BAD_PIXEL_ERR``), and
    excluded from the continuum fit.
-8. Normalization the same way as real data: ``continuum_normalize(noisy, err, bad, grid="dr12")``;
+8. Normalization by the same convention (``normalize_convention(noisy, err, bad, "cannon")``);
    the noiseless model (HDU3) is ``raw / continuum`` with the same continuum.
 9. Optional perturbations (:class:`stellarnet.simulate.shifts.Shift`, the robustness suite): LSF width
    and radial-velocity residual on the model (before step 2), pixel-correlated noise (step 6), unflagged
@@ -39,7 +40,6 @@ from typing import Iterator
 import numpy as np
 
 from stellarnet.io import grids
-from stellarnet.io.spectra import continuum_normalize
 from stellarnet.common.paths import resource
 from stellarnet.physics.kurucz import KuruczEmulator, load_emulator
 from stellarnet.simulate.shifts import (Shift, add_companion, broaden_lsf, continuum_residual, correlate_noise,
@@ -129,7 +129,7 @@ def observe_spectra(
     coef[:, 1::3] = level * rng.normal(0.0, 0.08, (n, 3))
     coef[:, 2::3] = level * rng.normal(0.0, 0.05, (n, 3))
     raw *= coef @ _throughput_basis()
-    _, _, cont = continuum_normalize(raw, np.ones_like(raw), None, grid=GRID)
+    _, _, cont = normalize_convention(raw, np.ones_like(raw), None, "cannon")
     # noisy = raw + mismatch + persistence + σ·N(0,1), σ = C / SNR
     noisy = rng.standard_normal(raw.shape, dtype=np.float32)
     if shift is not None and shift.noise_correlation is not None:
@@ -163,7 +163,7 @@ def observe_spectra(
     if shift is not None and shift.normalization is not None:
         flux, flux_err, c_data = normalize_convention(noisy, err, bad, shift.normalization)
     else:
-        flux, flux_err, c_data = continuum_normalize(noisy, err, bad, grid=GRID)
+        flux, flux_err, c_data = normalize_convention(noisy, err, bad, "cannon")
     raw /= c_data  # the noiseless model seen through the data's continuum
     if shift is not None:
         flux, flux_err = _report(flux, flux_err, bad, shift, rng)

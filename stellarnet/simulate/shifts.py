@@ -50,7 +50,7 @@ from numpy.polynomial import chebyshev
 from scipy import ndimage
 
 from stellarnet.io import grids
-from stellarnet.io.spectra import continuum_pixels
+from stellarnet.common.paths import resource
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
@@ -265,11 +265,12 @@ def shift_velocity(model: np.ndarray, v_kms: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=None)
 def convention_pixels(convention: str) -> np.ndarray | None:
     """Continuum pixels (7214,) of a convention (None for ``"aspcap"``: all pixels, iteratively clipped)."""
-    if convention == "cannon":
-        return continuum_pixels(GRID)
+    if convention == "cannon":  # The Cannon's continuum pixels (the default survey's convention)
+        with np.load(resource("cannon_continuum_pixels_7214.npz")) as z:
+            return np.asarray(z["pixels_cannon"]).astype(bool)
     if convention == "astronn":  # astroNN's DR17 mask, moved onto the DR12-era grid
-        full = grids.gap_insert(continuum_pixels("dr17").astype(np.float32), "dr17", 0.0)
-        return grids.gap_delete(full, GRID) > 0.5
+        dr17 = np.load(resource("dr17_continuum_mask_7514.npy")).astype(np.float32)
+        return grids.gap_delete(grids.gap_insert(dr17, "dr17", 0.0), GRID) > 0.5
     if convention in ("aspcap", "smooth"):
         return None
     raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
@@ -295,6 +296,15 @@ def normalize_convention(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | No
         x = np.linspace(-1.0, 1.0, sl.stop - sl.start)
         v = chebyshev.chebvander(x, degree)
         use = good[:, sl] & (pix[sl][None, :] if pix is not None else True)
+        if pix is not None:  # a fixed pixel set: every star's weighted least squares at once
+            cols = np.flatnonzero(pix[sl])
+            w = np.where(use[:, cols], 1.0 / np.where(use[:, cols], err[:, sl][:, cols], 1.0) ** 2, 0.0)
+            vc = v[cols]
+            k = vc.shape[1]
+            normal = (w @ (vc[:, :, None] * vc[:, None, :]).reshape(len(cols), k * k)).reshape(-1, k, k)
+            rhs = (w * np.where(use[:, cols], flux[:, sl][:, cols], 0.0)) @ vc
+            cont[:, sl] = np.linalg.solve(normal, rhs[..., None])[..., 0] @ v.T
+            continue
         for i in range(flux.shape[0]):
             f = flux[i, sl]
             u = use[i].copy()
