@@ -149,7 +149,7 @@ def warm_page_cache(allstar: Path, spectra_root: Path, kind: str = "aspcapStar")
     """Read every spectrum file of ``allstar`` once, so that each timed run finds them in the page
     cache (a cold read of the default survey costs ~20 ms per file on this VM's disk, 10x the CPU)."""
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.dataset.shards import spectrum_path
+    from stellarnet.io.layout import spectrum_path
 
     df = read_allstar(allstar, columns=["APOGEE_ID", "TELESCOPE", "FIELD"])
     t, nbytes = time.perf_counter(), 0
@@ -163,7 +163,8 @@ def warm_page_cache(allstar: Path, spectra_root: Path, kind: str = "aspcapStar")
 def load_arrays(dataset: Path, n: int) -> dict:
     import numpy as np
 
-    from stellarnet.dataset.shards import ShardReader, load_manifest
+    from stellarnet.dataset.reader import ShardReader
+    from stellarnet.dataset.manifest import load_manifest
 
     manifest = load_manifest(dataset)
     parts: dict[str, list] = {"flux": [], "flux_err": [], "pix_mask": [], "photometry": []}

@@ -53,7 +53,7 @@ from _bench_common import (  # noqa: E402
 def cycled_chunks(dataset: str, n: int, chunk_size: int) -> Iterator[dict]:
     """Shard chunks, cycled over the dataset until ``n`` stars were yielded."""
     from stellarnet.dataset.chunks import as_numpy, open_chunks
-    from stellarnet.dataset.shards import load_manifest
+    from stellarnet.dataset.manifest import load_manifest
 
     chunks = open_chunks(dataset, load_manifest(dataset)["grid"], chunk_size)
     done = 0

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.metrics import classification_report, regression_metrics
 from stellarnet.evaluation.split_predictions import class_codes, load_split, predict_split
 from stellarnet.network.inference import load_model

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.crlb import (
     DEFAULT_STEPS,
     GAUSS_MAE_FACTOR,

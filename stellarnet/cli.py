@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baselines": ("stellarnet.baselines.__main__", "trees and the Cannon-style model on the same splits as the network"),
     "build-features": ("stellarnet.build_features", "the tabular feature table (photometry, indices) of a dataset"),
     "crossval": ("stellarnet.crossval.__main__", "cross-survey validation against GALAH DR3 / LAMOST DR7"),
-    "pipeline": ("stellarnet.pipeline", "every stage in order, each rerun only when its inputs changed"),
+    "pipeline": ("stellarnet.pipeline.__main__", "every stage in order, each rerun only when its inputs changed"),
 }
 
 

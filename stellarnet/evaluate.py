@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from stellarnet.common.errors import report_errors
-from stellarnet.dataset.shards import load_manifest
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report, subset_rows
 from stellarnet.evaluation.figures import write_standard_figures
 from stellarnet.evaluation.split_predictions import network_report

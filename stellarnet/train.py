@@ -29,7 +29,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from omegaconf import DictConfig, OmegaConf
 
 from stellarnet.common.errors import report_errors
-from stellarnet.dataset.shards import MANIFEST, load_manifest
+from stellarnet.dataset.manifest import MANIFEST, load_manifest
 from stellarnet.common.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.common.files import env_global_rank_is_zero, to_jsonable, to_plain, write_json
@@ -285,7 +285,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                                          tensorboard_dir=output_dir / "tensorboard" / "refinement")
             if cfg.get("test", True):
                 metrics.update(write_evaluation(objects["model_dir"], datamodule.dataset_dir, output_dir))
-            from stellarnet.dataset.shards import load_manifest
+            from stellarnet.dataset.manifest import load_manifest
             from stellarnet.evaluation.card import write_model_card
 
             write_model_card(objects["model_dir"], load_manifest(datamodule.dataset_dir),

@@ -57,7 +57,7 @@ def copy_survey_slice(survey_root: Path, allstar: Path, root: Path, n_rows: int)
     from astropy.table import Table
 
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.dataset.shards import spectrum_path
+    from stellarnet.io.layout import spectrum_path
 
     table = Table.read(allstar, hdu=1)[:n_rows]
     out = root / "allStar-dr17-synspec_rev1.fits"

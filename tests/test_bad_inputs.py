@@ -24,7 +24,9 @@ from stellarnet.io import grids
 from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_allstar
 from stellarnet.preparation.cuts import PHYSICAL_LABEL_RANGES, CutSpecError, EmptySelectionError, apply_cuts
 from stellarnet.dataset.datamodule import StellarDataModule
-from stellarnet.dataset.shards import ShardError, build_shards, load_manifest, spectrum_path, verify_dataset
+from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
+from stellarnet.dataset.shards import build_shards
+from stellarnet.io.layout import spectrum_path
 from stellarnet.preparation.spectra import BAD_PIXEL_ERR, SpectrumQualityError, prepare_spectrum
 from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
 from stellarnet.io.surveys import read_galah, read_lamost

@@ -25,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import copy_survey_slice, tiny_model_folder
 
 from stellarnet.io.bitmasks import STELLARNET_FLAG
-from stellarnet.dataset.shards import ShardError
+from stellarnet.dataset.manifest import ShardError
 from stellarnet.network.inference import CheckpointError, physical_ranges, stellarnet_flags
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.predict import PredictionError, predict

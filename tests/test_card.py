@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import tiny_model_folder
 
-from stellarnet.dataset.shards import load_manifest
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.card import write_model_card
 from stellarnet.common.paths import CONF_DIR
 

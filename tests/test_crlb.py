@@ -371,7 +371,7 @@ def _load_script(name: str = "crlb"):
 
 
 def test_crlb_script_on_tiny_shards(tiny_shards, tmp_path, capsys):
-    from stellarnet.dataset.shards import ShardReader
+    from stellarnet.dataset.reader import ShardReader
 
     mod = _load_script()
     reader = ShardReader(tiny_shards, "test", verify=False)

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from stellarnet.dataset.shards import load_manifest
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.split_predictions import load_split
 from stellarnet.evaluate import evaluate
 from stellarnet.network import StellarNetModule, load_model, save_model_folder

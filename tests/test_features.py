@@ -13,7 +13,7 @@ import pytest
 
 from stellarnet.io import grids
 from stellarnet.preparation.photometry import PHOT_FEATURES
-from stellarnet.dataset.shards import SCHEMA_VERSION, sha256_file
+from stellarnet.dataset.manifest import SCHEMA_VERSION, sha256_file
 from stellarnet.features import (
     IndexMeasurer,
     IndexWindow,

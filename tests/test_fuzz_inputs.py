@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_allstar
-from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
+from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
 from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
 from stellarnet.preparation.spectra import SpectrumQualityError, prepare_spectrum
 from stellarnet.io.surveys import read_galah, read_lamost

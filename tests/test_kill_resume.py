@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stellarnet.dataset.shards import verify_dataset
+from stellarnet.dataset.manifest import verify_dataset
 
 pytestmark = pytest.mark.slow
 

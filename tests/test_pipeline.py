@@ -52,7 +52,7 @@ def pipeline_cfg(root: Path, *overrides: str):
 
 
 def run(cfg):
-    from stellarnet.pipeline import run_pipeline
+    from stellarnet.pipeline.run import run_pipeline
 
     lines: list[str] = []
     rows = run_pipeline(cfg, echo=lines.append)
@@ -121,7 +121,7 @@ def test_stages_skip_when_current_and_rerun_downstream_of_a_change(tmp_path):
 
 
 def test_pipeline_config_errors(tmp_path):
-    from stellarnet.pipeline import run_pipeline
+    from stellarnet.pipeline.run import run_pipeline
 
     with pytest.raises(ValueError, match="unknown pipeline stage"):
         run_pipeline(pipeline_cfg(tmp_path, "pipeline.stages=[survey,bogus]"), echo=lambda s: None)

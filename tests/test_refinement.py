@@ -15,7 +15,7 @@ import torch
 from test_evaluate import NET as EVAL_NET
 from test_evaluate import SPEC_KEYS
 
-from stellarnet.dataset.shards import load_manifest
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.split_predictions import load_split
 from stellarnet.network import StellarNetModule, save_model_folder
 from stellarnet.network.inference import EMULATOR_FILE, CheckpointError, load_model
@@ -389,7 +389,7 @@ def test_training_subset_is_seeded_and_consistent():
 
 def test_predictions_read_block_by_block_equal_those_of_the_loaded_split(refined_dir, tiny_shards):
     """predict_rows (the refinement build's reader) gives predict_split's numbers on the same rows."""
-    from stellarnet.dataset.shards import ShardReader
+    from stellarnet.dataset.reader import ShardReader
     from stellarnet.evaluation.split_predictions import predict_rows, predict_split
 
     model = load_model(refined_dir[0])
@@ -407,7 +407,7 @@ def test_a_streamed_build_reads_bounded_blocks_and_fits_as_well(refined_dir, tin
     """refine.memory_gb=0: the emulator's spectra are read from the shards every epoch; no read of
     spectra in the whole build asks for more than block_stars rows (the memory bound), and the stage is
     as good as the in-memory one (same stars, χ² no more than 15 % above, finite σ model)."""
-    from stellarnet.dataset.shards import ShardReader
+    from stellarnet.dataset.reader import ShardReader
 
     largest = {"rows": 0}
     rows_fn = ShardReader.rows

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stellarnet.dataset.shards import BUILDING_MARKER, MANIFEST, ShardTasks, _ShardTask, load_manifest
+from stellarnet.dataset.manifest import BUILDING_MARKER, MANIFEST, load_manifest
+from stellarnet.dataset.shards import ShardTasks, _ShardTask
 
 
 def _overrides(survey: dict, out: Path) -> list[str]:
@@ -77,7 +78,7 @@ def test_a_shard_task_is_built_once_and_then_skipped(tiny_survey, tmp_path):
     import numpy as np
 
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.dataset.shards import spectrum_path
+    from stellarnet.io.layout import spectrum_path
 
     df = read_allstar(tiny_survey["allstar"], columns=["APOGEE_ID", "TELESCOPE", "FIELD"]).iloc[:5]
     files = [str(spectrum_path(tiny_survey["root"], "aspcapStar", t, f, a))

@@ -14,7 +14,9 @@ import torch
 from stellarnet.io import grids
 from stellarnet.io.catalogs import read_allstar
 from stellarnet.dataset.datamodule import StellarDataModule
-from stellarnet.dataset.shards import ShardError, ShardReader, build_shards, load_manifest, verify_dataset
+from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.shards import build_shards
 from stellarnet.preparation.spectra import prepare_spectrum
 from stellarnet.io.spectra import read_spectrum
 from stellarnet.preparation.splits import assign_splits
@@ -276,7 +278,7 @@ def test_class_weights_inverse_frequency_capped_and_normalized():
 def test_a_lock_held_by_another_users_process_counts_as_alive(monkeypatch):
     import os
 
-    from stellarnet.dataset.shards import _pid_alive
+    from stellarnet.dataset.build_lock import _pid_alive
 
     def denied(pid, sig):
         raise PermissionError("not yours")

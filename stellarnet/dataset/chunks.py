@@ -108,7 +108,7 @@ class ChunkDataset(torch.utils.data.Dataset):
 
     def _catalog_chunk(self, k: int) -> Chunk:
         from stellarnet.preparation.photometry import PHOT_FEATURES, photometric_features
-        from stellarnet.dataset.shards import spectrum_path
+        from stellarnet.io.layout import spectrum_path
 
         part = self.catalog.iloc[k * self.chunk_size:(k + 1) * self.chunk_size]
         root = Path(self.spectra_root)
@@ -142,7 +142,7 @@ def _catalog(allstar: str | Path, spectra_root: str | Path | None, spectra_kind:
              layout: str | None) -> tuple[Any, Path, str]:
     """The catalogue rows a prediction needs, the checked spectra root and the path template."""
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.dataset.shards import spectra_layout
+    from stellarnet.io.layout import spectra_layout
 
     layout = spectra_layout(spectra_kind, layout)
     allstar = Path(allstar)
@@ -159,7 +159,7 @@ def _catalog(allstar: str | Path, spectra_root: str | Path | None, spectra_kind:
 
 def _shard_ranges(dataset_dir: str | Path, grid: str, chunk_size: int) -> tuple[int, list[tuple[str, str, int, int]]]:
     """(stars, chunk ranges) of a verified shard dataset: every split, every shard, in manifest order."""
-    from stellarnet.dataset.shards import load_manifest, verify_dataset
+    from stellarnet.dataset.manifest import load_manifest, verify_dataset
 
     manifest = load_manifest(dataset_dir)
     # every shard present, complete, of this build and unmodified (SHA-256) before a row is read:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.manifest import load_manifest
 
 
 class Standardizer:

@@ -43,7 +43,7 @@ def check_data_config(data_cfg: Mapping[str, Any]) -> None:
     """Fail before any work on values of the ``data`` config that cannot work (the message names
     the full key): split fractions, rows per shard, workers, grid, spectra kind, simulated stars."""
     from stellarnet.io import grids
-    from stellarnet.dataset.shards import SPECTRA_LAYOUT, spectra_layout
+    from stellarnet.io.layout import SPECTRA_LAYOUT, spectra_layout
     from stellarnet.preparation.splits import check_split_fractions
 
     sh = data_cfg["shards"]

@@ -29,145 +29,34 @@ build resumes and ends with the same manifest.
 """
 
 from __future__ import annotations
-
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
-
+from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 import pandas as pd
-
 from stellarnet.common.files import atomic_path
 from stellarnet.io import grids
 from stellarnet.preparation.splits import SPLITS, assign_splits
 from stellarnet.common.files import atomic_write_text, env_global_rank_is_zero, to_plain
-from stellarnet.common.errors import StellarnetError
 from stellarnet.common.labels import LABEL_UNITS
+from stellarnet.dataset.build_lock import _build_lock
+from stellarnet.dataset.sources import read_spectrum_files
+from stellarnet.dataset.manifest import BUILDING_MARKER, ENTRIES_DIR, MANIFEST, SCHEMA_VERSION, ShardError, _shards_intact, _stable_hash, sha256_file
+from stellarnet.io.layout import SPECTRA_LAYOUT, spectra_layout, spectrum_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-#: Present while a build runs in the directory: a killed build leaves it, and readers refuse the
-#: directory until a rerun of the build finishes (a half-rebuilt dataset never looks complete).
-BUILDING_MARKER = ".building"
-#: per-shard manifest entries written by the ranks of a distributed build (removed with the marker)
-ENTRIES_DIR = ".shard_entries"
-#: Held (created exclusively, holding the builder's host and pid) by the one build writing the directory.
-BUILD_LOCK = ".build.lock"
+
 #: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.io.catalogs.DERIVED_COLUMNS`,
 #: [α/Fe] = ALPHA_M + M_H − FE_H; DR17's ALPHA_M is [α/M])
 DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_FE"}
-SPECTRA_LAYOUT = {
-    "aspcapStar": "apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits",
-    "apStar": "apogee/spectro/redux/dr17/stars/{TELESCOPE}/{FIELD}/apStar-dr17-{APOGEE_ID}.fits",
-}
-
-
-class ShardError(StellarnetError, RuntimeError):
-    """A shard dataset is missing, corrupted, truncated or from an unknown schema."""
-
-
-# --------------------------------------------------------------------------- helpers
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-
-def _stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True).encode()).hexdigest()[:16]
-
-
-
-def spectra_layout(kind: str, layout: str | None = None) -> str:
-    """The path template of ``kind``'s spectrum files below the spectra root: ``layout`` when given
-    (another data release or a local mirror; fields ``{TELESCOPE}``, ``{FIELD}``, ``{APOGEE_ID}``),
-    else DR17's (:data:`SPECTRA_LAYOUT`). ValueError names a bad kind or template."""
-    if kind not in SPECTRA_LAYOUT:
-        raise ValueError(f"unknown spectra_kind {kind!r}; use one of {sorted(SPECTRA_LAYOUT)}")
-    if not layout:
-        return SPECTRA_LAYOUT[kind]
-    try:
-        layout.format(TELESCOPE="t", FIELD="f", APOGEE_ID="a")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"spectra_layout {layout!r} is not a path template with {{TELESCOPE}}, {{FIELD}} and "
-                         f"{{APOGEE_ID}} fields ({type(exc).__name__}: {exc})") from None
-    if "{APOGEE_ID}" not in layout:
-        raise ValueError(f"spectra_layout {layout!r} must contain {{APOGEE_ID}} (one file per star)")
-    return layout
-
-
-def spectrum_path(root: str | Path, kind: str, telescope: str, field: str, apogee_id: str,
-                  layout: str | None = None) -> Path:
-    """Path of a star's spectrum file in the SDSS directory layout (DR17's, or ``layout``)."""
-    rel = spectra_layout(kind, layout).format(TELESCOPE=telescope, FIELD=field, APOGEE_ID=apogee_id)
-    return Path(root) / rel
-
-
-# --------------------------------------------------------------------------- build lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@contextmanager
-def _build_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold ``out_dir``'s build lock for the block (released on any exit)."""
-    lock = _acquire_build_lock(out_dir)
-    try:
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _acquire_build_lock(out_dir: Path) -> Path:
-    """Create ``out_dir/BUILD_LOCK`` exclusively; a lock left by a dead process on this host is
-    taken over, a live one (or one from another host) refuses the build with :class:`ShardError`."""
-    import socket
-
-    lock = out_dir / BUILD_LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                owner = {}
-            stale = owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
-                and not _pid_alive(owner["pid"])
-            if not stale:
-                raise ShardError(
-                    f"another build is writing {out_dir} (lock {lock}: host {owner.get('host', '?')}, "
-                    f"pid {owner.get('pid', '?')}); wait for it to finish, or delete the lock file if no "
-                    "build is running"
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me))
-        return lock
-    raise ShardError(f"cannot take the build lock {lock}")  # pragma: no cover - raced twice
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -183,9 +72,6 @@ class _ShardTask:
 
 def _write_shard(task: _ShardTask) -> dict[str, Any]:
     """Read, preprocess and write one shard (runs in a worker process)."""
-    from stellarnet.preparation.spectra import prepare_spectrum
-    from stellarnet.io.spectra import read_spectrum
-
     final = Path(task.path)
     if final.exists():
         try:
@@ -197,22 +83,10 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
                             "failures": failures, "skipped": True}
         except OSError:
             pass  # truncated or foreign file: rebuild it
-    n_pix = grids.n_pixels(task.grid)
-    n = len(task.files)
-    flux = np.ones((n, n_pix), np.float32)
-    err = np.ones((n, n_pix), np.float32)
-    good = np.zeros((n, n_pix), np.uint8)
-    ok = np.zeros(n, bool)
-    failures = []
-    for i, fpath in enumerate(task.files):
-        try:
-            spec = read_spectrum(fpath)
-            fl, er, gd = prepare_spectrum(spec.flux, spec.flux_err, spec.pixmask, grid=task.grid,
-                                          normalized=task.normalized)
-            flux[i], err[i], good[i] = fl, er, gd
-            ok[i] = True
-        except Exception as exc:  # noqa: BLE001 - recorded per star, never silently
-            failures.append({"file": os.path.basename(fpath), "error": f"{type(exc).__name__}: {exc}"})
+    chunk = read_spectrum_files(task.files, task.grid, task.normalized)  # the one file reader (predict uses it too)
+    ok = chunk["error"] == ""
+    failures = [{"file": os.path.basename(f), "error": e} for f, e in zip(task.files, chunk["error"]) if e]
+    flux, err, good = chunk["flux"], chunk["flux_err"], chunk["pix_mask"].astype(np.uint8)
     with atomic_path(final) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         kw = dict(track_times=False)
         f.create_dataset("flux", data=flux[ok], **kw)
@@ -547,193 +421,3 @@ def build_shards(
         shutil.rmtree(out_dir / ENTRIES_DIR, ignore_errors=True)
         marker.unlink(missing_ok=True)
         return manifest
-
-
-# --------------------------------------------------------------------------- reading
-def _shards_intact(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
-    try:
-        verify_dataset(out_dir, manifest, check_sha=False)
-        return True
-    except ShardError:
-        return False
-
-
-def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """Read and validate ``manifest.json`` of a shard dataset."""
-    path = Path(dataset_dir) / MANIFEST
-    if (Path(dataset_dir) / BUILDING_MARKER).exists():
-        raise ShardError(
-            f"{dataset_dir} is being built, or its last build was interrupted ({BUILDING_MARKER} present): its shards "
-            "and manifest may not belong together; rerun the build (python -m stellarnet.build_shards, or the "
-            "training run that builds it) to finish it"
-        )
-    if not path.exists():
-        raise ShardError(f"no {MANIFEST} in {dataset_dir}: not a shard dataset (build it with stellarnet.build_shards)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path} is not valid JSON: {exc}") from None
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise ShardError(f"{path} has no integer schema_version")
-    if version > SCHEMA_VERSION:
-        raise ShardError(
-            f"{path} has schema_version {version}, newer than this stellarnet supports ({SCHEMA_VERSION}); "
-            "upgrade stellarnet or rebuild the shards"
-        )
-    for key in ("shards", "label_names", "label_mean", "label_std", "phot_features", "grid", "build_hash"):
-        if key not in manifest:
-            raise ShardError(f"{path} lacks required key {key!r}")
-    _check_manifest_types(manifest, path)
-    return manifest
-
-
-def _check_manifest_types(manifest: Mapping[str, Any], path: Path) -> None:
-    """ShardError naming the first manifest entry of the wrong type (a hand-edited or damaged file)."""
-    def bad(key: str, expected: str) -> ShardError:
-        return ShardError(f"{path}: {key} must be {expected}, got {manifest.get(key)!r:.80}")
-
-    if not isinstance(manifest["build_hash"], str):
-        raise bad("build_hash", "a string")
-    try:
-        grids.grid_name(manifest["grid"]) if isinstance(manifest["grid"], str) else None
-    except (ValueError, KeyError):
-        raise bad("grid", "a grid name ('dr17' or 'dr12')") from None
-    if not isinstance(manifest["grid"], str):
-        raise bad("grid", "a grid name ('dr17' or 'dr12')")
-    for key in ("label_names", "phot_features"):
-        if not isinstance(manifest[key], list) or not all(isinstance(v, str) for v in manifest[key]):
-            raise bad(key, "a list of names")
-    n_labels = len(manifest["label_names"])
-    for key in ("label_mean", "label_std"):
-        v = manifest[key]
-        if not isinstance(v, list) or len(v) != n_labels or not all(isinstance(x, (int, float)) for x in v):
-            raise bad(key, f"a list of {n_labels} numbers")
-    shards = manifest["shards"]
-    if not isinstance(shards, list) or not all(
-            isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("rows"), int)
-            and isinstance(sh.get("sha256"), str) and isinstance(sh.get("split"), str) for sh in shards):
-        raise bad("shards", "a list of {file, split, rows, sha256} entries")
-
-
-def verify_dataset(dataset_dir: str | Path, manifest: Mapping[str, Any] | None = None, check_sha: bool = True) -> None:
-    """Check every shard exists, opens, has the manifest's row count and (optionally) SHA-256."""
-    dataset_dir = Path(dataset_dir)
-    manifest = manifest or load_manifest(dataset_dir)
-    for sh in manifest["shards"]:
-        p = dataset_dir / sh["file"]
-        if not p.exists():
-            raise ShardError(f"shard {p} listed in the manifest is missing")
-        if check_sha and sha256_file(p) != sh["sha256"]:
-            raise ShardError(f"shard {p} fails its SHA-256 check (corrupted or modified); rebuild the dataset")
-        try:
-            with h5py.File(p, "r") as f:
-                n = f["flux"].shape[0]
-                shard_hash = f.attrs.get("build_hash")
-                complete = bool(f.attrs.get("complete", False))
-        except (OSError, KeyError) as exc:
-            raise ShardError(f"shard {p} cannot be read (truncated or corrupted): {exc}") from None
-        want = manifest.get("build_hash")
-        if isinstance(shard_hash, bytes):
-            shard_hash = shard_hash.decode()
-        if shard_hash != want or not complete:
-            raise ShardError(
-                f"shard {p} belongs to another build (build hash {shard_hash}, manifest {want}): the directory "
-                "was partly rebuilt with other settings; rerun the build to finish it"
-            )
-        if n != sh["rows"]:
-            raise ShardError(f"shard {p} has {n} rows, manifest says {sh['rows']}")
-
-
-class ShardReader:
-    """Lazy row access to the shards of one split; one open file handle per shard per process."""
-
-    FIELDS = ("flux", "flux_err", "pix_mask", "labels", "label_err", "classes", "photometry", "snr")
-
-    def __init__(self, dataset_dir: str | Path, split: str, manifest: Mapping[str, Any] | None = None,
-                 verify: bool = True):
-        self.dataset_dir = Path(dataset_dir)
-        self.manifest = dict(manifest or load_manifest(dataset_dir))
-        if verify:
-            verify_dataset(self.dataset_dir, self.manifest, check_sha=True)
-        self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
-        self.split = split
-        counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self._files: dict[int, h5py.File] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def _file(self, k: int) -> h5py.File:
-        if self._pid != os.getpid():  # forked into a worker: never share handles
-            self._files = {}
-            self._pid = os.getpid()
-        f = self._files.get(k)
-        if f is None:
-            f = h5py.File(self.dataset_dir / self.shards[k]["file"], "r")
-            self._files[k] = f
-        return f
-
-    def locate(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} out of range for split {self.split!r} with {len(self)} rows")
-        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return k, int(i - self.offsets[k])
-
-    def row(self, i: int, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
-        k, j = self.locate(i)
-        f = self._file(k)
-        return {name: f[name][j] for name in fields}
-
-    def rows(self, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
-        """Many rows at once (one sorted h5py read per shard and field), in the order given."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"rows out of range for split {self.split!r} with {len(self)} rows")
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        out: dict[str, np.ndarray] = {}
-        for k in np.unique(shard):
-            sel = np.flatnonzero(shard == k)
-            local = idx[sel] - self.offsets[k]
-            uniq, inverse = np.unique(local, return_inverse=True)
-            f = self._file(int(k))
-            contiguous = uniq[-1] - uniq[0] + 1 == len(uniq)  # one hyperslab instead of a point list
-            for name in fields:
-                if contiguous:
-                    block = f[name][int(uniq[0]):int(uniq[-1]) + 1][inverse]
-                else:
-                    block = f[name][uniq][inverse]
-                if name not in out:
-                    out[name] = np.empty((len(idx),) + block.shape[1:], dtype=block.dtype)
-                out[name][sel] = block
-        return out
-
-    def blocks(self, indices: Sequence[int], block: int,
-               fields: Sequence[str] = FIELDS) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
-        """:meth:`rows` ``block`` at a time (memory bounded by the block): (the positions in ``indices``, the rows)."""
-        for s in range(0, len(indices), block):
-            yield slice(s, s + block), self.rows(indices[s:s + block], fields)
-
-    def read_all(self, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
-        """Concatenate whole fields over the split (for baselines / evaluation; uses memory)."""
-        out: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-        for k in range(len(self.shards)):
-            f = self._file(k)
-            for name in fields:
-                out[name].append(f[name][...])
-        return {name: np.concatenate(v) if v else np.empty(0) for name, v in out.items()}
-
-    def close(self) -> None:
-        for f in self._files.values():
-            try:
-                f.close()
-            except Exception:  # pragma: no cover
-                pass
-        self._files = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_files"] = {}
-        return state

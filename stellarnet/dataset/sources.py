@@ -160,7 +160,7 @@ def source_kind(input: str | Sequence[str], input_kind: str = "auto") -> str:
     whose HDU1 is a table with ``APOGEE_ID``, ``TELESCOPE`` and ``FIELD`` is a catalogue (whatever
     its name; a file named ``allStar*`` too, so that a damaged one gets the catalogue reader's
     message); anything else is spectrum files. ``input_kind`` forces one of them."""
-    from stellarnet.dataset.shards import MANIFEST
+    from stellarnet.dataset.manifest import MANIFEST
 
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind must be one of {list(INPUT_KINDS)}, got {input_kind!r}")

@@ -38,7 +38,7 @@ import pandas as pd
 
 from stellarnet.common.files import atomic_path
 from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
-from stellarnet.dataset.shards import ShardError, load_manifest, verify_dataset
+from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
 from stellarnet.preparation.splits import SPLITS
 from stellarnet.features.indices import IndexMeasurer, load_windows
 from stellarnet.common.files import to_plain

@@ -20,7 +20,7 @@ class SpectraBlocks:
 
     ``read(positions)`` returns ``(flux, flux_err, pix_mask)``, each (len(positions), ``n_pixels``), for
     ascending positions in 0 … ``n`` − 1 (``pix_mask`` may be None); the emulator reads ``block`` stars
-    at a time, every epoch (e.g. rows of a shard split: :meth:`stellarnet.dataset.shards.ShardReader.rows`).
+    at a time, every epoch (e.g. rows of a shard split: :meth:`stellarnet.dataset.reader.ShardReader.rows`).
     """
 
     n: int

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.dataset.shards import ShardReader, load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.figures import method_comparison_figure, save_figure
 from stellarnet.evaluation.split_predictions import load_split, network_report
 from stellarnet.evaluation.report import comparison_table, write_report

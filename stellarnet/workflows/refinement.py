@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from stellarnet.evaluation.calibration import fit_sigma_two_term
-from stellarnet.dataset.shards import ShardReader, load_manifest, verify_dataset
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.dataset.manifest import load_manifest, verify_dataset
 from stellarnet.evaluation.split_predictions import predict_rows
 from stellarnet.refinement.training import SpectraBlocks, train_emulator
 from stellarnet.refinement.emulator import emulator_state

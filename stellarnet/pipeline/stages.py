@@ -1,6 +1,4 @@
-"""Entry point: ``python -m stellarnet.pipeline +experiment=apogee`` — the whole study in one command.
-
-Stages, in order (``pipeline.stages``)::
+"""The pipeline's stages, one adapter each (``pipeline.stages``), in order::
 
     survey     simulate the survey (no allStar configured) or ingest the configured allStar
     cuts       quality cuts on the allStar → cut report + selected stars
@@ -13,131 +11,23 @@ Stages, in order (``pipeline.stages``)::
     crossval   cross-survey offsets and calibrations (run_crossval) per external survey
     export     results catalogue (FITS/CSV/parquet) with calibrated labels and flags
 
-Each stage records ``<pipeline_dir>/<stage>/stage.json`` (config hash, status, outputs, key
-numbers, seconds). A stage's hash covers its own config slice and the hashes of the stages it
-depends on, so a stage is skipped when that hash is unchanged and its outputs exist; changing a
-value re-runs the stages that depend on it (directly or through other stages) and nothing else.
-``pipeline.force=[train]`` (or ``[all]``) re-runs stages regardless. One progress line is
-printed per stage, then a summary table (also ``<pipeline_dir>/summary.md`` / ``summary.json``).
-
-Functions: :func:`run_pipeline` (``cfg`` → summary rows), :data:`STAGES`, :func:`stage_hash`.
+Each adapter calls an entry point's library function and returns its outputs and key numbers.
 """
 
 from __future__ import annotations
-
 import copy
-import hashlib
 import json
 import logging
 import math
-import shutil
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.common.files import atomic_write_text, to_plain, write_json
+from stellarnet.common.files import to_plain
+from stellarnet.pipeline.cache import Context, Stage, _entry_body
 
 log = logging.getLogger(__name__)
-
-PIPELINE_VERSION = 1
-STAGE_FILE = "stage.json"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def stage_hash(obj: Any) -> str:
-    """sha256 (16 hex digits) of a JSON-serializable object (sorted keys)."""
-    text = json.dumps(obj, sort_keys=True, default=_json_default)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_record(stage_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((stage_dir / STAGE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _outputs_exist(outputs: Mapping[str, Any]) -> bool:
-    return all(Path(v).exists() for v in outputs.values() if isinstance(v, str) and v)
-
-
-def _entry_body(name: str) -> dict[str, Any]:
-    """The keys of an entry point's own config (``conf/<name>.yaml`` minus defaults / hydra)."""
-    body = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"), resolve=False)
-    assert isinstance(body, dict)
-    for k in ("defaults", "hydra", "task_name", "paths", "data", "seed"):
-        body.pop(k, None)
-    return body
-
-
-@dataclass
-class Context:
-    """What the stages share: the composed config, the pipeline directory and the records
-    (stage.json contents) of the stages seen so far."""
-
-    cfg: DictConfig
-    root: Path
-    records: dict[str, dict[str, Any]]
-
-    def out(self, stage: str, key: str) -> str:
-        rec = self.records.get(stage)
-        if rec is None or rec.get("status") != "complete":
-            raise RuntimeError(f"stage {stage!r} has no complete outputs; enable it in pipeline.stages")
-        return rec["outputs"][key]
-
-    def has(self, stage: str) -> bool:
-        rec = self.records.get(stage)
-        return rec is not None and rec.get("status") == "complete"
-
-    def data(self) -> dict[str, Any]:
-        return to_plain(self.cfg.data)
-
-    def paths(self, output_dir: Path) -> dict[str, Any]:
-        return {"data_dir": str(self.cfg.paths.data_dir), "log_dir": str(self.cfg.paths.log_dir),
-                "output_dir": str(output_dir)}
-
-    def entry_cfg(self, name: str, stage_dir: Path, overrides: Any = None, **extra: Any) -> DictConfig:
-        """An entry point's config: its own keys + the shared data / paths / seed + overrides."""
-        c = OmegaConf.create(_entry_body(name))
-        c = OmegaConf.merge(c, {"data": self.data(), "paths": self.paths(stage_dir), "seed": int(self.cfg.seed)},
-                            to_plain(overrides) or {}, extra)
-        return c  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: ``config(ctx)`` → the plain config slice that determines its outputs
-    (hashed with the dependencies' hashes); ``run(ctx, stage_dir)`` → ``{"outputs": {name: path},
-    "numbers": {...}}``. ``optional`` dependencies (a tuple, or a function of the context returning
-    one) are used when available. ``clean``: empty the stage directory before running."""
-
-    name: str
-    deps: tuple[str, ...]
-    config: Callable[[Context], Any]
-    run: Callable[[Context, Path], dict[str, Any]]
-    optional: tuple[str, ...] | Callable[[Context], tuple[str, ...]] = ()
-    clean: bool = True
-
-    def optional_deps(self, ctx: Context) -> tuple[str, ...]:
-        return self.optional(ctx) if callable(self.optional) else self.optional
 
 
 # --------------------------------------------------------------------------- stages
@@ -329,7 +219,7 @@ def _evaluate_config(ctx: Context) -> Any:
 
 
 def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.dataset.shards import load_manifest
+    from stellarnet.dataset.manifest import load_manifest
     from stellarnet.evaluation.figures import save_figure
     from stellarnet.evaluation.importance import (
         line_saliency,
@@ -474,149 +364,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("crossval", ("survey", "predict"), _crossval_config, _run_crossval),
     Stage("export", ("predict",), _export_config, _run_export, optional=("crossval", "features")),
 )
+
+
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-
-
-# --------------------------------------------------------------------------- runner
-
-
-def _numbers_text(numbers: Mapping[str, Any], limit: int = 6) -> str:
-    items = [f"{k}={v}" for k, v in numbers.items()]
-    return "; ".join(items[:limit]) + (f"; … (+{len(items) - limit})" if len(items) > limit else "")
-
-
-def _clean_dir(d: Path) -> None:
-    if d.exists():
-        for p in d.iterdir():
-            if p.name == STAGE_FILE:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    d.mkdir(parents=True, exist_ok=True)
-
-
-def run_pipeline(cfg: DictConfig, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or skip) every stage of ``pipeline.stages`` in order; returns one summary row per stage
-    (stage, status ran / skipped / disabled, seconds, hash, numbers) and writes
-    ``<pipeline_dir>/summary.md`` and ``summary.json``."""
-    import lightning as L
-
-    root = Path(str(cfg.pipeline_dir)).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    enabled = list(cfg.pipeline.get("stages") or STAGE_NAMES)
-    unknown = sorted(set(enabled) - set(STAGE_NAMES))
-    force = set(cfg.pipeline.get("force") or [])
-    unknown += sorted(force - set(STAGE_NAMES) - {"all"})
-    if unknown:
-        raise ValueError(f"unknown pipeline stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
-    if "baselines" in enabled and any(fs != "spectra_pca" for fs in cfg.pipeline.baselines.feature_sets):
-        if "features" not in enabled and not (root / "features" / STAGE_FILE).exists():
-            raise ValueError("baselines with tabular features need the features stage")
-    ctx = Context(cfg=cfg, root=root, records={})
-    rows: list[dict[str, Any]] = []
-    n = len(STAGES)
-    for i, stage in enumerate(STAGES, 1):
-        d = root / stage.name
-        prev = _read_record(d)
-        if stage.name not in enabled:
-            if prev is not None and prev.get("status") == "complete":
-                ctx.records[stage.name] = prev
-            row = {"stage": stage.name, "status": "disabled", "seconds": 0.0, "hash": (prev or {}).get("hash"),
-                   "numbers": (prev or {}).get("numbers", {}), "ran_seconds": (prev or {}).get("duration_s")}
-            rows.append(row)
-            echo(f"[{i:2d}/{n}] {stage.name:<9} disabled")
-            continue
-        t0 = time.perf_counter()
-        deps = {}
-        optional = stage.optional_deps(ctx)
-        for dep in stage.deps + optional:
-            rec = ctx.records.get(dep)
-            if rec is None or rec.get("status") != "complete":
-                if dep in optional:
-                    continue
-                raise RuntimeError(f"stage {stage.name!r} needs stage {dep!r}, which has no complete outputs "
-                                   f"(enable it in pipeline.stages)")
-            deps[dep] = rec["hash"]
-        conf = stage.config(ctx)
-        h = stage_hash({"stage": stage.name, "version": PIPELINE_VERSION, "config": conf, "deps": deps})
-        current = (prev is not None and prev.get("status") == "complete" and prev.get("hash") == h
-                   and _outputs_exist(prev.get("outputs") or {}))
-        if current and stage.name not in force and "all" not in force:
-            ctx.records[stage.name] = prev  # type: ignore[assignment]
-            secs = time.perf_counter() - t0
-            row = {"stage": stage.name, "status": "skipped", "seconds": secs, "hash": h,
-                   "numbers": prev.get("numbers", {}), "ran_seconds": prev.get("duration_s")}  # type: ignore[union-attr]
-            rows.append(row)
-            echo(f"[{i:2d}/{n}] {stage.name:<9} skipped {secs:8.1f} s  (current; ran in "
-                 f"{prev.get('duration_s', 0):.1f} s)  {_numbers_text(row['numbers'])}")  # type: ignore[union-attr]
-            continue
-        if stage.clean:
-            _clean_dir(d)
-        d.mkdir(parents=True, exist_ok=True)
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        record: dict[str, Any] = {"stage": stage.name, "hash": h, "status": "running", "deps": deps,
-                                  "config": conf, "started": started, "outputs": {}, "numbers": {}}
-        write_json(d / STAGE_FILE, record)
-        log.info("stage %s: running (hash %s)", stage.name, h)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        try:
-            result = stage.run(ctx, d)
-        except BaseException as exc:
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                          duration_s=time.perf_counter() - t0)
-            write_json(d / STAGE_FILE, record)
-            echo(f"[{i:2d}/{n}] {stage.name:<9} FAILED  {time.perf_counter() - t0:8.1f} s  {type(exc).__name__}: {exc}")
-            raise
-        secs = time.perf_counter() - t0
-        outputs = {k: str(Path(v).resolve()) for k, v in (result.get("outputs") or {}).items()}
-        record.update(status="complete", outputs=outputs, numbers=result.get("numbers", {}),
-                      duration_s=secs, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_json(d / STAGE_FILE, record)
-        ctx.records[stage.name] = record
-        rows.append({"stage": stage.name, "status": "ran", "seconds": secs, "hash": h, "numbers": record["numbers"]})
-        echo(f"[{i:2d}/{n}] {stage.name:<9} ran     {secs:8.1f} s  {_numbers_text(record['numbers'])}")
-    _write_summary(root, rows, ctx)
-    return rows
-
-
-def summary_markdown(rows: list[dict[str, Any]], ctx: Context | None = None) -> str:
-    """The summary table (+ the feature-set comparison when the baselines stage has one)."""
-    lines = ["# stellarnet pipeline summary", "",
-             "`seconds`: this run; `stage run [s]`: the run that produced the current outputs.", "",
-             "| stage | status | seconds | stage run [s] | key numbers |", "|---|---|---:|---:|---|"]
-    for r in rows:
-        nums = "; ".join(f"{k}={v}" for k, v in (r.get("numbers") or {}).items())
-        produced = r["seconds"] if r["status"] == "ran" else r.get("ran_seconds")
-        produced_s = "—" if produced is None else f"{produced:.1f}"
-        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {produced_s} | {nums} |")
-    total = sum(r["seconds"] for r in rows)
-    lines += ["", f"Total: {total:.1f} s."]
-    if ctx is not None and ctx.has("baselines"):
-        md = ctx.records["baselines"]["outputs"].get("comparison_md")
-        if md and Path(md).exists():
-            lines += ["", Path(md).read_text().replace("# Tree baselines", "## Tree baselines")]
-        if ctx.has("evaluate"):
-            nums = ctx.records["evaluate"].get("numbers") or {}
-            net = ", ".join(f"{k[4:]} {v}" for k, v in nums.items() if k.startswith("mae_"))
-            if net:
-                lines += [f"Network (same test split) MAE: {net}."]
-    return "\n".join(lines) + "\n"
-
-
-def _write_summary(root: Path, rows: list[dict[str, Any]], ctx: Context) -> None:
-    atomic_write_text(root / "summary.md", summary_markdown(rows, ctx))
-    write_json(root / "summary.json", {"stages": rows})
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
-@report_errors
-def main(cfg: DictConfig) -> None:
-    run_pipeline(cfg)
-    print()
-    print((Path(str(cfg.pipeline_dir)).resolve() / "summary.md").read_text())
-
-
-if __name__ == "__main__":
-    main()
