@@ -70,7 +70,8 @@ torch.set_num_threads(a["threads"])  # what predict finds; it sets its own count
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 import stellarnet.predict as P
-import stellarnet.network.inference as I
+import stellarnet.network.inference as I  # noqa: E402
+from stellarnet.network.model_folder import load_model  # noqa: E402
 import stellarnet.io.predictions as R
 from stellarnet.common.paths import CONF_DIR
 with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
@@ -78,7 +79,7 @@ with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
                                                      f"output_dir={a['out_dir']}", *a["overrides"]])
 timers = {"load_s": 0.0, "model_s": 0.0, "write_s": 0.0}
 seen = {}
-_load, _Writer, _predict = I.load_model, R.PredictionWriter, I.Predictor.predict
+_load, _Writer, _predict = load_model, R.PredictionWriter, I.Predictor.predict
 def load_model(*args, **kw):
     t = time.perf_counter(); r = _load(*args, **kw); timers["load_s"] += time.perf_counter() - t; return r
 def predict(self, *args, **kw):
@@ -89,7 +90,7 @@ class TimedWriter(_Writer):
         t = time.perf_counter(); super().write(df); timers["write_s"] += time.perf_counter() - t
     def close(self):
         t = time.perf_counter(); r = super().close(); timers["write_s"] += time.perf_counter() - t; return r
-I.load_model, I.Predictor.predict, R.PredictionWriter = load_model, predict, TimedWriter
+load_model, I.Predictor.predict, R.PredictionWriter = load_model, predict, TimedWriter
 worker_hwm = []  # VmHWM of each reader process, read just before the pool shuts down
 try:
     import stellarnet.dataset.sources as S
@@ -283,7 +284,8 @@ def main() -> None:
 
     import torch
 
-    from stellarnet.network.inference import Predictor, load_model, load_module
+    from stellarnet.network.inference import Predictor
+    from stellarnet.network.model_folder import load_model, load_module
 
     ckpt = find_checkpoint(args.ckpt)
     if ckpt is None or not ckpt.exists():

@@ -74,7 +74,7 @@ def child(a: dict) -> dict:
     import pandas as pd
     import torch
 
-    from stellarnet.network.inference import load_model
+    from stellarnet.network.model_folder import load_model
     from stellarnet.io.predictions import PredictionWriter, predictions_frame, write_predictions
 
     torch.set_num_threads(a["threads"])

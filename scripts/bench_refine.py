@@ -20,7 +20,7 @@ import json, sys, time
 import torch
 from _bench_common import vmhwm_mb
 from stellarnet.evaluation.split_predictions import load_split
-from stellarnet.network.inference import load_model
+from stellarnet.network.model_folder import load_model
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 p = load_model(a["model"])

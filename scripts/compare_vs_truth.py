@@ -24,7 +24,7 @@ from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.metrics import classification_report, regression_metrics
 from stellarnet.evaluation.split_predictions import class_codes, load_split, predict_split
-from stellarnet.network.inference import load_model
+from stellarnet.network.model_folder import load_model
 from stellarnet.workflows.baselines import run_baselines
 
 

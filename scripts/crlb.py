@@ -40,23 +40,9 @@ import pandas as pd
 
 from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest
-from stellarnet.evaluation.crlb import (
-    DEFAULT_STEPS,
-    GAUSS_MAE_FACTOR,
-    GIANT_STAGES,
-    GOAL_SNR,
-    NOISE_DESCRIPTIONS,
-    NOISE_MODELS,
-    RATIO_DEFINITION,
-    box_selection,
-    compute_crlb,
-    crlb_by_bin,
-    crlb_goal,
-    crlb_table_markdown,
-    mae_over_crlb,
-    subset_rows,
-    to_model_grid,
-)
+from stellarnet.evaluation.fisher import DEFAULT_STEPS
+from stellarnet.evaluation.crlb_summary import GAUSS_MAE_FACTOR, RATIO_DEFINITION, crlb_by_bin, crlb_table_markdown, mae_over_crlb
+from stellarnet.evaluation.crlb import GIANT_STAGES, GOAL_SNR, NOISE_DESCRIPTIONS, NOISE_MODELS, box_selection, compute_crlb, crlb_goal, subset_rows, to_model_grid
 from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES
 from stellarnet.evaluation.report import to_jsonable
 from stellarnet.physics.kurucz import LABEL_NAMES

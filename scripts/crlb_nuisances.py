@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarnet.io import grids
-from stellarnet.evaluation.crlb import DEFAULT_STEPS, jacobian
+from stellarnet.evaluation.fisher import DEFAULT_STEPS, jacobian
 from stellarnet.refinement.basis import continuum_spline_basis
 from stellarnet.simulate.population import sample_population
 from stellarnet.simulate.shifts import SHIFTED_MIX

@@ -15,7 +15,7 @@ __all__ = ["load_model", "__version__"]
 
 def __getattr__(name: str) -> Any:  # lazy: importing stellarnet must not import torch
     if name == "load_model":
-        from stellarnet.network.inference import load_model
+        from stellarnet.network.model_folder import load_model
 
         return load_model
     raise AttributeError(f"module 'stellarnet' has no attribute {name!r}")

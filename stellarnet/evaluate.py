@@ -25,7 +25,7 @@ from stellarnet.evaluation.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report
 from stellarnet.evaluation.figures import write_standard_figures
 from stellarnet.evaluation.split_predictions import network_report
 from stellarnet.evaluation.report import report_to_markdown, write_report
-from stellarnet.network.inference import load_model
+from stellarnet.network.model_folder import load_model
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.common.files import to_jsonable
 

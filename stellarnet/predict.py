@@ -52,7 +52,7 @@ def catalogue_provenance(ckpt_path: Any, predictor: Any, inp: Any) -> dict[str, 
     import json
 
     from stellarnet.common.version import __version__
-    from stellarnet.network.inference import EMULATOR_FILE, MODEL_FILE
+    from stellarnet.network.model_folder import EMULATOR_FILE, MODEL_FILE
 
     path = Path(str(ckpt_path))
     folder = path if path.is_dir() else path.parent
@@ -160,7 +160,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from stellarnet.io.bitmasks import STELLARNET_FLAG
     from stellarnet.dataset.chunks import open_chunks, pass_through
     from stellarnet.common.hardware import CpuThreadsPerRank
-    from stellarnet.network.inference import load_model, precision_name
+    from stellarnet.network.model_folder import load_model
+    from stellarnet.network.inference import precision_name
     from stellarnet.network.prediction import PartWriter, PredictionModule
     from stellarnet.io.predictions import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
     from stellarnet.common.files import atomic_write_text

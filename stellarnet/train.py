@@ -173,7 +173,8 @@ def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path
     """Model folder (weights + plain config + data spec) with a σ scale per label and a temperature
     per class task (class probabilities) fitted on the val split."""
     from stellarnet.evaluation.split_predictions import validation_calibration
-    from stellarnet.network.inference import Predictor, load_module, save_model_folder
+    from stellarnet.network.inference import Predictor
+    from stellarnet.network.model_folder import load_module, save_model_folder
 
     module = load_module(ckpt)
     scale, temperature = validation_calibration(Predictor(module), dataset_dir, "val")
@@ -188,7 +189,7 @@ def write_evaluation(model_dir: Path, dataset_dir: str | Path, output_dir: Path)
     from stellarnet.evaluation.figures import write_standard_figures
     from stellarnet.evaluation.split_predictions import network_report
     from stellarnet.evaluation.report import report_to_markdown, write_report
-    from stellarnet.network.inference import load_model
+    from stellarnet.network.model_folder import load_model
 
     predictor = load_model(model_dir)
     report, pred, data = network_report(predictor, dataset_dir, split="test", calib_split=None)

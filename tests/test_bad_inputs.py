@@ -32,7 +32,7 @@ from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
 from stellarnet.io.surveys import read_galah, read_lamost
 from stellarnet.crossval.crossmatch import NoMatchError, crossmatch
 from stellarnet.network import StellarNetModule, load_model, save_model_folder
-from stellarnet.network.inference import CheckpointError
+from stellarnet.network.model_folder import CheckpointError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stellarnet"
 N_SMALL = 40

@@ -26,7 +26,8 @@ from conftest import copy_survey_slice, tiny_model_folder
 
 from stellarnet.io.bitmasks import STELLARNET_FLAG
 from stellarnet.dataset.manifest import ShardError
-from stellarnet.network.inference import CheckpointError, physical_ranges, stellarnet_flags
+from stellarnet.network.model_folder import CheckpointError
+from stellarnet.network.flags import physical_ranges, stellarnet_flags
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.predict import PredictionError, predict
 from stellarnet.io.predictions import OutputExistsError

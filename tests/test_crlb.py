@@ -13,24 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarnet.evaluation.crlb import (
-    GAUSS_MAE_FACTOR,
-    SingularFisherWarning,
-    box_selection,
-    compute_crlb,
-    crlb_by_bin,
-    crlb_covariance,
-    crlb_for_stars,
-    crlb_goal,
-    crlb_report,
-    crlb_sigma,
-    crlb_table_markdown,
-    fisher_matrix,
-    jacobian,
-    mae_over_crlb,
-    subset_rows,
-    to_model_grid,
-)
+from stellarnet.evaluation.crlb_summary import GAUSS_MAE_FACTOR, crlb_by_bin, crlb_table_markdown, mae_over_crlb
+from stellarnet.evaluation.fisher import SingularFisherWarning, crlb_covariance, crlb_for_stars, crlb_sigma, fisher_matrix, jacobian
+from stellarnet.evaluation.crlb import box_selection, compute_crlb, crlb_goal, crlb_report, subset_rows, to_model_grid
 from stellarnet.evaluation.report import to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]

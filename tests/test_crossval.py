@@ -25,16 +25,9 @@ from stellarnet.io.surveys import (
     read_lamost,
 )
 from stellarnet.crossval.crossmatch import NoMatchError, crossmatch, greedy_one_to_one
-from stellarnet.crossval.offsets import (
-    Calibration,
-    apply_calibration,
-    binned_medians,
-    bootstrap_median,
-    compare,
-    fit_calibration,
-    robust_linear_fit,
-    robust_scatter,
-)
+from stellarnet.crossval.calibration import Calibration, apply_calibration, fit_calibration
+from stellarnet.crossval.robust_fit import binned_medians, bootstrap_median, robust_linear_fit
+from stellarnet.crossval.offsets import compare, robust_scatter
 from stellarnet.common.paths import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]

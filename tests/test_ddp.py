@@ -64,7 +64,7 @@ def _test_rows(shards: Path) -> int:
 
 def single_process_test_metrics(ckpt: str | Path, shards: Path) -> tuple[dict, dict]:
     """(test_metrics, test_outputs) of one process testing ``ckpt`` on the test split of ``shards``."""
-    from stellarnet.network.inference import load_module
+    from stellarnet.network.model_folder import load_module
 
     module = load_module(ckpt)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -102,7 +102,8 @@ def assert_whole_split_once(metrics: dict, shards: Path) -> None:
 def assert_sigma_scale_from_whole_val_split(run: Path, ckpt: str, shards: Path) -> None:
     """The model folder's σ scale is the one fitted on the whole val split (not one rank's share)."""
     from stellarnet.evaluation.split_predictions import validation_sigma_scale
-    from stellarnet.network.inference import Predictor, load_module
+    from stellarnet.network.inference import Predictor
+    from stellarnet.network.model_folder import load_module
 
     stored = json.loads((run / "model" / "data_spec.json").read_text())["sigma_scale"]
     ref = validation_sigma_scale(Predictor(load_module(ckpt)), shards, "val")

@@ -539,7 +539,7 @@ def test_companion_score_finds_a_double_lined_binary_and_not_a_single_star(emula
     χ²-normalized score to ~√240 × the correlation: the APOGEE threshold is checked on the suite.)"""
     from scipy.ndimage import shift as nd_shift
 
-    from stellarnet.network.inference import FLAG_COMPANION
+    from stellarnet.network.flags import FLAG_COMPANION
 
     rng = np.random.default_rng(41)
     labels = MEAN + STD * rng.uniform(-1.2, 1.2, (120, 4))

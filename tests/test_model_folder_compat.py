@@ -30,7 +30,7 @@ def test_the_old_folder_stores_the_old_module_paths():
 
 @pytest.mark.parametrize("refine", [False, True])
 def test_an_old_model_folder_predicts_what_it_predicted_before(refine):
-    from stellarnet.network.inference import load_model
+    from stellarnet.network.model_folder import load_model
 
     expected = json.loads((DATA / "model_folder_2026-12_expected.json").read_text())["refined" if refine else "network"]
     flux, err = _spectra()

@@ -155,7 +155,7 @@ def _predictions(n: int) -> pd.DataFrame:
 def test_export_catalogue(tmp_path):
     from astropy.table import Table
 
-    from stellarnet.crossval.offsets import Calibration
+    from stellarnet.crossval.calibration import Calibration
     from stellarnet.workflows.catalogue import build_catalogue, write_catalogue
 
     n = 8

@@ -130,7 +130,7 @@ def test_provenance_without_the_simulated_key_is_not_called_simulated(model_dir,
     import json
     import shutil
 
-    from stellarnet.network.inference import load_model
+    from stellarnet.network.model_folder import load_model
     from stellarnet.predict import catalogue_provenance
 
     folder = tmp_path / "model"

@@ -18,7 +18,7 @@ from test_evaluate import SPEC_KEYS
 from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.split_predictions import load_split
 from stellarnet.network import StellarNetModule, save_model_folder
-from stellarnet.network.inference import EMULATOR_FILE, CheckpointError, load_model
+from stellarnet.network.model_folder import EMULATOR_FILE, CheckpointError, load_model
 from stellarnet.workflows.refinement import build_refinement
 from stellarnet.io.predictions import predictions_frame
 
@@ -151,7 +151,7 @@ def _flag_result(n: int = 8) -> dict:
 
 def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
     from stellarnet.io.bitmasks import STELLARNET_FLAG as F
-    from stellarnet.network.inference import stellarnet_flags
+    from stellarnet.network.flags import stellarnet_flags
 
     box = np.array([[3500.0, 7000.0], [0.0, 5.0], [-2.0, 0.5], [-0.2, 0.5]])
     res = _flag_result(9)
@@ -320,7 +320,7 @@ def test_device_auto_chooses_a_gpu_when_torch_sees_one(monkeypatch):
 def test_disagreement_threshold_is_three_combined_sigma():
     """NET_REFINE_DISAGREE at |refined − network| > 3 √(σ_net² + σ_fit²), not at any other combination."""
     from stellarnet.io.bitmasks import STELLARNET_FLAG as F
-    from stellarnet.network.inference import stellarnet_flags
+    from stellarnet.network.flags import stellarnet_flags
 
     res = _flag_result(4)
     res["sigma_network"] = np.tile([1.0, 0.03, 0.02, 0.02], (4, 1))
@@ -473,7 +473,7 @@ def test_rebuilding_a_stage_starts_from_the_network_again(refined_dir, tiny_shar
 
 
 def test_disagreement_factor_is_the_birge_ratio_of_the_two_estimates():
-    from stellarnet.network.inference import disagreement_factor
+    from stellarnet.network.flags import disagreement_factor
 
     lab = np.array([[5000.0, 4.0], [5000.0, 4.0], [5000.0, 4.0]])
     other = np.array([[5004.0, 4.0], [5030.0, 3.8], [np.nan, 4.5]])
@@ -487,7 +487,7 @@ def test_refined_sigma_grows_where_network_and_refinement_disagree(refined_dir, 
     """The stage's σ is the σ model's times the Birge ratio of refined vs network labels, and so is the
     network's own σ (where the refinement is kept); switching the inflation off gives the σ model's and
     the network's alone, the same labels, and the same flags (judged before it)."""
-    from stellarnet.network.inference import disagreement_factor
+    from stellarnet.network.flags import disagreement_factor
 
     folder, _ = refined_dir
     data = load_split(tiny_shards, "test")

@@ -31,7 +31,8 @@ import numpy as np
 from stellarnet.io.bitmasks import STELLARNET_FLAG
 from stellarnet.io.catalogs import fits_strings
 from stellarnet.preparation.spectra import prepare_spectrum
-from stellarnet.network.inference import Predictor, load_model
+from stellarnet.network.inference import Predictor
+from stellarnet.network.model_folder import load_model
 from stellarnet.evaluation.metrics import red_clump_purity_completeness, robust_scatter
 from stellarnet.simulate.allstar import draw_detector_defects
 from stellarnet.simulate.instrument import observe_spectra
@@ -140,7 +141,8 @@ def true_crlb(labels: np.ndarray, snr: np.ndarray) -> np.ndarray:
     1/S/N per pixel and every pixel usable (the simulator's own spectral model,
     :func:`stellarnet.evaluation.spectral_model.emulator_model`); NaN outside the model's label box. The
     difficulty of the star itself, the same for every shift of the same stars."""
-    from stellarnet.evaluation.crlb import DEFAULT_STEPS, box_selection, crlb_for_stars
+    from stellarnet.evaluation.fisher import DEFAULT_STEPS, crlb_for_stars
+    from stellarnet.evaluation.crlb import box_selection
     from stellarnet.evaluation.spectral_model import emulator_model
 
     model = emulator_model()

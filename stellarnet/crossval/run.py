@@ -31,14 +31,8 @@ from stellarnet.io.bitmasks import ASPCAPFLAG
 from stellarnet.io.catalogs import MissingColumnError, add_derived_columns, allstar_columns, read_allstar
 from stellarnet.io.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
 from stellarnet.crossval.crossmatch import MatchResult, crossmatch
-from stellarnet.crossval.offsets import (
-    DEFAULT_LABELS,
-    TREND_AXES,
-    UNITS,
-    Comparison,
-    compare,
-    fit_calibration,
-)
+from stellarnet.crossval.offsets import DEFAULT_LABELS, TREND_AXES, UNITS, Comparison, compare
+from stellarnet.crossval.calibration import fit_calibration
 from stellarnet.common.files import to_plain
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stellarnet.preparation.photometry import standardize_photometry
 from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest
 
@@ -40,9 +41,7 @@ class Standardizer:
         lmask = np.isfinite(labels)
         z = np.where(lmask, (labels - self.label_mean) / self.label_std, 0.0).astype(np.float32)
         zerr = np.where(lmask & np.isfinite(err), np.abs(err) / self.label_std, 0.0).astype(np.float32)
-        phot = rows["photometry"].astype(np.float32)
-        pmask = np.isfinite(phot)
-        pz = np.where(pmask, (phot - self.phot_mean) / self.phot_std, 0.0).astype(np.float32)
+        pz, pmask = standardize_photometry(rows["photometry"], self.phot_mean, self.phot_std)
         return {
             "flux": torch.from_numpy(np.asarray(rows["flux"], np.float32)),
             "flux_err": torch.from_numpy(np.asarray(rows["flux_err"], np.float32)),

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stellarnet.evaluation.calibration import apply_sigma_scale, calibration_report
-from stellarnet.evaluation.crlb import crlb_table_markdown
+from stellarnet.evaluation.crlb_summary import crlb_table_markdown
 from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.metrics import (
     DEFAULT_CLASS_TASKS,

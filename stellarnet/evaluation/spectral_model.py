@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from stellarnet.preparation.spectra import continuum_normalize
-from stellarnet.evaluation.crlb import ModelFn
+from stellarnet.evaluation.fisher import ModelFn
 from stellarnet.physics.kurucz import LABEL_NAMES, KuruczEmulator, load_emulator
 
 __all__ = ["MODEL_GRID", "SpectralModel", "emulator_model", "make_model_fn"]

@@ -144,7 +144,7 @@ PIXMASK_ASTRONN_DEFAULT = (0, 1, 2, 3, 4, 5, 6, 7, 12)
 PIXMASK_PERSIST = (9, 10, 11)
 
 # stellarnet's own per-star quality bitmask (catalogue column STELLARNET_FLAG), in the spirit of
-# ASPCAPFLAG; set by stellarnet.network.inference.stellarnet_flags (thresholds documented there and in
+# ASPCAPFLAG; set by stellarnet.network.flags.stellarnet_flags (thresholds documented there and in
 # docs/robustness.md). STAR_BAD-level bits: the labels should not be used without a look.
 STELLARNET_FLAG = Bitmask(
     "STELLARNET_FLAG",

@@ -13,200 +13,23 @@ optionally ``emulator.pt``: the data-driven spectrum emulator of the χ² refine
 """
 
 from __future__ import annotations
-
 import contextlib
 import copy
-import json
 import logging
-import pickle
-from pathlib import Path
 from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
-
+from stellarnet.preparation.spectra import mask_unusable_pixels
+from stellarnet.preparation.photometry import standardize_photometry
 from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
-from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state
+from stellarnet.refinement.emulator import SpectrumEmulator
 from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.network.module import StellarNetModule
-from stellarnet.common.errors import StellarnetError
-
-__all__ = ["CheckpointError", "Predictor", "load_model", "load_module", "save_model_folder", "fuse_for_inference",
-           "precision_name", "resolve_precision", "load_emulator_file", "MODEL_FILE", "EMULATOR_FILE",
-           "stellarnet_flags"]
+from stellarnet.network.flags import FLAG_HIGH_CHI2, REFINE_MAX_SHIFT, disagreement_factor, physical_ranges, stellarnet_flags
+from stellarnet.network.model_folder import CheckpointError, EMULATOR_FILE
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-EMULATOR_FILE = "emulator.pt"
-EMULATOR_FORMAT = "stellarnet-emulator/1"
-#: refined labels further than this many (network) σ from the network's estimate are not trusted
-#: unless the fit explains the spectrum (reduced χ² ≤ FLAG_HIGH_CHI2): then the network is the one
-#: misled (e.g. by many flagged pixels), and the disagreement inflates the refined σ instead
-REFINE_MAX_SHIFT = 5.0
-#: STELLARNET_FLAG thresholds (stellarnet.io.bitmasks.STELLARNET_FLAG)
-FLAG_HIGH_CHI2 = 2.0
-FLAG_OUTLIER_FRACTION = 0.01
-FLAG_DISAGREE_SIGMA = 3.0
-FLAG_MIN_PIXEL_FRACTION = 0.7
-#: BINARY_CANDIDATE: the refinement's companion score (forward.companion_score, in σ) above this
-FLAG_COMPANION = 8.0
-FOLDER_FORMAT = "stellarnet-model-folder/1"
-# normalized error given to bad / non-finite pixels (same value as stellarnet.preparation.spectra.BAD_PIXEL_ERR;
-# the network ignores it anyway because such pixels get pix_mask = 0)
-_BAD_PIXEL_ERR = 1.0e3
-
-
-class CheckpointError(StellarnetError, RuntimeError):
-    """A checkpoint or model folder cannot be (safely) loaded."""
-
-
-def _torch_load_safe(path: Path, map_location: str | torch.device, what: str = "checkpoint") -> Any:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip format / legacy pickle
-        raise CheckpointError(
-            f"cannot read {what} {path}: not a torch {what} (neither a zip archive nor a pickle "
-            f"stream; starts with {head!r}): corrupt, empty or a different kind of file"
-        )
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to unpickle {path}: it contains objects other than tensors and plain containers, "
-            f"and only torch.load(weights_only=True) is used. Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {what} {path}: {err}") from err
-
-
-def load_emulator_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SpectrumEmulator, dict[str, Any]]:
-    """``(emulator, extras)`` from an ``emulator.pt`` (weights-only loading; ``extras`` holds the
-    plain entries saved with it: ``sigma_scale``, ``sigma_network_scale``, ``training``, ``refine`` settings)."""
-    path = Path(path)
-    state = _torch_load_safe(path, map_location, "spectrum emulator")
-    if not isinstance(state, dict) or state.get("format") != EMULATOR_FORMAT:
-        raise CheckpointError(f"{path} is not a stellarnet spectrum emulator (format {EMULATOR_FORMAT!r})")
-    try:
-        emu = emulator_from_state(state)
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild the spectrum emulator: {err}") from err
-    return emu.to(map_location), {k: v for k, v in state.items() if k not in ("config", "state_dict")}
-
-
-def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
-    ckpt = _torch_load_safe(path, map_location)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    missing = [k for k in ("state_dict", "hyper_parameters") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a stellarnet checkpoint: it lacks {missing}")
-    return ckpt
-
-
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> StellarNetModule:
-    """Rebuild a :class:`StellarNetModule` (eval mode) from a Lightning ``.ckpt`` or a model folder.
-
-    Args:
-        path: ``.ckpt`` / ``model.pt`` file, or a folder containing ``model.pt``.
-        map_location: device for the weights.
-
-    Raises:
-        CheckpointError: unreadable file, pickled objects, bad hyper-parameters, missing or
-            unexpected weights, or weight shapes that do not match the rebuilt network.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: pass ckpt_path=<run>/model (the model folder a training run "
-                              "writes) or a Lightning .ckpt file")
-    ckpt = _read_checkpoint(path, map_location)
-    hp = ckpt["hyper_parameters"]
-    if not isinstance(hp, dict):
-        raise CheckpointError(f"{path}: hyper_parameters is a {type(hp).__name__}, expected a dict")
-    try:
-        module = StellarNetModule(**hp)
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild the model from its hyper_parameters: {err}") from err
-    state = ckpt["state_dict"]
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{path}: weights do not fit the rebuilt network: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: strict loading failed; missing keys {list(result.missing_keys)}, "
-            f"unexpected keys {list(result.unexpected_keys)}"
-        )
-    _check_finite(module, path)
-    return module.to(map_location).eval()
-
-
-def _check_finite(module: torch.nn.Module, path: Path) -> None:
-    """CheckpointError naming the first weights (parameters or buffers) holding NaN or inf: such a
-    network turns every spectrum into NaN or garbage (a diverged or corrupted training run)."""
-    bad = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
-           if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise CheckpointError(
-            f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[:3]}): the training diverged or the "
-            "file is corrupted; use another checkpoint (e.g. the best one, or retrain with a lower learning rate)"
-        )
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", precision: str = "32",
-               refine: bool = True) -> Predictor:
-    """Load a Lightning ``.ckpt`` file or a saved model folder as a :class:`Predictor` (see
-    :func:`load_module`; ``precision`` as in :class:`Predictor`). With ``refine`` and a model folder
-    holding ``emulator.pt``, the predictor refines labels with it (:mod:`stellarnet.refinement.fit`)."""
-    module = load_module(path, map_location)
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    emulator, extras = None, {}
-    if refine and (folder / EMULATOR_FILE).is_file() and (path.is_dir() or path.name == MODEL_FILE):
-        emulator, extras = load_emulator_file(folder / EMULATOR_FILE, map_location)
-        if emulator.label_names != list(module.label_names) or emulator.n_pixels != module.n_pixels:
-            raise CheckpointError(
-                f"{folder / EMULATOR_FILE} does not match the network: labels {emulator.label_names} vs "
-                f"{list(module.label_names)}, {emulator.n_pixels} vs {module.n_pixels} pixels")
-    settings = dict(extras.get("refine") or {})
-    settings.setdefault("continuum_degree", None)  # stages saved before the continuum fit were calibrated without it
-    settings.setdefault("pixel_clip", None)  # ... and before the pixel clipping and the LSF fit
-    settings.setdefault("continuum_knots", None)  # ... and before the spline continuum
-    settings.setdefault("fit_lsf", False)
-    settings.setdefault("noise_correlation", False)  # ... and before σ allowed for correlated noise
-    return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
-                     refine_settings=settings, label_calibration=extras.get("label_calibration"),
-                     refine_sigma_network_scale=extras.get("sigma_network_scale"),
-                     chi2_scaling=extras.get("chi2_scaling", "at_least_one"), label_range=extras.get("label_range"),
-                     disagreement_inflation=bool(extras.get("disagreement_inflation", False)))
-
-
-def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:
-    """Write ``model.pt`` (weights + plain hyper-parameters), ``data_spec.json`` and ``config.yaml``.
-
-    Returns:
-        The folder path (loadable with :func:`load_model`).
-    """
-    from omegaconf import OmegaConf
-
-    from stellarnet.common.version import __version__
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hp = dict(module.hparams)
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    torch.save(
-        {"state_dict": state, "hyper_parameters": hp, "format": FOLDER_FORMAT, "stellarnet_version": __version__},
-        directory / MODEL_FILE,
-    )
-    (directory / "data_spec.json").write_text(json.dumps(hp["data_spec"], indent=1))
-    cfg = {k: v for k, v in hp.items() if k != "data_spec"}
-    cfg["data_spec"] = {k: v for k, v in hp["data_spec"].items() if k != "wavelength"}  # wavelength: see json
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    return directory
 
 
 def fuse_for_inference(module: StellarNetModule) -> StellarNetModule:
@@ -383,9 +206,7 @@ class Predictor:
             x = x[None, :]
         if x.shape != (n, nf):
             raise ValueError(f"photometry must have shape ({n}, {nf}) (features {self.phot_features}), got {x.shape}")
-        present = np.isfinite(x)
-        z = np.where(present, (x - self._phot_mean) / self._phot_std, 0.0)
-        return z.astype(np.float32), present.astype(np.float32)
+        return standardize_photometry(x, self._phot_mean, self._phot_std)
 
     def predict(
         self,
@@ -461,14 +282,11 @@ class Predictor:
             raise self._grid_error(flux.shape[1])
         if flux_err.shape != flux.shape:
             raise ValueError(f"flux_err shape {flux_err.shape} differs from flux shape {flux.shape}")
-        good = np.isfinite(flux) & np.isfinite(flux_err) & (flux_err > 0)
         if pix_mask is not None:
             pix_mask = np.asarray(pix_mask)
             if pix_mask.shape != flux.shape:
                 raise ValueError(f"pix_mask shape {pix_mask.shape} differs from flux shape {flux.shape}")
-            good &= pix_mask.astype(bool)
-        flux = np.where(good, flux, 1.0).astype(np.float32)
-        flux_err = np.where(good, flux_err, _BAD_PIXEL_ERR).astype(np.float32)
+        flux, flux_err, good = mask_unusable_pixels(flux, flux_err, None if pix_mask is None else pix_mask.astype(bool))
         mask = good.astype(np.float32)
         n = flux.shape[0]
         phot, phot_mask = self.standardize_photometry(photometry, n)
@@ -587,82 +405,3 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     logp -= logp.max(axis=1, keepdims=True)
     q = np.exp(logp)
     return q / q.sum(axis=1, keepdims=True)
-
-
-def physical_ranges(label_names: list[str]) -> np.ndarray:
-    """(L, 2) physically possible range of each label (:data:`stellarnet.preparation.cuts.PHYSICAL_LABEL_RANGES`;
-    ±inf for a label without one)."""
-    from stellarnet.preparation.cuts import PHYSICAL_LABEL_RANGES
-
-    return np.array([PHYSICAL_LABEL_RANGES.get(n, (-np.inf, np.inf)) for n in label_names], np.float64).reshape(-1, 2)
-
-
-def disagreement_ratio(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
-                       other_sigma: np.ndarray) -> np.ndarray:
-    """|labels − other| / √(σ² + σ_other²) per star and label, (N, L) float64 (NaN where undefined):
-    how many combined σ two estimates of the same label are apart."""
-    diff = np.abs(np.asarray(labels, np.float64) - np.asarray(other_labels, np.float64))
-    comb = np.sqrt(np.asarray(sigma, np.float64) ** 2 + np.asarray(other_sigma, np.float64) ** 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return diff / comb
-
-
-def disagreement_factor(labels: np.ndarray, sigma: np.ndarray, other_labels: np.ndarray,
-                        other_sigma: np.ndarray) -> np.ndarray:
-    """Per star and label, max(1, :func:`disagreement_ratio`): the Birge ratio of two estimates of
-    the same label (here the refinement's and the network's). Where they disagree by more than their
-    σ allow, one of them carries an error its σ does not describe (an emulator that is wrong for this
-    kind of star, a spectrum unlike the training set), and the σ of the reported value is scaled up
-    by that ratio, as the Particle Data Group scales the error of inconsistent measurements.
-    (N, L) float64; non-finite inputs give 1."""
-    ratio = disagreement_ratio(labels, sigma, other_labels, other_sigma)
-    return np.where(np.isfinite(ratio), np.maximum(1.0, ratio), 1.0)
-
-
-def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None,
-                     physical_range: np.ndarray | None = None) -> np.ndarray:
-    """The STELLARNET_FLAG bitmask (N,) int32 of a :meth:`Predictor.predict` result.
-
-    Bits (:data:`stellarnet.io.bitmasks.STELLARNET_FLAG`): REFINE_FAILED (``refine_flag`` 1),
-    NOT_REFINED (no refinement, or ``refine_flag`` 2), HIGH_CHI2 (reduced χ² > :data:`FLAG_HIGH_CHI2`),
-    OUTSIDE_TRAINING (a label outside ``label_range``), OUTLIER_PIXELS (more than
-    :data:`FLAG_OUTLIER_FRACTION` of the usable pixels clipped), NET_REFINE_DISAGREE (refined − network
-    more than :data:`FLAG_DISAGREE_SIGMA` × √(σ_net² + σ_fit²) in some label), MASKED_SEGMENTS,
-    FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`), UNPHYSICAL (a label
-    non-finite or outside ``physical_range``, (L, 2)), BINARY_CANDIDATE (companion score above
-    :data:`FLAG_COMPANION`).
-    """
-    from stellarnet.io.bitmasks import STELLARNET_FLAG as F
-
-    n = len(pixel_fraction)
-    flag = np.zeros(n, np.int64)
-
-    def set_bit(name: str, where: np.ndarray) -> None:
-        nonlocal flag
-        flag |= np.where(where, 1 << F.bit(name), 0)
-
-    labels = np.asarray(res["labels"], np.float64)
-    if "refine_flag" in res:
-        rf = np.asarray(res["refine_flag"])
-        set_bit("REFINE_FAILED", rf == 1)
-        set_bit("NOT_REFINED", rf == 2)
-        with np.errstate(invalid="ignore"):
-            set_bit("HIGH_CHI2", np.asarray(res["refine_chi2"]) > FLAG_HIGH_CHI2)
-            set_bit("OUTLIER_PIXELS", np.asarray(res["refine_outlier_fraction"]) > FLAG_OUTLIER_FRACTION)
-            set_bit("MASKED_SEGMENTS", np.asarray(res["refine_masked_segments"]) > 0)
-            apart = disagreement_ratio(labels, res["sigma_refined"], res["labels_network"], res["sigma_network"])
-            set_bit("NET_REFINE_DISAGREE", (rf == 0) & (apart > FLAG_DISAGREE_SIGMA).any(1))
-            if "refine_companion" in res:
-                set_bit("BINARY_CANDIDATE", np.asarray(res["refine_companion"]) > FLAG_COMPANION)
-    else:
-        set_bit("NOT_REFINED", np.ones(n, bool))
-    if label_range is not None:
-        with np.errstate(invalid="ignore"):
-            out = (labels < label_range[:, 0]) | (labels > label_range[:, 1])
-        set_bit("OUTSIDE_TRAINING", out.any(1))
-    set_bit("FEW_PIXELS", np.asarray(pixel_fraction) < FLAG_MIN_PIXEL_FRACTION)
-    if physical_range is not None and len(labels):
-        with np.errstate(invalid="ignore"):
-            impossible = ~np.isfinite(labels) | (labels < physical_range[:, 0]) | (labels > physical_range[:, 1])
-        set_bit("UNPHYSICAL", impossible.any(1))
-    return flag.astype(np.int32)

@@ -123,7 +123,7 @@ def _train_config(ctx: Context) -> Any:
 
 
 def _run_train(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.network.inference import load_module, save_model_folder
+    from stellarnet.network.model_folder import load_module, save_model_folder
     from stellarnet.train import train
 
     metrics, objects = train(_train_cfg(ctx, d))
@@ -231,7 +231,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.evaluation.split_predictions import load_split
     from stellarnet.evaluate import evaluate
     from stellarnet.io.tables import write_table
-    from stellarnet.network.inference import load_model
+    from stellarnet.network.model_folder import load_model
 
     ckpt = ctx.out("train", "checkpoint")
     dataset = ctx.out("shards", "dataset_dir")

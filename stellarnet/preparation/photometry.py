@@ -141,3 +141,14 @@ def photometric_features(
         out["A_K"] = ext["A_K"]
         out["AK_SOURCE"] = ext["AK_SOURCE"]
     return out
+
+
+def standardize_photometry(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Photometric features (N, F) in physical units (mag; NaN = missing) → ``(z, present)`` float32:
+    ``z = (x − mean) / std`` with 0 where missing, ``present`` 1 / 0. The one standardization of the
+    network's photometric inputs, in training (the dataset) and in prediction (the ``Predictor``);
+    ``mean`` / ``std`` are the training split's (the manifest's / model folder's ``phot_mean`` / ``phot_std``)."""
+    x = np.asarray(features, dtype=np.float64)
+    present = np.isfinite(x)
+    z = np.where(present, (x - np.asarray(mean, np.float64)) / np.asarray(std, np.float64), 0.0)
+    return z.astype(np.float32), present.astype(np.float32)

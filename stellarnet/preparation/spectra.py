@@ -280,6 +280,27 @@ def continuum_normalize(
     return norm_flux, norm_err, cont.astype(out_dtype, copy=False)
 
 
+def mask_unusable_pixels(flux: np.ndarray, flux_err: np.ndarray, usable: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized spectra → ``(flux, flux_err, good)`` float32 / bool with every unusable pixel set to
+    flux 1.0, error :data:`BAD_PIXEL_ERR`, good False: non-finite flux or error, error ≤ 0, a flux that
+    overflows float32, and where ``usable`` (same shape, bool) is False. The one place bad pixels are
+    cleaned: :func:`prepare_spectrum` (with the flagged pixels) and the ``Predictor`` (arrays given
+    directly) both call it."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        good = np.isfinite(flux) & np.isfinite(flux_err) & (flux_err > 0)
+        if usable is not None:
+            good &= usable
+        out_flux = np.where(good, flux, 1.0).astype(np.float32)
+        out_err = np.where(good, flux_err, BAD_PIXEL_ERR).astype(np.float32)
+    finite = np.isfinite(out_flux)  # float32 overflow of a huge normalized flux: bad as well
+    if not finite.all():
+        good &= finite
+        out_flux[~finite] = 1.0
+        out_err[~finite] = BAD_PIXEL_ERR
+    return out_flux, out_err, good
+
+
 def prepare_spectrum(
     flux: np.ndarray,
     flux_err: np.ndarray,
@@ -336,15 +357,8 @@ def prepare_spectrum(
     else:
         nf, ne, _ = continuum_normalize(f, e, bad, grid=g, degree=degree)
     with np.errstate(invalid="ignore"):
-        good = ~bad & np.isfinite(nf) & np.isfinite(ne) & (ne > 0) & (ne < BAD_PIXEL_ERR)
-    out_flux = np.where(good, nf, 1.0).astype(np.float32)
-    out_err = np.where(good, ne, BAD_PIXEL_ERR).astype(np.float32)
-    # float32 overflow of a huge normalized flux: treat as bad as well
-    finite = np.isfinite(out_flux)
-    if not finite.all():
-        good &= finite
-        out_flux[~finite] = 1.0
-        out_err[~finite] = BAD_PIXEL_ERR
+        usable = ~bad & (ne < BAD_PIXEL_ERR)
+    out_flux, out_err, good = mask_unusable_pixels(nf, ne, usable)
     if implausible.any():  # allow_empty: such spectra become all-bad rows, never labels
         good.reshape(-1, good.shape[-1])[implausible] = False
         out_flux.reshape(-1, good.shape[-1])[implausible] = 1.0

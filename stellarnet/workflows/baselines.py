@@ -63,7 +63,7 @@ def baselines(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     icfg = dict(bcfg.get("importance") or {})
     results: dict[str, Any] = {}
     if cfg.get("ckpt_path"):
-        from stellarnet.network.inference import load_model
+        from stellarnet.network.model_folder import load_model
 
         report, _, _ = network_report(load_model(cfg.ckpt_path), dataset, split="test", calib_split=None,
                                       mc_samples=0, eval_cfg=bcfg.get("eval"))

@@ -8,7 +8,7 @@ Columns (in this order):
 * class probabilities ``P_<TASK>_<class>`` and the most probable class ``<TASK>``
   (all as written by :func:`stellarnet.io.predictions.predictions_frame`);
 * calibrated labels on external survey scales, one column per calibrated label and survey
-  (e.g. ``TEFF_GALAH``, ``FE_H_LAMOST``; :func:`stellarnet.crossval.offsets.apply_calibration` of the
+  (e.g. ``TEFF_GALAH``, ``FE_H_LAMOST``; :func:`stellarnet.crossval.calibration.apply_calibration` of the
   cross-survey calibration fitted with stellarnet as the reference);
 * flags: ``READ_ERROR`` (message; empty when the spectrum was read fine), ``FLAG_READ_ERROR``,
   ``N_FEATURE_OUTLIERS`` (engineered features flagged as robust-z outliers in the feature table),
@@ -57,10 +57,10 @@ def build_catalogue(
 ) -> pd.DataFrame:
     """The results catalogue (schema: module docstring) from a predictions table
     (:func:`stellarnet.io.predictions.predictions_frame` rows for every star), cross-survey calibrations
-    (:class:`~stellarnet.crossval.offsets.Calibration` objects, their dicts or JSON paths; a mapping
+    (:class:`~stellarnet.crossval.calibration.Calibration` objects, their dicts or JSON paths; a mapping
     name → calibration or a sequence) and the feature table (flags; optional).
     """
-    from stellarnet.crossval.offsets import Calibration, apply_calibration
+    from stellarnet.crossval.calibration import Calibration, apply_calibration
 
     if "APOGEE_ID" not in predictions.columns:
         raise KeyError("predictions have no APOGEE_ID column")

@@ -36,7 +36,8 @@ from stellarnet.refinement.training import SpectraBlocks, train_emulator
 from stellarnet.refinement.emulator import emulator_state
 from stellarnet.refinement.calibration import fit_label_calibration
 from stellarnet.refinement.fit import fit_settings, refine_labels
-from stellarnet.network.inference import EMULATOR_FILE, EMULATOR_FORMAT, Predictor, load_emulator_file, load_model
+from stellarnet.network.model_folder import EMULATOR_FILE, EMULATOR_FORMAT, load_emulator_file, load_model
+from stellarnet.network.inference import Predictor
 from stellarnet.common.files import atomic_open, to_plain, write_json
 
 __all__ = ["build_refinement", "REFINE_DEFAULTS"]
