@@ -1,5 +1,5 @@
 """Inference throughput on CPU: the model alone (``Predictor.predict`` on in-memory arrays) and
-``stellarnet.predict.predict`` end to end (allStar → aspcapStar files → preprocessing → model →
+``stellarnet.workflows.predict.predict`` end to end (allStar → aspcapStar files → preprocessing → model →
 predictions.fits / .csv).
 
 Usage:
@@ -69,7 +69,7 @@ import torch
 torch.set_num_threads(a["threads"])  # what predict finds; it sets its own count unless torch_threads=null
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
-import stellarnet.predict as P
+import stellarnet.workflows.predict as P
 import stellarnet.network.inference as I  # noqa: E402
 from stellarnet.network.model_folder import load_model  # noqa: E402
 import stellarnet.io.predictions as R

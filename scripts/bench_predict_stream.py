@@ -15,7 +15,7 @@ in a fresh child process, with its RSS sampled every 0.2 s and after every chunk
   and whose rows are written as big-endian records as they come (:class:`stellarnet.io.predictions.PredictionWriter`).
   Memory is bounded by one chunk. The FITS file is re-read (memmap) at the end and checked
   against the CSV row count and the first chunk.
-* ``accumulate``: what ``stellarnet/predict.py`` does today: keep every chunk's frame, then
+* ``accumulate``: what ``stellarnet/workflows/predict.py`` does today: keep every chunk's frame, then
   ``pd.concat`` and ``results.write_predictions`` (CSV + ``Table.from_pandas`` FITS). Here the
   model is run on the first chunk only and its predictions reused for every chunk (memory, not
   speed, is measured: the frames are the same size), so this mode is fast.

@@ -6,7 +6,7 @@ Usage:
 
 Each configuration ``precision:num_workers`` runs in a fresh child process: the Hydra config
 ``train.yaml`` + ``+experiment=apogee`` is composed (batch size 128, the default model), the
-DataModule and model are instantiated exactly as ``stellarnet.train.train`` does, and torch
+DataModule and model are instantiated exactly as ``stellarnet.workflows.train.train`` does, and torch
 threads are set by ``stellarnet.common.hardware.configure_cpu_threads`` (the CPUs left after the
 data-loader workers). A Lightning ``Trainer`` then fits one epoch limited to ``--batches``
 training batches, without validation, logging or checkpoints. The rate (samples/s) counts the

@@ -29,7 +29,7 @@ from stellarnet.dataset.shards import build_shards
 from stellarnet.io.layout import spectrum_path
 from stellarnet.preparation.spectra import BAD_PIXEL_ERR, SpectrumQualityError, prepare_spectrum
 from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
-from stellarnet.io.surveys import read_galah, read_lamost
+from stellarnet.preparation.surveys import read_galah, read_lamost
 from stellarnet.crossval.crossmatch import NoMatchError, crossmatch
 from stellarnet.network import StellarNetModule, load_model, save_model_folder
 from stellarnet.network.model_folder import CheckpointError
@@ -487,7 +487,7 @@ def test_predict_cli_rejects_bad_switches_before_loading(tmp_path, override, mes
     from hydra.core.global_hydra import GlobalHydra
 
     from stellarnet.common.paths import CONF_DIR
-    from stellarnet.predict import predict
+    from stellarnet.workflows.predict import predict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

@@ -1,4 +1,4 @@
-"""Bad inputs to a prediction run, end to end through ``stellarnet.predict.predict`` (the CLI's
+"""Bad inputs to a prediction run, end to end through ``stellarnet.workflows.predict.predict`` (the CLI's
 function): each gives a clear error or a per-star flag, never a silent wrong catalogue, and no run
 replaces an earlier run's output unless told to.
 
@@ -29,7 +29,7 @@ from stellarnet.dataset.manifest import ShardError
 from stellarnet.network.model_folder import CheckpointError
 from stellarnet.network.flags import physical_ranges, stellarnet_flags
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.predict import PredictionError, predict
+from stellarnet.workflows.predict import PredictionError, predict
 from stellarnet.io.predictions import OutputExistsError
 
 N_ROWS = 12

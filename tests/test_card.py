@@ -18,7 +18,7 @@ from stellarnet.common.paths import CONF_DIR
 
 
 def test_card_records_the_training_data_and_predict_carries_it(tiny_shards, tiny_survey, tmp_path, caplog):
-    from stellarnet.predict import predict
+    from stellarnet.workflows.predict import predict
 
     manifest = load_manifest(tiny_shards)
     model = tiny_model_folder(tmp_path / "model")

@@ -18,7 +18,7 @@ import pytest
 from astropy.io import fits
 
 from stellarnet.io.catalogs import MissingColumnError
-from stellarnet.io.surveys import (
+from stellarnet.preparation.surveys import (
     COMMON_COLUMNS,
     normalize_tmass_id,
     read_galah,

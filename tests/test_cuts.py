@@ -283,3 +283,36 @@ def test_text_report_aligns_names_left_and_counts_right():
     assert header.startswith("cut ") and row.startswith("snr ")
     at = header.index("before")
     assert row[at:at + len("before")] == "     4"  # counts right-aligned under their heading
+
+
+def test_one_engine_takes_comparisons_and_masks():
+    """The survey configurations' forms (``eq``/``gt`` comparisons, ``mask``) run through apply_cuts."""
+    import numpy as np
+    import pandas as pd
+
+    from stellarnet.preparation.cuts import CutSpecError, apply_cuts
+
+    df = pd.DataFrame({"flag": [0, 1, 0, 0], "snr": [50.0, 60.0, np.nan, 10.0], "alpha": [0.1, 0.2, 0.3, 0.4],
+                       "alpha_flag": [0, 0, 1, 0]})
+    kept, rep = apply_cuts(df, {"flag": {"column": "flag", "eq": 0},
+                                "alpha": {"column": "alpha_flag", "eq": 0, "mask": ["ALPHA"]},
+                                "snr": {"column": "snr", "gt": 20}},
+                           mask_targets={"ALPHA": ["alpha"]})
+    assert kept.index.tolist() == [0]  # flag != 0 (row 1), NaN S/N (row 2), S/N 10 (row 3) removed
+    frame = rep.to_frame(masked=True).set_index("name")
+    assert frame.loc["alpha", "masked"] == 1 and frame.loc["alpha", "removed"] == 0
+    assert frame.loc["snr", "criterion"] == "snr > 20"
+    with pytest.raises(CutSpecError, match="not both"):
+        apply_cuts(df, {"bad": {"column": "snr", "gt": 20, "min": 10}})
+    empty, _ = apply_cuts(df, {"none": {"column": "snr", "gt": 1e9}}, allow_empty=True)
+    assert len(empty) == 0
+
+
+def test_unique_never_merges_rows_without_an_id():
+    import pandas as pd
+
+    from stellarnet.preparation.cuts import apply_cuts
+
+    df = pd.DataFrame({"ID": ["a", "a", "", ""], "SNR": [10.0, 20.0, 5.0, 6.0]})
+    kept, _ = apply_cuts(df, {"u": {"unique": "ID", "by": "SNR"}})
+    assert kept.index.tolist() == [1, 2, 3]

@@ -1,7 +1,7 @@
 """Multi-process data-parallel training through Lightning on CPU (gloo), 2 processes.
 
 * ``ddp_spawn``: ``train(cfg)`` in this process; Lightning spawns the 2 ranks for fit and test and
-  sends rank 0's gathered test metrics back (``stellarnet.train.return_spawn_results``).
+  sends rank 0's gathered test metrics back (``stellarnet.workflows.train.return_spawn_results``).
 * ``ddp`` (what ``srun``/``torchrun`` launch on a cluster): every rank runs the whole entry point,
   so shard building and the post-fit work must be guarded to rank 0. A driver script is run as a
   subprocess, either by Lightning's own launcher (it re-launches the script for rank 1; under
@@ -40,10 +40,10 @@ from test_models import SyntheticStars, loader, make_module
 from test_train import make_cfg
 
 import stellarnet.network.module as module_mod
-import stellarnet.train as T
+import stellarnet.workflows.train as T
 from stellarnet.dataset.datamodule import StellarDataModule
 from stellarnet.network.epoch_metrics import compute_metrics
-from stellarnet.train import train
+from stellarnet.workflows.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=false",
@@ -343,7 +343,7 @@ _DRIVER = textwrap.dedent(
     sys.addaudithook(audit)
     sys.path.insert(0, {tests!r})
     from test_train import make_cfg
-    import stellarnet.train as T
+    import stellarnet.workflows.train as T
 
     calls = []
     _ensure = T.ensure_shards

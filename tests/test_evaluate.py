@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.split_predictions import load_split
-from stellarnet.evaluate import evaluate
+from stellarnet.workflows.evaluate import evaluate
 from stellarnet.network import StellarNetModule, load_model, save_model_folder
 from stellarnet.common.paths import CONF_DIR
 

@@ -30,7 +30,7 @@ from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, read_
 from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
 from stellarnet.io.spectra import SpectrumFormatError, read_spectrum
 from stellarnet.preparation.spectra import SpectrumQualityError, prepare_spectrum
-from stellarnet.io.surveys import read_galah, read_lamost
+from stellarnet.preparation.surveys import read_galah, read_lamost
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"
 #: examples per property: default suite / -m slow

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import copy_survey_slice, tiny_model_folder
 
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.predict import predict
+from stellarnet.workflows.predict import predict
 
 N_ROWS = 20
 BAD_ROWS = {"truncated": 4, "missing": 11}
@@ -110,7 +110,7 @@ def test_defaults_follow_the_measurements():
     GlobalHydra.instance().clear()
     assert cfg.batch_size == "auto" and cfg.num_workers == "auto" and cfg.torch_threads == "auto"
     assert str(cfg.precision) == "32" and cfg.seed is None
-    from stellarnet.predict import AUTO_BATCH_SIZE
+    from stellarnet.workflows.predict import AUTO_BATCH_SIZE
 
     assert AUTO_BATCH_SIZE == {"32": 128, "bf16": 256}
 

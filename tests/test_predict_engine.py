@@ -17,7 +17,7 @@ from conftest import copy_survey_slice
 from test_predict import _cfg, model_dir  # noqa: F401 - the untrained tiny model folder fixture
 
 from stellarnet.dataset.chunks import open_chunks
-from stellarnet.predict import PARTS_DIR, predict
+from stellarnet.workflows.predict import PARTS_DIR, predict
 from stellarnet.io.predictions import finished_parts, read_part, write_part
 
 N_ROWS = 30
@@ -131,7 +131,7 @@ def test_provenance_without_the_simulated_key_is_not_called_simulated(model_dir,
     import shutil
 
     from stellarnet.network.model_folder import load_model
-    from stellarnet.predict import catalogue_provenance
+    from stellarnet.workflows.predict import catalogue_provenance
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)

@@ -346,7 +346,7 @@ def test_predict_gives_the_refinement_all_the_cpus(refined_dir, tiny_survey, tmp
 
     from stellarnet.common.hardware import available_cpus
     from stellarnet.common.paths import CONF_DIR
-    from stellarnet.predict import predict
+    from stellarnet.workflows.predict import predict
 
     folder, _ = refined_dir
     files = ",".join(str(p) for p in sorted(Path(tiny_survey["root"]).rglob("aspcapStar-*.fits"))[:6])

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from stellarnet.common.paths import CONF_DIR
-from stellarnet.train import train
+from stellarnet.workflows.train import train
 
 
 def make_cfg(tmp_path: Path, survey: dict, loose_cuts: dict, overrides=()):

@@ -25,7 +25,7 @@ import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord, search_around_sky
 
-from stellarnet.io.surveys import normalize_tmass_id
+from stellarnet.preparation.surveys import normalize_tmass_id
 
 __all__ = ["NoMatchError", "MatchResult", "crossmatch", "greedy_one_to_one"]
 

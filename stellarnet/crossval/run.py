@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from stellarnet.io.bitmasks import ASPCAPFLAG
 from stellarnet.io.catalogs import MissingColumnError, add_derived_columns, allstar_columns, read_allstar
-from stellarnet.io.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
+from stellarnet.preparation.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
 from stellarnet.crossval.crossmatch import MatchResult, crossmatch
 from stellarnet.crossval.offsets import DEFAULT_LABELS, TREND_AXES, UNITS, Comparison, compare
 from stellarnet.crossval.calibration import fit_calibration
@@ -61,15 +60,12 @@ def load_apogee(path: str | Path, cfg: Mapping[str, Any]) -> tuple[pd.DataFrame,
             "unique": "APOGEE_ID", "by": by, "reason": f"duplicate APOGEE_ID (highest {by} kept)"}})
         reports.append(rep)
     positions = df.reset_index(drop=True)
-    ref = positions
     flags = list(cfg.get("exclude_aspcapflag") or [])
-    if flags and "ASPCAPFLAG" in ref.columns:
-        bad = ASPCAPFLAG.any_set(ref["ASPCAPFLAG"].to_numpy(), flags)
-        reports.append(pd.DataFrame([{"name": "aspcapflag", "reason": f"ASPCAPFLAG {','.join(flags)}",
-                                      "before": len(ref), "removed": int(bad.sum()), "masked": 0,
-                                      "kept": int((~bad).sum())}]))
-        ref = ref.loc[~bad]
-    ref, rep = apply_survey_cuts(ref, dict(cfg.get("cuts") or {}))
+    cuts = {}
+    if flags and "ASPCAPFLAG" in positions.columns:
+        cuts["aspcapflag"] = {"flag": "ASPCAPFLAG", "bits": flags, "reason": f"ASPCAPFLAG {','.join(flags)}"}
+    cuts.update(dict(cfg.get("cuts") or {}))
+    ref, rep = apply_survey_cuts(positions, cuts)
     reports.append(rep)
     report = pd.concat(reports, ignore_index=True) if reports else pd.DataFrame()
     return positions, ref.reset_index(drop=True), report

@@ -94,7 +94,7 @@ def _features_config(ctx: Context) -> Any:
 
 
 def _run_features(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.build_features import build_features
+    from stellarnet.workflows.features import build_features
 
     c = OmegaConf.create({"data": ctx.data(), "features": to_plain(ctx.cfg.features), "paths": ctx.paths(d),
                           "seed": int(ctx.cfg.seed), "features_path": str(ctx.cfg.features_path),
@@ -124,7 +124,7 @@ def _train_config(ctx: Context) -> Any:
 
 def _run_train(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.network.model_folder import load_module, save_model_folder
-    from stellarnet.train import train
+    from stellarnet.workflows.train import train
 
     metrics, objects = train(_train_cfg(ctx, d))
     trainer = objects["trainer"]
@@ -229,7 +229,7 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
         saliency_frame,
     )
     from stellarnet.evaluation.split_predictions import load_split
-    from stellarnet.evaluate import evaluate
+    from stellarnet.workflows.evaluate import evaluate
     from stellarnet.io.tables import write_table
     from stellarnet.network.model_folder import load_model
 
@@ -271,7 +271,7 @@ def _predict_config(ctx: Context) -> Any:
 
 
 def _run_predict(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.predict import predict
+    from stellarnet.workflows.predict import predict
 
     c = ctx.entry_cfg("predict", d, ctx.cfg.pipeline.get("predict"), ckpt_path=ctx.out("train", "checkpoint"),
                       input=ctx.out("shards", "dataset_dir"), output_dir=str(d), overwrite=True)
@@ -291,7 +291,7 @@ def _crossval_config(ctx: Context) -> Any:
 
 def _run_crossval(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.crossval.run import run_crossval
-    from stellarnet.io.surveys import survey_spec
+    from stellarnet.preparation.surveys import survey_spec
 
     cfgs = _crossval_config(ctx)
     allstar = Path(ctx.out("survey", "allstar"))

@@ -6,6 +6,9 @@ mapping ``name -> spec``. Spec kinds (every spec may also carry a free-text ``re
 ``{column: SNR, min: 70, max: null, keep_nan: false, inclusive: false}``
     Range cut. Keeps ``min < x < max`` (``<=`` with ``inclusive: true``); either bound may be
     omitted/null. NaN rows are removed unless ``keep_nan: true``.
+``{column: flag_sp, eq: 0}`` (one of ``eq, ne, gt, ge, lt, le``)
+    Comparison cut (the GALAH / LAMOST configurations' form): keeps rows where the comparison holds
+    (and, for float columns, the value is finite).
 ``{flag: ASPCAPFLAG, bits: [STAR_BAD, 25], mode: any_set, bitmask: ASPCAPFLAG}``
     Bitmask cut: removes rows with any listed bit set. ``bits`` are flag names of the
     :mod:`stellarnet.io.bitmasks` table or bit numbers; ``bits: all`` (or ``bits`` omitted)
@@ -19,6 +22,13 @@ mapping ``name -> spec``. Spec kinds (every spec may also carry a free-text ``re
     Keeps one row per ``unique`` value: the one with the highest ``by`` (NaN last; ties → first
     row). Kept rows stay in their original order.
 
+Any spec may carry ``mask: [FE_H, ...]``: rows failing it are kept, with the named columns (or the
+columns ``mask_targets`` maps them to) set to NaN — e.g. GALAH's per-element flags blank [α/Fe]
+only. The report's ``masked`` column counts them.
+
+This is the one cut engine: the allStar cuts, the GALAH / LAMOST cuts (:func:`stellarnet.preparation.surveys.read_survey`)
+and the cross-survey validation's APOGEE selection all go through :func:`apply_cuts`.
+
 A spec that is ``null`` or has ``enabled: false`` is skipped (lets a Hydra override switch a
 cut off: ``data.cuts.vscatter=null`` or ``data.cuts.vscatter.enabled=false``).
 """
@@ -27,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +73,17 @@ PHYSICAL_LABEL_RANGES: dict[str, tuple[float, float]] = {
 }
 
 _KIND_KEYS: dict[str, set[str]] = {
-    "column": {"column", "min", "max", "keep_nan", "inclusive"},
+    "column": {"column", "min", "max", "keep_nan", "inclusive", "eq", "ne", "gt", "ge", "lt", "le"},
     "flag": {"flag", "bits", "mode", "bitmask"},
     "finite": {"finite"},
     "unique": {"unique", "by"},
 }
-_COMMON_KEYS = {"reason", "enabled"}
+_COMMON_KEYS = {"reason", "enabled", "mask"}
+#: comparison cuts: spec key → (numpy comparison, symbol)
+COMPARATORS: dict[str, tuple[Any, str]] = {
+    "eq": (np.equal, "=="), "ne": (np.not_equal, "!="), "gt": (np.greater, ">"),
+    "ge": (np.greater_equal, ">="), "lt": (np.less, "<"), "le": (np.less_equal, "<="),
+}
 
 
 class CutSpecError(ValueError):
@@ -94,6 +109,7 @@ class CutRow:
     removed: int
     kept: int
     criterion: str = ""  # what was applied, from the spec itself (e.g. "SNR >= 50"): overrides show here
+    masked: int = 0  # rows kept with columns blanked (a ``mask`` cut)
 
 
 @dataclass
@@ -110,12 +126,13 @@ class CutReport:
     def n_output(self) -> int:
         return self.rows[-1].kept if self.rows else self.n_input
 
-    def to_frame(self) -> pd.DataFrame:
-        """DataFrame with columns name, criterion, reason, before, removed, kept (one row per cut)."""
-        return pd.DataFrame(
-            [[r.name, r.criterion, r.reason, r.before, r.removed, r.kept] for r in self.rows],
-            columns=list(self.COLUMNS),
-        ).astype({"before": "int64", "removed": "int64", "kept": "int64"})
+    def to_frame(self, masked: bool = False) -> pd.DataFrame:
+        """DataFrame with columns name, criterion, reason, before, removed, kept (one row per cut);
+        with ``masked`` also the rows each ``mask`` cut kept with blanked columns (before ``kept``)."""
+        cols = list(self.COLUMNS[:-1]) + (["masked"] if masked else []) + ["kept"]
+        rows = [[r.name, r.criterion, r.reason, r.before, r.removed] + ([r.masked] if masked else []) + [r.kept]
+                for r in self.rows]
+        return pd.DataFrame(rows, columns=cols).astype({c: "int64" for c in cols[3:]})
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown table (plus input/output totals)."""
@@ -203,9 +220,27 @@ def _number(v: Any, name: str, key: str) -> float | None:
     return x
 
 
+def _comparison_cut(df: pd.DataFrame, name: str, spec: Mapping[str, Any], op: str) -> tuple[np.ndarray, str]:
+    col = spec["column"]
+    if any(k in spec for k in ("min", "max", "keep_nan", "inclusive")):
+        raise CutSpecError(f"cut {name!r}: give either a comparison ({op}) or min/max, not both")
+    values = df[col].to_numpy()
+    fn, symbol = COMPARATORS[op]
+    with np.errstate(invalid="ignore"):
+        keep = np.asarray(fn(values, spec[op]), dtype=bool)
+    if values.dtype.kind == "f":
+        keep &= np.isfinite(values)
+    return keep, f"{col} {symbol} {spec[op]}"
+
+
 def _range_cut(df: pd.DataFrame, name: str, spec: Mapping[str, Any]) -> tuple[np.ndarray, str]:
     col = spec["column"]
     _need(df, [col], name)
+    ops = [k for k in COMPARATORS if k in spec]
+    if len(ops) > 1:
+        raise CutSpecError(f"cut {name!r}: give one comparison of {list(COMPARATORS)}, got {ops}")
+    if ops:
+        return _comparison_cut(df, name, spec, ops[0])
     lo = _number(spec.get("min"), name, "min")
     hi = _number(spec.get("max"), name, "max")
     if lo is None and hi is None:
@@ -339,19 +374,25 @@ def _unique_cut(df: pd.DataFrame, name: str, spec: Mapping[str, Any]) -> tuple[n
     pos = tmp.drop_duplicates("id", keep="first")["pos"].to_numpy()
     keep = np.zeros(len(df), dtype=bool)
     keep[pos] = True
+    ids = df[col].to_numpy()
+    if ids.dtype.kind in "OUS":  # rows without an id are distinct stars, never merged
+        keep |= pd.isna(ids) | (ids.astype(str) == "")
     return keep, f"one row per {col} (highest {by})"
 
 
 _HANDLERS = {"column": _range_cut, "flag": _flag_cut, "finite": _finite_cut, "unique": _unique_cut}
 
 
-def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None) -> tuple[pd.DataFrame, CutReport]:
+def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None, *,
+               mask_targets: Mapping[str, Sequence[str]] | None = None,
+               allow_empty: bool = False) -> tuple[pd.DataFrame, CutReport]:
     """Apply ``cuts`` (ordered mapping name → spec, or an OmegaConf DictConfig) to ``df``.
 
     Returns ``(kept_df, report)``; ``kept_df`` keeps the original index of the surviving rows.
-    Raises :class:`CutSpecError` for malformed specs, :class:`MissingColumnError` when a cut's
-    column is absent and :class:`EmptySelectionError` when a cut leaves no rows (all three
-    name the cut).
+    ``mask_targets`` maps a name in a spec's ``mask`` list to the frame columns to blank (default:
+    the name itself). Raises :class:`CutSpecError` for malformed specs, :class:`MissingColumnError`
+    when a cut's column is absent and, unless ``allow_empty``, :class:`EmptySelectionError` when a
+    cut leaves no rows (all three name the cut).
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"apply_cuts needs a pandas DataFrame, got {type(df).__name__}")
@@ -373,17 +414,26 @@ def apply_cuts(df: pd.DataFrame, cuts: Mapping[str, Any] | None) -> tuple[pd.Dat
             continue
         keep, desc = _HANDLERS[kind](cur, name, spec)
         before = len(cur)
-        cur = cur[keep]
+        masked = 0
+        if spec.get("mask"):
+            cur = cur.copy()
+            for target in spec["mask"]:
+                for c in (mask_targets or {}).get(target, [target]):
+                    if c in cur.columns:
+                        cur.loc[~keep, c] = np.nan
+            masked = int((~keep).sum())
+        else:
+            cur = cur[keep]
         reason = spec.get("reason") or desc
-        report.rows.append(CutRow(name, str(reason), before, before - len(cur), len(cur), str(desc)))
-        if len(cur) == 0 and before > 0:
+        report.rows.append(CutRow(name, str(reason), before, before - len(cur), len(cur), str(desc), masked))
+        if len(cur) == 0 and before > 0 and not allow_empty:
             raise EmptySelectionError(
                 f"cut {name!r} ({reason}; applied: {desc}) removed all {before} remaining rows; "
                 f"report so far:\n{report}",
                 cut=name,
                 report=report,
             )
-    if len(cur) == 0:
+    if len(cur) == 0 and not allow_empty:
         raise EmptySelectionError(
             "the catalogue has no rows to select from", cut="<input>", report=report
         )

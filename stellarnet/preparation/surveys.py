@@ -82,10 +82,6 @@ COMMON_COLUMNS: tuple[str, ...] = (
 _FLOAT_COLUMNS = ("RA", "DEC", *LABEL_COLUMNS)
 _STRING_COLUMNS = ("STAR_ID", "TMASS_ID")
 _REQUIRED_COMMON = ("RA", "DEC", "TEFF", "LOGG", "FE_H")
-_COMPARATORS = {
-    "eq": np.equal, "ne": np.not_equal, "gt": np.greater,
-    "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
-}
 
 
 @dataclass(frozen=True)
@@ -244,8 +240,9 @@ def _cut_columns(cuts: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for spec in cuts.values():
         if not spec.get("enabled", True):
             continue
-        if "column" in spec:
-            cols.append(str(spec["column"]))
+        for key in ("column", "flag"):
+            if key in spec:
+                cols.append(str(spec[key]))
         cols.extend(str(c) for c in spec.get("finite", []) or [])
         if "unique" in spec:
             cols.extend([str(spec["unique"]), str(spec["by"])])
@@ -257,68 +254,28 @@ def apply_survey_cuts(
     cuts: Mapping[str, Mapping[str, Any]],
     mask_targets: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Apply ordered cut specs (module docstring) to a raw survey frame.
+    """Apply ordered cut specs (:func:`stellarnet.preparation.cuts.apply_cuts`, the one cut engine) to
+    a raw survey frame, its column names looked up case-insensitively (survey tables spell them their
+    own way). ``mask_targets`` maps a common column named in a spec's ``mask`` to the frame columns to
+    blank. Returns (kept frame, report DataFrame with columns name, criterion, reason, before, removed,
+    masked, kept). Raises :class:`MissingColumnError` naming every cut column that is absent."""
+    from stellarnet.preparation.cuts import apply_cuts
 
-    Column names in the specs are looked up case-insensitively in ``df``. ``mask_targets`` maps a
-    common column named in a spec's ``mask`` to the frame columns to blank (default: the name
-    itself). Returns (kept frame, report DataFrame with columns name, reason, before, removed,
-    masked, kept). Raises :class:`MissingColumnError` naming every cut column that is absent.
-    """
     cols = list(df.columns)
     missing = sorted({c for c in _cut_columns(cuts) if _resolve(cols, [c]) is None})
     if missing:
         raise MissingColumnError(missing, "survey table (columns used by quality cuts)", cols)
-    mask_targets = dict(mask_targets or {})
-    rows = []
-    out = df
+    resolved = {}
     for name, spec in cuts.items():
         spec = dict(spec)
-        if not spec.get("enabled", True):
-            continue
-        before = len(out)
-        if "unique" in spec:
-            key = _resolve(cols, [spec["unique"]])
-            by = _resolve(cols, [spec["by"]])
-            order = out.sort_values(by, ascending=False, kind="stable", na_position="last")
-            first = ~order.duplicated(subset=[key], keep="first")
-            keep = out.index.isin(order.index[first.to_numpy()])
-            # rows with an empty key are distinct stars, never merged
-            keyvals = out[key].to_numpy()
-            empty = pd.isna(keyvals) | (keyvals == "")
-            keep |= empty
-        elif "finite" in spec:
-            keep = np.ones(len(out), dtype=bool)
-            for c in spec["finite"]:
-                keep &= np.isfinite(out[_resolve(cols, [c])].to_numpy(dtype=float))
-        elif "column" in spec:
-            ops = [k for k in _COMPARATORS if k in spec]
-            if len(ops) != 1:
-                raise ValueError(
-                    f"cut {name!r}: give exactly one of {list(_COMPARATORS)} with 'column', got {ops}"
-                )
-            values = out[_resolve(cols, [spec["column"]])].to_numpy()
-            with np.errstate(invalid="ignore"):
-                keep = np.asarray(_COMPARATORS[ops[0]](values, spec[ops[0]]), dtype=bool)
-            if values.dtype.kind == "f":
-                keep &= np.isfinite(values)
-        else:
-            raise ValueError(f"cut {name!r}: unknown specification {spec}")
-        masked = 0
-        if spec.get("mask"):
-            out = out.copy()
-            for target in spec["mask"]:
-                for c in mask_targets.get(target, [target]):
-                    if c in out.columns:
-                        out.loc[~keep, c] = np.nan
-            masked = int((~keep).sum())
-        else:
-            out = out.loc[keep]
-        rows.append({
-            "name": name, "reason": str(spec.get("reason", "")), "before": before,
-            "removed": before - len(out), "masked": masked, "kept": len(out),
-        })
-    report = pd.DataFrame(rows, columns=["name", "reason", "before", "removed", "masked", "kept"])
-    return out, report
+        for key in ("column", "flag", "unique", "by"):
+            if key in spec:
+                spec[key] = _resolve(cols, [spec[key]])
+        if "finite" in spec:
+            spec["finite"] = [_resolve(cols, [c]) for c in spec["finite"]]
+        resolved[name] = spec
+    kept, report = apply_cuts(df, resolved, mask_targets=mask_targets, allow_empty=True)
+    return kept, report.to_frame(masked=True)
 
 
 def read_survey(
