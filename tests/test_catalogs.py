@@ -12,14 +12,8 @@ import pytest
 from astropy.io import fits
 
 from stellarnet.io.bitmasks import ASPCAPFLAG, PARAM_ORDER
-from stellarnet.io.catalogs import (
-    ALLSTAR_COLUMNS,
-    CatalogFormatError,
-    MissingColumnError,
-    allstar_columns,
-    read_allstar,
-    read_allstar_chunks,
-)
+from stellarnet.io.allstar_columns import ALLSTAR_COLUMNS
+from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, allstar_columns, read_allstar, read_allstar_chunks
 
 N = 6
 IDS = [  # space padded like the real file; rows 0 and 3 are the same star (two fields)
@@ -297,7 +291,7 @@ def test_alpha_fe_is_derived_from_dr17_alpha_m():
     A file that has its own ALPHA_FE column (older releases) is read as it is."""
     import pandas as pd
 
-    from stellarnet.io.catalogs import add_derived_columns, columns_to_read
+    from stellarnet.io.allstar_columns import add_derived_columns, columns_to_read
 
     dr17 = ["APOGEE_ID", "FE_H", "FE_H_ERR", "M_H", "ALPHA_M", "ALPHA_M_ERR"]
     assert columns_to_read(["FE_H", "ALPHA_FE", "ALPHA_FE_ERR"], dr17) == ["FE_H", "ALPHA_M", "M_H", "ALPHA_M_ERR"]

@@ -40,6 +40,7 @@ from test_models import SyntheticStars, loader, make_module
 from test_train import make_cfg
 
 import stellarnet.network.module as module_mod
+from stellarnet.network.epoch_metrics import concat_outputs
 import stellarnet.workflows.train as T
 from stellarnet.dataset.datamodule import StellarDataModule
 from stellarnet.network.epoch_metrics import compute_metrics
@@ -123,8 +124,8 @@ def _rank_outputs(module, ds, world: int) -> tuple[list[dict], dict]:
             sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=r, shuffle=False)
             dl = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
             store = [module._collect(b, module._pred_from_out(module._forward_batch(b))) for b in dl]
-            per_rank.append(module._concat(store))
-        single = module._concat([module._collect(b, module._pred_from_out(module._forward_batch(b)))
+            per_rank.append(concat_outputs(store))
+        single = concat_outputs([module._collect(b, module._pred_from_out(module._forward_batch(b)))
                                  for b in loader(ds, batch_size=8)])
     return per_rank, single
 

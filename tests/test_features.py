@@ -30,7 +30,7 @@ from stellarnet.features import (
     reduced_proper_motion,
     write_features,
 )
-from stellarnet.features.tabular import fit_robust_stats, flag_outliers, impute_missing, resolve_missing_policies
+from stellarnet.features.cleaning import fit_robust_stats, flag_outliers, impute_missing, resolve_missing_policies
 
 LAM = grids.wavelength("dr17")  # vacuum Å, gap-removed 7,514-pixel grid
 C0 = 16000.0

@@ -366,15 +366,21 @@ def test_predict_gives_the_refinement_all_the_cpus(refined_dir, tiny_survey, tmp
 
 # ------------------------------------------------------------------ mutation-benchmark survivors
 def test_refine_defaults_are_the_config_files():
-    """REFINE_DEFAULTS (used when a model folder's settings lack a key) say what
-    conf/refine_stage/default.yaml says: one set of defaults."""
+    """One set of defaults: REFINE_DEFAULTS (used when a model folder's settings lack a key) are
+    conf/refine_stage/default.yaml, and train_emulator's keyword defaults say the same."""
+    import inspect
+
     from omegaconf import OmegaConf
 
     from stellarnet.common.paths import CONF_DIR
+    from stellarnet.refinement.training import train_emulator
     from stellarnet.workflows.refinement import REFINE_DEFAULTS
 
     yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "refine_stage" / "default.yaml"), resolve=True)
     assert REFINE_DEFAULTS == yaml
+    params = inspect.signature(train_emulator).parameters
+    for key in ("hidden", "epochs", "batch_size", "lr", "clip_after", "clip_threshold", "seed"):
+        assert params[key].default == yaml[key], key
 
 
 def test_training_subset_is_seeded_and_consistent():

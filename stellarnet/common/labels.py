@@ -1,7 +1,7 @@
 """The vocabulary: label names and units, class tasks and their class names — defined here once.
 
 Labels are the allStar names: ``TEFF`` (K), ``LOGG`` (dex, cgs), ``FE_H`` and ``ALPHA_FE`` (dex;
-[α/Fe] = ``ALPHA_M + M_H − FE_H`` from DR17's [α/M], :data:`stellarnet.io.catalogs.DERIVED_COLUMNS`).
+[α/Fe] = ``ALPHA_M + M_H − FE_H`` from DR17's [α/M], :data:`stellarnet.io.allstar_columns.DERIVED_COLUMNS`).
 Class codes are indices into the class-name tuples; −1 means undefined. Adding a label or a class
 task starts here (then the shard builder's label columns and the network's heads, which read the
 dataset's ``data_spec``)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 import numpy as np
-from stellarnet.evaluation.metrics import robust_scatter
+from stellarnet.common.stats import robust_scatter
 import pandas as pd
 from stellarnet.crossval.offsets import DEFAULT_LABELS, LabelMap, TREND_AXES, UNITS, _check_aligned, _values, resolve_labels
 from stellarnet.crossval.robust_fit import robust_linear_fit

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 import numpy as np
 from stellarnet.common.labels import LABEL_UNITS
-from stellarnet.evaluation.metrics import robust_scatter
+from stellarnet.common.stats import robust_scatter
 import pandas as pd
 from stellarnet.crossval.robust_fit import FitResult, binned_medians, bootstrap_median, poly_design, robust_linear_fit
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 import numpy as np
-from stellarnet.evaluation.metrics import robust_scatter
+from stellarnet.common.stats import robust_scatter
 import pandas as pd
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from stellarnet.io.catalogs import MissingColumnError, add_derived_columns, allstar_columns, read_allstar
+from stellarnet.io.catalogs import MissingColumnError, allstar_columns, read_allstar
+from stellarnet.io.allstar_columns import add_derived_columns
 from stellarnet.preparation.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
 from stellarnet.crossval.crossmatch import MatchResult, crossmatch
 from stellarnet.crossval.offsets import DEFAULT_LABELS, TREND_AXES, UNITS, Comparison, compare

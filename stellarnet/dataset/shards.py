@@ -54,7 +54,7 @@ from stellarnet.io.layout import SPECTRA_LAYOUT, spectra_layout, spectrum_path
 log = logging.getLogger(__name__)
 
 
-#: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.io.catalogs.DERIVED_COLUMNS`,
+#: label name → allStar column (``ALPHA_FE`` is derived: :data:`stellarnet.io.allstar_columns.DERIVED_COLUMNS`,
 #: [α/Fe] = ALPHA_M + M_H − FE_H; DR17's ALPHA_M is [α/M])
 DEFAULT_LABEL_COLUMNS: dict[str, str] = {"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FE_H", "ALPHA_FE": "ALPHA_FE"}
 
@@ -256,7 +256,8 @@ def build_shards(
     allstar_sha = sha256_file(allstar)
     required = ["APOGEE_ID", "TELESCOPE", "FIELD", "RA", "DEC", "SNR"]
     required += list(label_columns.values()) + [c + "_ERR" for c in label_columns.values()]
-    from stellarnet.io.catalogs import add_derived_columns, allstar_columns, columns_to_read
+    from stellarnet.io.allstar_columns import add_derived_columns, columns_to_read
+    from stellarnet.io.catalogs import allstar_columns
 
     to_read = columns_to_read(required, allstar_columns(allstar))
     df = read_allstar(allstar, required=to_read)

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
-from stellarnet.evaluation.metrics import MAD_TO_SIGMA, _as_2d, _label_list
+from stellarnet.common.stats import MAD_TO_SIGMA
+from stellarnet.evaluation.metrics import _as_2d, _label_list
 
 COVERAGE_1SIGMA = float(special.erf(1 / math.sqrt(2)))  # 0.6827
 COVERAGE_2SIGMA = float(special.erf(2 / math.sqrt(2)))  # 0.9545

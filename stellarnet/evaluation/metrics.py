@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 
 from stellarnet.common.labels import CLASS_NAMES
+from stellarnet.common.stats import robust_scatter
 from stellarnet.common.labels import CLASS_TASKS as DEFAULT_CLASS_TASKS
 from stellarnet.common.labels import LABEL_NAMES as DEFAULT_LABEL_NAMES
 
-MAD_TO_SIGMA = 1.4826
-"""Factor converting a median absolute deviation into a Gaussian-equivalent σ."""
 
 DEFAULT_SNR_EDGES: tuple[float, ...] = (0.0, 50.0, 100.0, 200.0, math.inf)
 
@@ -40,15 +39,6 @@ def default_class_names() -> dict[str, tuple[str, ...]]:
 def _f(x: Any) -> float:
     """Plain Python float (NaN stays NaN)."""
     return float(x)
-
-
-def robust_scatter(x: np.ndarray) -> float:
-    """1.4826 · median(|x − median(x)|) of the finite values of ``x`` (NaN if none)."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return math.nan
-    return float(MAD_TO_SIGMA * np.median(np.abs(x - np.median(x))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,16 +15,8 @@ from stellarnet.features.indices import (
     load_windows,
     measure_indices,
 )
-from stellarnet.features.tabular import (
-    abundance_ratios,
-    build_feature_table,
-    colour_magnitude_features,
-    default_output_path,
-    load_features_config,
-    read_features,
-    reduced_proper_motion,
-    write_features,
-)
+from stellarnet.features.derived import abundance_ratios, colour_magnitude_features, reduced_proper_motion
+from stellarnet.features.tabular import build_feature_table, default_output_path, load_features_config, read_features, write_features
 
 __all__ = [
     "CONTINUUM_MODES",

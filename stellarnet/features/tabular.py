@@ -25,49 +25,28 @@ catalogue features.
 """
 
 from __future__ import annotations
-
-import fnmatch
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
 import h5py
 import numpy as np
 import pandas as pd
-
 from stellarnet.common.files import atomic_path
-from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
+from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES
 from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
 from stellarnet.preparation.splits import SPLITS
 from stellarnet.features.indices import IndexMeasurer, load_windows
-from stellarnet.common.files import to_plain
+from stellarnet.common.files import to_jsonable, to_plain
+from stellarnet.features.cleaning import fit_robust_stats, flag_outliers, impute_missing, resolve_missing_policies
+from stellarnet.features.derived import _num, abundance_ratios, colour_magnitude_features
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_CONFIG_PATH",
-    "ID_COLUMNS",
-    "MISSING_POLICIES",
-    "abundance_ratios",
-    "build_feature_table",
-    "colour_magnitude_features",
-    "default_output_path",
-    "feature_columns",
-    "fit_robust_stats",
-    "flag_outliers",
-    "impute_missing",
-    "load_features_config",
-    "read_features",
-    "reduced_proper_motion",
-    "resolve_missing_policies",
-    "write_features",
-]
 
 ID_COLUMNS: tuple[str, ...] = ("APOGEE_ID", "RA", "DEC", "FIELD", "row_index", "split", "SNR")
-MISSING_POLICIES: tuple[str, ...] = ("nan", "median")
-_MAD_TO_SIGMA = 1.4826
-_MAG_LIMIT = 50.0  # |mag| >= this is a placeholder value, not a magnitude
+
+
 
 
 def _default_config_path() -> Path:
@@ -77,7 +56,6 @@ def _default_config_path() -> Path:
 
 
 DEFAULT_CONFIG_PATH: Path = _default_config_path()
-
 
 
 def load_features_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -98,169 +76,6 @@ def default_output_path(survey: str = "apogee", data_dir: str | Path | None = No
 
     root = Path(data_dir) if data_dir is not None else default_data_root()
     return root / "processed" / f"{survey}_features.parquet"
-
-
-# --------------------------------------------------------------------------- catalogue features
-
-
-def _num(df: pd.DataFrame, name: str) -> np.ndarray:
-    """Column as a writable float64 array (NaN where absent or non-numeric)."""
-    if name not in df.columns:
-        return np.full(len(df), np.nan)
-    v = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return np.array(v, dtype=float, copy=True)
-
-
-def reduced_proper_motion(
-    k_mag: np.ndarray, a_k: np.ndarray, pmra: np.ndarray, pmdec: np.ndarray
-) -> np.ndarray:
-    """Dereddened reduced proper motion (mag): ``H_K = (K − A_K) + 5 log10(μ/1000) + 5``.
-
-    ``μ = sqrt(pmra² + pmdec²)`` in mas/yr (Gaia ``pmra`` already includes cos δ), so μ/1000 is
-    in arcsec/yr. NaN where K or μ is missing, K is a placeholder (|K| ≥ 50) or μ ≤ 0.
-    """
-    k = np.asarray(k_mag, dtype=float)
-    ak = np.asarray(a_k, dtype=float)
-    mu = np.hypot(np.asarray(pmra, dtype=float), np.asarray(pmdec, dtype=float))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ok = np.isfinite(k) & (np.abs(k) < _MAG_LIMIT) & np.isfinite(mu) & (mu > 0) & np.isfinite(ak)
-        return np.where(ok, k - ak + 5.0 * np.log10(np.where(ok, mu, 1.0) / 1000.0) + 5.0, np.nan)
-
-
-def colour_magnitude_features(
-    df: pd.DataFrame,
-    min_parallax_snr: float = MIN_PARALLAX_SNR,
-    reduced_pm: bool = True,
-    rpm_only_without_parallax: bool = True,
-) -> pd.DataFrame:
-    """:func:`stellarnet.preparation.photometry.photometric_features` (``PHOT_FEATURES``) plus ``A_K``
-    (mag) and, if ``reduced_pm``, ``H_K`` (mag, :func:`reduced_proper_motion`). With
-    ``rpm_only_without_parallax`` H_K is NaN where the parallax is good (ϖ > 0 and
-    ϖ/σ_ϖ > ``min_parallax_snr``, i.e. where ``M_K`` can be used instead)."""
-    phot = photometric_features(df, min_parallax_snr=min_parallax_snr, with_extinction=True)
-    out = phot[list(PHOT_FEATURES)].astype(float)
-    out["A_K"] = phot["A_K"].astype(float)
-    if reduced_pm:
-        hk = reduced_proper_motion(_num(df, "K"), out["A_K"].to_numpy(), _num(df, "GAIAEDR3_PMRA"),
-                                   _num(df, "GAIAEDR3_PMDEC"))
-        if rpm_only_without_parallax:
-            plx, eplx = _num(df, "GAIAEDR3_PARALLAX"), _num(df, "GAIAEDR3_PARALLAX_ERROR")
-            with np.errstate(invalid="ignore", divide="ignore"):
-                good_plx = (plx > 0) & (eplx > 0) & (plx / eplx > min_parallax_snr)
-            hk = np.where(good_plx, np.nan, hk)
-        out["H_K"] = hk
-    return out
-
-
-def abundance_ratios(df: pd.DataFrame, ratios: Mapping[str, Sequence[str]]) -> pd.DataFrame:
-    """Abundance-ratio features (dex) from allStar ``X_FE`` columns.
-
-    ``ratios``: name → ``[a]`` (the column itself, e.g. ``MG_FE``) or ``[a, b]`` (``a − b``, e.g.
-    ``C_N: [C_FE, N_FE]`` gives [C/N] = [C/Fe] − [N/Fe]). Absent columns give NaN.
-    """
-    out = {}
-    for name, cols in to_plain(ratios).items():
-        cols = [cols] if isinstance(cols, str) else list(cols)
-        if len(cols) == 1:
-            out[str(name)] = _num(df, cols[0])
-        elif len(cols) == 2:
-            out[str(name)] = _num(df, cols[0]) - _num(df, cols[1])
-        else:
-            raise ValueError(f"abundance ratio {name!r}: give [a] or [a, b] column names, got {cols!r}")
-    return pd.DataFrame(out, index=df.index)
-
-
-# --------------------------------------------------------------------------- missing / outliers
-
-
-def resolve_missing_policies(
-    columns: Sequence[str], spec: Mapping[str, Any] | None, known: Sequence[str] = ()
-) -> dict[str, str]:
-    """Missing-value policy (``nan`` or ``median``) for each feature column.
-
-    ``spec``: ``{default: nan|median, features: {name-or-pattern: policy}}``. Exact names win,
-    then the first matching fnmatch pattern, then ``default``. An exact name that is neither a
-    feature column nor in ``known`` (features switched off in this run) is an error (catches
-    typos); ``*_ERR`` columns are always ``nan``.
-    """
-    spec = dict(to_plain(spec) or {})
-    default = str(spec.get("default", "nan"))
-    rules = {str(k): str(v) for k, v in dict(spec.get("features") or {}).items()}
-    for key, pol in [("default", default), *rules.items()]:
-        if pol not in MISSING_POLICIES:
-            raise ValueError(f"missing policy for {key!r} must be one of {MISSING_POLICIES}, got {pol!r}")
-    exact = {k: v for k, v in rules.items() if not any(ch in k for ch in "*?[")}
-    patterns = [(k, v) for k, v in rules.items() if k not in exact]
-    unknown = sorted(set(exact) - set(columns) - set(known))
-    if unknown:
-        raise ValueError(f"missing-value policy given for unknown feature column(s) {unknown}")
-    out = {}
-    for c in columns:
-        if c.endswith("_ERR"):
-            out[c] = "nan"
-        elif c in exact:
-            out[c] = exact[c]
-        else:
-            out[c] = next((v for k, v in patterns if fnmatch.fnmatchcase(c, k)), default)
-    return out
-
-
-def fit_robust_stats(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[str, float]]:
-    """``{column: {median, scale, n}}`` over the finite values of ``df`` (scale = 1.4826 MAD,
-    falling back to the standard deviation where the MAD is 0; NaN if no finite value)."""
-    out = {}
-    for c in columns:
-        x = df[c].to_numpy(dtype=float)
-        x = x[np.isfinite(x)]
-        if x.size == 0:
-            out[c] = {"median": float("nan"), "scale": float("nan"), "n": 0}
-            continue
-        med = float(np.median(x))
-        scale = _MAD_TO_SIGMA * float(np.median(np.abs(x - med)))
-        if not scale > 0:
-            scale = float(np.std(x))
-        out[c] = {"median": med, "scale": scale, "n": int(x.size)}
-    return out
-
-
-def flag_outliers(
-    df: pd.DataFrame, stats: Mapping[str, Mapping[str, float]], threshold: float
-) -> pd.DataFrame:
-    """Bool DataFrame ``<column>_OUTLIER``: |x − median| / scale > ``threshold`` (NaN x → False;
-    columns whose scale is 0/NaN are never flagged)."""
-    if not threshold > 0:
-        raise ValueError(f"outlier threshold must be > 0, got {threshold!r}")
-    out = {}
-    for c, st in stats.items():
-        x = df[c].to_numpy(dtype=float)
-        scale = float(st["scale"])
-        if not (np.isfinite(scale) and scale > 0):
-            out[f"{c}_OUTLIER"] = np.zeros(len(df), bool)
-            continue
-        with np.errstate(invalid="ignore"):
-            out[f"{c}_OUTLIER"] = np.abs(x - float(st["median"])) / scale > threshold
-    return pd.DataFrame(out, index=df.index)
-
-
-def impute_missing(
-    df: pd.DataFrame, policies: Mapping[str, str], stats: Mapping[str, Mapping[str, float]]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fill NaN in the ``median``-policy columns with ``stats[col]["median"]``.
-
-    Returns (a copy of ``df`` with those columns filled, a bool DataFrame ``<col>_IMPUTED``
-    marking the filled cells). ``nan``-policy columns are left as they are.
-    """
-    df = df.copy()
-    flags = {}
-    for c, pol in policies.items():
-        if pol != "median":
-            continue
-        miss = ~np.isfinite(df[c].to_numpy(dtype=float))
-        med = float(stats[c]["median"])
-        if miss.any() and np.isfinite(med):
-            df.loc[miss, c] = med
-        flags[f"{c}_IMPUTED"] = miss & np.isfinite(med)
-    return df, pd.DataFrame(flags, index=df.index)
 
 
 # --------------------------------------------------------------------------- allStar matching
@@ -469,21 +284,8 @@ def build_feature_table(
         "grid": manifest.get("grid"),
         "survey": cfg.get("survey", "apogee"),
     }
-    df.attrs["feature_stats"] = _jsonable(df.attrs["feature_stats"])  # parquet metadata is JSON
+    df.attrs["feature_stats"] = to_jsonable(df.attrs["feature_stats"])  # parquet metadata is JSON
     return df
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON-compatible copy: non-finite floats → None, numpy scalars → python."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------- I/O

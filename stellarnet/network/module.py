@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 import lightning.pytorch as pl
@@ -31,9 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from stellarnet.common.files import to_plain
+from stellarnet.network.optim import make_optimizer, make_scheduler, restretch_schedule, schedule_steps
 from stellarnet.network.losses import classification_loss, gaussian_nll
 from stellarnet.network.components import DEFAULT_NET, _build, validate_data_spec
-from stellarnet.network.epoch_metrics import compute_metrics
+from stellarnet.network.epoch_metrics import collect_batch, compute_metrics, concat_outputs, merge_outputs, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -392,51 +392,7 @@ class StellarNetModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     def _collect(self, batch: Mapping[str, torch.Tensor], pred: dict[str, Any]) -> dict[str, Any]:
         """Detach one batch of predictions and truths to CPU numpy, physical units."""
-        std, mu = self.label_std, self.label_mean
-        mask = batch["label_mask"] > 0
-        true = torch.where(mask, batch["labels"] * std + mu, torch.full_like(batch["labels"], float("nan")))
-        err = batch.get("label_err")
-        err = torch.where(mask, err * std, torch.full_like(true, float("nan"))) if err is not None else torch.full_like(true, float("nan"))
-        item: dict[str, Any] = {k: pred[k].float().cpu().numpy() for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total")}
-        item.update(
-            labels_true=true.float().cpu().numpy(),
-            label_err=err.float().cpu().numpy(),
-            label_mask=mask.cpu().numpy(),
-            class_probs={t: p.float().cpu().numpy() for t, p in pred["class_probs"].items()},
-        )
-        classes = batch.get("classes")
-        item["class_true"] = {
-            t: (classes[:, c].cpu().numpy() if classes is not None else np.full(len(true), -1, dtype=np.int64))
-            for c, t in enumerate(self.class_tasks)
-        }
-        idx = batch.get("index")
-        item["index"] = idx.cpu().numpy() if idx is not None else np.full(len(true), -1, dtype=np.int64)
-        return item
-
-    @staticmethod
-    def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-        """Concatenate per-batch (or per-rank) output dicts along the sample axis (``{}`` if none)."""
-        parts = [p for p in parts if p]
-        if not parts:
-            return {}
-        out: dict[str, Any] = {}
-        for k, v in parts[0].items():
-            if isinstance(v, dict):
-                out[k] = {t: np.concatenate([p[k][t] for p in parts]) for t in v}
-            else:
-                out[k] = np.concatenate([p[k] for p in parts])
-        return out
-
-    @staticmethod
-    def _take(outputs: dict[str, Any], sel: np.ndarray) -> dict[str, Any]:
-        return {k: ({t: a[sel] for t, a in v.items()} if isinstance(v, dict) else v[sel]) for k, v in outputs.items()}
-
-    @classmethod
-    def _concat(cls, store: list[dict[str, Any]]) -> dict[str, Any]:
-        out = cls._merge(store)
-        if out:
-            out["labels_pred"] = out.pop("labels")
-        return out
+        return collect_batch(batch, pred, self.label_mean, self.label_std, self.class_tasks)
 
     def _gather_outputs(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """This epoch's outputs of *all* ranks: padding duplicates dropped, rows sorted by ``index``.
@@ -450,7 +406,7 @@ class StellarNetModule(pl.LightningModule):
             return outputs
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, outputs)
-        merged = self._merge(parts)
+        merged = merge_outputs(parts)
         if not merged:
             return merged
         index = merged["index"]
@@ -459,7 +415,7 @@ class StellarNetModule(pl.LightningModule):
                         "metrics of this epoch may count up to world_size-1 rows twice")
             return merged
         _, first = np.unique(index, return_index=True)
-        return self._take(merged, first)
+        return take_rows(merged, first)
 
     def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], mc_samples: int) -> torch.Tensor:
         out = self._forward_batch(batch)
@@ -513,7 +469,7 @@ class StellarNetModule(pl.LightningModule):
         return self._eval_step("val", batch, 0)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_outputs = self._gather_outputs(self._concat(self._val_store))
+        self.val_outputs = self._gather_outputs(concat_outputs(self._val_store))
         self._val_store = []
         if not self.val_outputs:
             return
@@ -538,7 +494,7 @@ class StellarNetModule(pl.LightningModule):
         ``class_true`` {task: (N,) int, −1 missing}. On multi-device runs both are gathered from all
         ranks (every rank holds the whole split, each row once, sorted by ``index``).
         """
-        self.test_outputs = self._gather_outputs(self._concat(self._test_store))
+        self.test_outputs = self._gather_outputs(concat_outputs(self._test_store))
         self._test_store = []
         if self.test_outputs:
             self.test_metrics = compute_metrics(self.test_outputs, self.data_spec)
@@ -562,43 +518,11 @@ class StellarNetModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     def _schedule_steps(self) -> int:
         """Optimizer steps the learning-rate schedule spans (``trainer.estimated_stepping_batches``)."""
-        sname = str((self.scheduler_cfg or {}).get("name", "none")).lower()
-        if sname in ("none", "null", ""):
-            return 0
-        total = int(self.trainer.estimated_stepping_batches)
-        if total < 1 or total > 10**9:
-            raise ValueError(f"cannot schedule over {total} steps; set trainer.max_epochs or max_steps")
-        return total
+        return schedule_steps(self.scheduler_cfg, self.trainer)
 
     def _make_scheduler(self, opt: torch.optim.Optimizer, total: int) -> Any:
         """The learning-rate scheduler of ``scheduler_cfg`` over ``total`` optimizer steps (None: constant lr)."""
-        sch = dict(self.scheduler_cfg or {})
-        sname = str(sch.pop("name", "none")).lower()
-        if sname in ("none", "null", ""):
-            return None
-        if sname == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                opt,
-                max_lr=float(sch.pop("max_lr", opt.defaults["lr"])),
-                total_steps=total,
-                pct_start=float(sch.pop("pct_start", 0.3)),
-                div_factor=float(sch.pop("div_factor", 25.0)),
-                final_div_factor=float(sch.pop("final_div_factor", 1e4)),
-            )
-        elif sname == "cosine":
-            warmup = int(sch.pop("warmup_steps", 0))
-            eta_min = float(sch.pop("eta_min", 0.0))
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total - warmup, 1), eta_min=eta_min)
-            if warmup > 0:
-                ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
-                scheduler = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], milestones=[warmup])
-            else:
-                scheduler = cosine
-        else:
-            raise ValueError(f"unknown scheduler {sname!r}; use 'onecycle', 'cosine' or 'none'")
-        if sch:
-            raise ValueError(f"unknown options {sorted(sch)} for scheduler {sname!r}")
-        return scheduler
+        return make_scheduler(opt, self.scheduler_cfg, total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the schedule length, so a resumed run with another ``max_epochs`` can re-stretch it."""
@@ -610,58 +534,16 @@ class StellarNetModule(pl.LightningModule):
         self._restored_schedule_total = checkpoint.get("stellarnet_schedule_total")
 
     def on_train_start(self) -> None:
-        """After a resume with a different run length (e.g. ``max_epochs`` raised to train longer),
-        rebuild the learning-rate schedule for the new length and advance it to the restored step.
-
-        The restored scheduler state keeps the old length: OneCycle would stop with "Tried to step
-        N times" and a cosine schedule would climb back up after its end.
-        """
+        """After a resume with a different run length, rebuild the learning-rate schedule for the new
+        length and advance it to the restored step (:func:`stellarnet.network.optim.restretch_schedule`)."""
         restored = getattr(self, "_restored_schedule_total", None)
         self._restored_schedule_total = None
-        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
-        if len(configs) != 1 or len(self.trainer.optimizers) != 1:
-            return
-        old = configs[0].scheduler
-        if restored is None:
-            restored = getattr(old, "total_steps", None)  # checkpoints written before the key existed
-        total = self._schedule_steps()
-        if restored is None or not total or int(restored) == total:
-            return
-        done = int(old.last_epoch)
-        if done >= total:
-            raise ValueError(
-                f"resumed at optimizer step {done}, but the new run spans only {total} steps; "
-                "raise trainer.max_epochs (or max_steps) above the checkpoint's"
-            )
-        opt = self.trainer.optimizers[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
-            new = self._make_scheduler(opt, total)
-            for _ in range(done):
-                new.step()
-        configs[0].scheduler = new
-        self._schedule_total = total
-        log.warning("learning-rate schedule re-stretched from %d to %d optimizer steps on resume "
-                    "(continuing at step %d, lr %.3g)", int(restored), total, done, opt.param_groups[0]["lr"])
+        new_total = restretch_schedule(self.trainer, self.scheduler_cfg, restored, self._schedule_steps())
+        if new_total:
+            self._schedule_total = new_total
 
     def configure_optimizers(self) -> Any:
-        cfg = dict(self.optimizer_cfg)
-        name = str(cfg.pop("name", "adamw")).lower()
-        if name != "adamw":
-            raise ValueError(f"only the AdamW optimizer is supported, got {name!r}")
-        lr = float(cfg.pop("lr", 1e-3))
-        wd = float(cfg.pop("weight_decay", 1e-4))
-        betas = tuple(cfg.pop("betas", (0.9, 0.999)))
-        eps = float(cfg.pop("eps", 1e-8))
-        if cfg:
-            raise ValueError(f"unknown optimizer options {sorted(cfg)}")
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps
-        )
+        opt = make_optimizer(self.parameters(), self.optimizer_cfg)
         total = self._schedule_steps()
         scheduler = self._make_scheduler(opt, total)
         if scheduler is None:

@@ -1,17 +1,7 @@
 """The whole study in one command: ``python -m stellarnet.pipeline +experiment=apogee``.
 
-Stages, in order (``pipeline.stages``)::
-
-    survey     simulate the survey (no allStar configured) or ingest the configured allStar
-    cuts       quality cuts on the allStar → cut report + selected stars
-    shards     HDF5 shard dataset (train/val/test split)           [in paths.data_dir]
-    features   engineered feature table (parquet)                  [in paths.data_dir]
-    train      the network (train(cfg)) → best checkpoint + model folder
-    baselines  tree baselines per feature set (baselines(cfg)), feature-set comparison, importances
-    evaluate   network on the test split (evaluate(cfg)) + gradient saliency vs wavelength
-    predict    network predictions for every star of the shard dataset (predict(cfg))
-    crossval   cross-survey offsets and calibrations (run_crossval) per external survey
-    export     results catalogue (FITS/CSV/parquet) with calibrated labels and flags
+The stages, in order (``pipeline.stages``), are listed in :mod:`.stages`: survey, cuts, shards, features,
+train, baselines, evaluate, predict, crossval, export.
 
 Each stage records ``<pipeline_dir>/<stage>/stage.json`` (config hash, status, outputs, key
 numbers, seconds). A stage's hash covers its own config slice and the hashes of the stages it

@@ -27,7 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from stellarnet.common.paths import CONF_DIR
 from stellarnet.evaluation.calibration import fit_sigma_two_term
 from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest, verify_dataset
@@ -44,13 +46,10 @@ __all__ = ["build_refinement", "REFINE_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
-REFINE_DEFAULTS: dict[str, Any] = {"enabled": True, "hidden": 256, "epochs": 400, "batch_size": 256, "lr": 5e-3,
-                                   "max_stars": 20000, "seed": 0, "clip_after": 0.3, "clip_threshold": 2.0,
-                                   "calibration_degree": 2, "device": "auto", "unresolved_sigma_floor": "upper",
-                                   "disagreement_inflation": True, "memory_gb": 4.0, "block_stars": 2048,
-                                   "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
-                                           "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0,
-                                           "fit_lsf": True, "noise_correlation": True}}
+#: the stage's settings when a configuration or a saved model folder lacks a key: the one source is
+#: ``conf/refine_stage/default.yaml``
+REFINE_DEFAULTS: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "refine_stage" / "default.yaml"),
+                                                         resolve=True)
 
 
 def _training_rows(n: int, max_stars: int | None, seed: int) -> np.ndarray:
