@@ -1,8 +1,10 @@
 """Entry point: ``python -m stellarnet.build_features`` (library: :func:`stellarnet.workflows.features.build_features`)."""
 
 from __future__ import annotations
+
 import hydra
 from omegaconf import DictConfig
+
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.workflows.features import build_features

@@ -2,9 +2,12 @@
 :func:`stellarnet.workflows.evaluate.evaluate`, importable from here as well)."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.workflows.evaluate import evaluate

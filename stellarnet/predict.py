@@ -2,8 +2,10 @@
 :func:`stellarnet.workflows.predict.predict`, importable from here as well)."""
 
 from __future__ import annotations
+
 import hydra
 from omegaconf import DictConfig
+
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.workflows.predict import predict

@@ -2,8 +2,10 @@
 ``train(cfg) -> (metrics, objects)``, importable from here as well)."""
 
 from __future__ import annotations
+
 import hydra
 from omegaconf import DictConfig
+
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.workflows.train import train

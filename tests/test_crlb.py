@@ -213,7 +213,7 @@ def test_spectral_model_is_the_normalized_emulator():
 
 
 def test_library_crlb_never_imports_the_simulator():
-    """stellarnet/eval (and data, models) take the spectral model as an argument."""
+    """The bound's code (evaluation.crlb, evaluation.fisher) takes the spectral model as an argument."""
     import subprocess
     import sys
 

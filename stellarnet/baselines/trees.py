@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from stellarnet.baselines.pca import SpectralPCAFeatures, _resolve_jobs
 from stellarnet.baselines.inputs import assemble_features, fit_medians, impute
+from stellarnet.baselines.pca import SpectralPCAFeatures, _resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ def _fit(method: str, est: Any, rounds: int | None, x: np.ndarray, y: np.ndarray
     if method == "lightgbm":
         if not use_val:
             return est.fit(x, y)
-        import lightgbm as lgb
-
         import inspect
+
+        import lightgbm as lgb
 
         cbs = [lgb.early_stopping(rounds, verbose=False), lgb.log_evaluation(0)]
         if "eval_X" in inspect.signature(est.fit).parameters:  # lightgbm >= 4.7 (eval_set deprecated)

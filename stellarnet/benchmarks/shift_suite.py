@@ -28,16 +28,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stellarnet.evaluation.metrics import red_clump_purity_completeness, robust_scatter
 from stellarnet.io.bitmasks import STELLARNET_FLAG
 from stellarnet.io.catalogs import fits_strings
-from stellarnet.preparation.spectra import prepare_spectrum
 from stellarnet.network.inference import Predictor
 from stellarnet.network.model_folder import load_model
-from stellarnet.evaluation.metrics import red_clump_purity_completeness, robust_scatter
+from stellarnet.physics.kurucz import LABEL_NAMES
+from stellarnet.preparation.spectra import prepare_spectrum
 from stellarnet.simulate.allstar import draw_detector_defects
 from stellarnet.simulate.instrument import observe_spectra
 from stellarnet.simulate.population import STAGES, sample_population
-from stellarnet.physics.kurucz import LABEL_NAMES
 from stellarnet.simulate.shifts import Shift, draw_persistence, shift_suite
 
 __all__ = ["simulate", "true_crlb", "run_shift_suite", "train_baselines", "shift_markdown", "write_shift_table",
@@ -118,10 +118,10 @@ def stage_metrics(pred_stage: np.ndarray, true_stage: np.ndarray) -> dict[str, f
 
 def train_baselines(dataset: str) -> dict[str, Any]:
     """The Cannon-style model and PCA(100) + XGBoost, trained on the shards' training split."""
-    from stellarnet.evaluation.split_predictions import load_split
     from stellarnet.baselines.cannon import CannonModel
     from stellarnet.baselines.pca import SpectralPCAFeatures
     from stellarnet.baselines.trees import TreeBaseline
+    from stellarnet.evaluation.split_predictions import load_split
 
     train = load_split(dataset, "train")
     t0 = time.perf_counter()
@@ -141,8 +141,8 @@ def true_crlb(labels: np.ndarray, snr: np.ndarray) -> np.ndarray:
     1/S/N per pixel and every pixel usable (the simulator's own spectral model,
     :func:`stellarnet.evaluation.spectral_model.emulator_model`); NaN outside the model's label box. The
     difficulty of the star itself, the same for every shift of the same stars."""
-    from stellarnet.evaluation.fisher import DEFAULT_STEPS, crlb_for_stars
     from stellarnet.evaluation.crlb import box_selection
+    from stellarnet.evaluation.fisher import DEFAULT_STEPS, crlb_for_stars
     from stellarnet.evaluation.spectral_model import emulator_model
 
     model = emulator_model()

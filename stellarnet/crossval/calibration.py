@@ -2,6 +2,7 @@
 stars' differences (saved as JSON), and applied to a catalogue."""
 
 from __future__ import annotations
+
 import itertools
 import json
 import os
@@ -9,12 +10,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-import numpy as np
-from stellarnet.common.stats import robust_scatter
-import pandas as pd
-from stellarnet.crossval.offsets import DEFAULT_LABELS, LabelMap, TREND_AXES, UNITS, _check_aligned, _values, resolve_labels
-from stellarnet.crossval.robust_fit import robust_linear_fit
 
+import numpy as np
+import pandas as pd
+
+from stellarnet.common.stats import robust_scatter
+from stellarnet.crossval.offsets import (
+    DEFAULT_LABELS,
+    TREND_AXES,
+    UNITS,
+    LabelMap,
+    _check_aligned,
+    _values,
+    resolve_labels,
+)
+from stellarnet.crossval.robust_fit import robust_linear_fit
 
 # --------------------------------------------------------------------------- calibration
 

@@ -22,16 +22,18 @@ Conventions
 """
 
 from __future__ import annotations
+
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
 import numpy as np
+import pandas as pd
+
 from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.common.stats import robust_scatter
-import pandas as pd
 from stellarnet.crossval.robust_fit import FitResult, binned_medians, bootstrap_median, poly_design, robust_linear_fit
-
 
 LabelMap = Mapping[str, tuple[str | Sequence[str], str]]
 

@@ -2,14 +2,15 @@
 iteratively reweighted least squares (Huber / Tukey weights, errors in both variables)."""
 
 from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
 import numpy as np
-from stellarnet.common.stats import robust_scatter
 import pandas as pd
 
-
+from stellarnet.common.stats import robust_scatter
 
 _MAX_ELEMENTS = 4_000_000  # bootstrap chunk size (replicates × stars)
 

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from stellarnet.io.catalogs import MissingColumnError, allstar_columns, read_allstar
-from stellarnet.io.allstar_columns import add_derived_columns
-from stellarnet.preparation.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
+from stellarnet.common.files import to_plain
+from stellarnet.crossval.calibration import fit_calibration
 from stellarnet.crossval.crossmatch import MatchResult, crossmatch
 from stellarnet.crossval.offsets import DEFAULT_LABELS, TREND_AXES, UNITS, Comparison, compare
-from stellarnet.crossval.calibration import fit_calibration
-from stellarnet.common.files import to_plain
+from stellarnet.io.allstar_columns import add_derived_columns
+from stellarnet.io.catalogs import MissingColumnError, allstar_columns, read_allstar
+from stellarnet.preparation.surveys import SurveyCatalog, apply_survey_cuts, read_survey, survey_spec
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,13 @@
 stale lock of a dead process on this host is taken over)."""
 
 from __future__ import annotations
+
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
 from stellarnet.dataset.manifest import BUILD_LOCK, ShardError
 
 

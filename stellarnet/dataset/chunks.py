@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stellarnet.io import grids
 from stellarnet.dataset.sources import Chunk, expand_files, read_spectrum_files, source_kind
+from stellarnet.io import grids
 
 __all__ = ["ChunkDataset", "open_chunks", "pass_through", "as_numpy", "SHARED_ARRAYS"]
 
@@ -107,8 +107,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         return chunk
 
     def _catalog_chunk(self, k: int) -> Chunk:
-        from stellarnet.preparation.photometry import PHOT_FEATURES, photometric_features
         from stellarnet.io.layout import spectrum_path
+        from stellarnet.preparation.photometry import PHOT_FEATURES, photometric_features
 
         part = self.catalog.iloc[k * self.chunk_size:(k + 1) * self.chunk_size]
         root = Path(self.spectra_root)

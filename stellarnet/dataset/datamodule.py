@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stellarnet.preparation.photometry import standardize_photometry
-from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.preparation.photometry import standardize_photometry
 
 
 class Standardizer:

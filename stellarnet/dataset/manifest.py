@@ -2,15 +2,17 @@
 checking the manifest, and verifying the shards against it (row counts, build hash, SHA-256)."""
 
 from __future__ import annotations
+
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
-import h5py
-from stellarnet.io import grids
-from stellarnet.common.files import to_plain
-from stellarnet.common.errors import StellarnetError
 
+import h5py
+
+from stellarnet.common.errors import StellarnetError
+from stellarnet.common.files import to_plain
+from stellarnet.io import grids
 
 SCHEMA_VERSION = 1
 

@@ -2,11 +2,14 @@
 (one open HDF5 handle per shard per process; safe across DataLoader workers)."""
 
 from __future__ import annotations
+
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
 import h5py
 import numpy as np
+
 from stellarnet.dataset.manifest import load_manifest, verify_dataset
 
 

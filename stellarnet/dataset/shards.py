@@ -29,6 +29,7 @@ build resumes and ends with the same manifest.
 """
 
 from __future__ import annotations
+
 import contextlib
 import json
 import logging
@@ -38,18 +39,28 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 import h5py
 import numpy as np
 import pandas as pd
-from stellarnet.common.files import atomic_path
-from stellarnet.io import grids
-from stellarnet.preparation.splits import SPLITS, assign_splits
-from stellarnet.common.files import atomic_write_text, env_global_rank_is_zero, to_plain
+
+from stellarnet.common.files import atomic_path, atomic_write_text, env_global_rank_is_zero, to_plain
 from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.dataset.build_lock import _build_lock
+from stellarnet.dataset.manifest import (
+    BUILDING_MARKER,
+    ENTRIES_DIR,
+    MANIFEST,
+    SCHEMA_VERSION,
+    ShardError,
+    _shards_intact,
+    _stable_hash,
+    sha256_file,
+)
 from stellarnet.dataset.sources import read_spectrum_files
-from stellarnet.dataset.manifest import BUILDING_MARKER, ENTRIES_DIR, MANIFEST, SCHEMA_VERSION, ShardError, _shards_intact, _stable_hash, sha256_file
+from stellarnet.io import grids
 from stellarnet.io.layout import SPECTRA_LAYOUT, spectra_layout, spectrum_path
+from stellarnet.preparation.splits import SPLITS, assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +250,7 @@ def build_shards(
     from tqdm.auto import tqdm
 
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.preparation.classes import STAGES, LUMINOSITY_CLASSES, SPECTRAL_TYPES, derive_classes
+    from stellarnet.preparation.classes import LUMINOSITY_CLASSES, SPECTRAL_TYPES, STAGES, derive_classes
     from stellarnet.preparation.cuts import apply_cuts, physical_range_cuts
     from stellarnet.preparation.photometry import PHOT_FEATURES, photometric_features
 

@@ -20,9 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from stellarnet.io import grids
-from stellarnet.preparation.spectra import prepare_spectrum
 from stellarnet.io.spectra import read_aspcapstar, read_spectrum
-
+from stellarnet.preparation.spectra import prepare_spectrum
 
 Chunk = dict[str, Any]
 

@@ -31,19 +31,19 @@ emulator, used by ``python -m stellarnet.evaluate`` and ``scripts/crlb.py``).
 """
 
 from __future__ import annotations
+
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
 import numpy as np
-from stellarnet.io import grids
+
 from stellarnet.common.labels import LABEL_UNITS
-from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES
 from stellarnet.evaluation.crlb_summary import GAUSS_MAE_FACTOR, RATIO_DEFINITION, crlb_by_bin, mae_over_crlb
 from stellarnet.evaluation.fisher import ModelFn, _steps_array, crlb_sigma, fisher_matrix, jacobian
-
-
-
+from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES
+from stellarnet.io import grids
 
 #: Noise models of :func:`compute_crlb`: ``flux_err`` = the data's own per-pixel normalized
 #: errors, ``snr`` = white noise 1/SNR per pixel; masked pixels are excluded in both.

@@ -2,15 +2,17 @@
 Kurucz spectral model at the catalogue labels, per label and S/N bin, giants and all stars."""
 
 from __future__ import annotations
+
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
 import numpy as np
+
 from stellarnet.dataset.manifest import load_manifest
 from stellarnet.evaluation.crlb import CATALOGUE_NOTE, GIANT_STAGES, crlb_report, subset_rows
-
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,15 @@
 and bin, and their markdown table."""
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
 import numpy as np
+
 from stellarnet.common.labels import LABEL_NAMES, LABEL_UNITS
 from stellarnet.evaluation.metrics import DEFAULT_SNR_EDGES, snr_bin_index, snr_bin_names
-
-
 
 #: E|x| / σ for a zero-mean Gaussian: MAE = σ·√(2/π) ≈ 0.798 σ.
 GAUSS_MAE_FACTOR: float = math.sqrt(2.0 / math.pi)

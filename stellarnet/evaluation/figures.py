@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from stellarnet.common.files import atomic_open
 from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.metrics import (
     _as_2d,
@@ -26,7 +27,6 @@ from stellarnet.evaluation.metrics import (
     row_normalize,
     snr_bin_index,
 )
-from stellarnet.common.files import atomic_open
 
 LABEL_TEX: dict[str, str] = {
     "TEFF": r"$T_\mathrm{eff}$",
@@ -91,7 +91,8 @@ def one_to_one_figure(
         ok = np.isfinite(t[sel]) & np.isfinite(p[sel])
         ts, ps = t[sel][ok], p[sel][ok]
         c = None if color is None else np.asarray(color, dtype=float)[sel][ok]
-        sc = ax.scatter(ts, ps, s=3, c=c, alpha=0.5, lw=0, cmap="viridis", rasterized=True)
+        colour = {"c": c, "cmap": "viridis"} if c is not None else {}
+        sc = ax.scatter(ts, ps, s=3, alpha=0.5, lw=0, rasterized=True, **colour)
         if ts.size:
             lo = float(np.nanmin([ts.min(), ps.min()]))
             hi = float(np.nanmax([ts.max(), ps.max()]))

@@ -3,11 +3,14 @@ dex), the per-pixel noise, the Fisher matrix FᵢⱼЅ = Σ_p J_pi J_pj / σ_p²
 covariance and σ (a singular matrix warns and gives NaN). Model-agnostic: the model is a function argument."""
 
 from __future__ import annotations
+
 import warnings
 from collections.abc import Mapping, Sequence
-import numpy as np
-from stellarnet.common.labels import LABEL_NAMES
 from typing import Callable
+
+import numpy as np
+
+from stellarnet.common.labels import LABEL_NAMES
 
 #: ``model_fn(labels (N, L) in physical units) -> model flux (N, P)``. It may also carry an
 #: attribute ``jacobian(labels) -> (N, P, L)`` with the analytic derivative (then used by

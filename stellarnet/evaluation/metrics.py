@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from stellarnet.common.labels import CLASS_NAMES
-from stellarnet.common.stats import robust_scatter
 from stellarnet.common.labels import CLASS_TASKS as DEFAULT_CLASS_TASKS
 from stellarnet.common.labels import LABEL_NAMES as DEFAULT_LABEL_NAMES
-
+from stellarnet.common.stats import robust_scatter
 
 DEFAULT_SNR_EDGES: tuple[float, ...] = (0.0, 50.0, 100.0, 200.0, math.inf)
 

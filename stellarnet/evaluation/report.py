@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from stellarnet.common.files import atomic_write_text, to_jsonable
+from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.calibration import apply_sigma_scale, calibration_report
 from stellarnet.evaluation.crlb_summary import crlb_table_markdown
-from stellarnet.common.labels import LABEL_UNITS
 from stellarnet.evaluation.metrics import (
     DEFAULT_CLASS_TASKS,
     DEFAULT_SNR_EDGES,
@@ -31,7 +32,6 @@ from stellarnet.evaluation.metrics import (
     default_class_names,
     regression_report,
 )
-from stellarnet.common.files import atomic_write_text, to_jsonable
 
 
 def build_report(

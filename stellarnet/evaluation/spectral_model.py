@@ -1,4 +1,4 @@
-"""The spectral model the Cramér–Rao bound is computed with (entry-point layer).
+"""The spectral model the Cramér–Rao bound is computed with.
 
 The Kurucz emulator (``stellarnet.physics.kurucz``, a physical model shipped in
 ``data/reference``) followed by the same continuum normalization the survey files carry
@@ -6,9 +6,9 @@ The Kurucz emulator (``stellarnet.physics.kurucz``, a physical model shipped in
 ``stellarnet.simulate.instrument``; the smooth per-chip instrument throughput of the simulation is
 a nuisance the normalization removes and is not modelled).
 
-Like the entry points, this module may import ``stellarnet.simulate``; library code
-(``stellarnet/data``, ``stellarnet/models``, ``stellarnet/eval``) never imports it:
-:mod:`stellarnet.evaluation.crlb` takes the model function and its label box as arguments. Used by
+The Kurucz model is physics (:mod:`stellarnet.physics`), not the simulator: evaluation never imports
+``stellarnet.simulate``. :mod:`stellarnet.evaluation.crlb` takes the model function and its label box
+as arguments. Used by
 ``python -m stellarnet.evaluate`` (the ``crlb`` section of the report) and ``scripts/crlb.py``.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from stellarnet.preparation.spectra import continuum_normalize
 from stellarnet.evaluation.fisher import ModelFn
 from stellarnet.physics.kurucz import LABEL_NAMES, KuruczEmulator, load_emulator
+from stellarnet.preparation.spectra import continuum_normalize
 
 __all__ = ["MODEL_GRID", "SpectralModel", "emulator_model", "make_model_fn"]
 

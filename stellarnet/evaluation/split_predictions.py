@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stellarnet.dataset.reader import ShardReader
 from stellarnet.dataset.manifest import load_manifest, verify_dataset
+from stellarnet.dataset.reader import ShardReader
 from stellarnet.evaluation.calibration import fit_sigma_scale
 from stellarnet.evaluation.report import build_report
 

@@ -4,6 +4,7 @@ abundance ratios, and the per-star feature table (``stellarnet.features.tabular`
 Never imports ``stellarnet.simulate``: features do not know whether their input is simulated.
 """
 
+from stellarnet.features.derived import abundance_ratios, colour_magnitude_features, reduced_proper_motion
 from stellarnet.features.indices import (
     CONTINUUM_MODES,
     KINDS,
@@ -15,8 +16,13 @@ from stellarnet.features.indices import (
     load_windows,
     measure_indices,
 )
-from stellarnet.features.derived import abundance_ratios, colour_magnitude_features, reduced_proper_motion
-from stellarnet.features.tabular import build_feature_table, default_output_path, load_features_config, read_features, write_features
+from stellarnet.features.tabular import (
+    build_feature_table,
+    default_output_path,
+    load_features_config,
+    read_features,
+    write_features,
+)
 
 __all__ = [
     "CONTINUUM_MODES",

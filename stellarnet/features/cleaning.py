@@ -2,11 +2,14 @@
 robust statistics fitted on the training split, robust-z outlier flags."""
 
 from __future__ import annotations
+
 import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
+
 import numpy as np
 import pandas as pd
+
 from stellarnet.common.files import to_plain
 from stellarnet.common.stats import MAD_TO_SIGMA
 

@@ -2,13 +2,14 @@
 motion H = m + 5 log10(μ / mas yr⁻¹) − 10 (mag), and abundance ratios (dex)."""
 
 from __future__ import annotations
+
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
-from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
+
 from stellarnet.common.files import to_plain
-
-
+from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES, photometric_features
 
 _MAG_LIMIT = 50.0  # |mag| >= this is a placeholder value, not a magnitude
 

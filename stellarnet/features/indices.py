@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from stellarnet.common.files import to_plain
 
 __all__ = [

@@ -25,21 +25,23 @@ catalogue features.
 """
 
 from __future__ import annotations
+
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
 import h5py
 import numpy as np
 import pandas as pd
-from stellarnet.common.files import atomic_path
-from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES
+
+from stellarnet.common.files import atomic_path, to_jsonable, to_plain
 from stellarnet.dataset.manifest import ShardError, load_manifest, verify_dataset
-from stellarnet.preparation.splits import SPLITS
-from stellarnet.features.indices import IndexMeasurer, load_windows
-from stellarnet.common.files import to_jsonable, to_plain
 from stellarnet.features.cleaning import fit_robust_stats, flag_outliers, impute_missing, resolve_missing_policies
 from stellarnet.features.derived import _num, abundance_ratios, colour_magnitude_features
+from stellarnet.features.indices import IndexMeasurer, load_windows
+from stellarnet.preparation.photometry import MIN_PARALLAX_SNR, PHOT_FEATURES
+from stellarnet.preparation.splits import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,11 @@
 allStar lacks but can be derived from ones it has (``ALPHA_FE`` = [α/Fe] = ``ALPHA_M + M_H − FE_H``)."""
 
 from __future__ import annotations
+
 from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
-
 
 #: Default columns the pipeline reads (architecture.md, "allStar schema"); absent ones are
 #: skipped when ``columns=None``. The ``*FLAGS`` name strings (S256) are not read by default:

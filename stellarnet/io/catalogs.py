@@ -27,17 +27,19 @@ and extinctions in mag, parallaxes in mas, velocities in km/s.
 """
 
 from __future__ import annotations
+
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from astropy.io import fits
-from stellarnet.io.bitmasks import PARAM_ORDER
-from stellarnet.io.allstar_columns import ALLSTAR_COLUMNS
 
+from stellarnet.io.allstar_columns import ALLSTAR_COLUMNS
+from stellarnet.io.bitmasks import PARAM_ORDER
 
 #: Legacy missing-value markers in float columns (DR16 and earlier); mapped to NaN.
 SENTINELS: tuple[float, ...] = (-9999.0, -999.0)

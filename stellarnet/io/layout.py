@@ -2,9 +2,8 @@
 apStar files below a survey root (DR17 paths by default, any other release's as a format string)."""
 
 from __future__ import annotations
+
 from pathlib import Path
-
-
 
 SPECTRA_LAYOUT = {
     "aspcapStar": "apogee/spectro/aspcap/dr17/synspec_rev1/{TELESCOPE}/{FIELD}/aspcapStar-dr17-{APOGEE_ID}.fits",

@@ -23,9 +23,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from stellarnet.common.files import atomic_path
-from stellarnet.common.errors import StellarnetError
 from astropy.table import Table
+
+from stellarnet.common.errors import StellarnetError
+from stellarnet.common.files import atomic_path
 
 
 def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_names: list[str],

@@ -14,16 +14,18 @@ Conventions
 """
 
 from __future__ import annotations
+
 import functools
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
 import numpy as np
+
 from stellarnet.io import grids
 from stellarnet.io.fitsfile import UnsupportedFITS, open_fits
-
 
 _SPEC_ID_RE = re.compile(r"(2M\d{8}[+-]\d{7})")
 

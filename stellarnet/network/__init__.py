@@ -4,12 +4,12 @@ Models never read survey files; they consume the batch dict documented in ``docs
 """
 
 from stellarnet.network.encoders import PhotometryMLP, SpectralConvEncoder
+from stellarnet.network.epoch_metrics import compute_metrics
 from stellarnet.network.heads import ClassificationHead, HeteroscedasticHead, TrunkMLP
-from stellarnet.network.model_folder import CheckpointError, load_model, load_module, save_model_folder
 from stellarnet.network.inference import Predictor
 from stellarnet.network.losses import classification_loss, gaussian_nll
+from stellarnet.network.model_folder import CheckpointError, load_model, load_module, save_model_folder
 from stellarnet.network.module import StellarNetModule
-from stellarnet.network.epoch_metrics import compute_metrics
 
 __all__ = [
     "SpectralConvEncoder",

@@ -4,11 +4,11 @@ the package was restructured are found where they live now (:data:`MOVED_TARGET_
 ``data_spec`` is checked before anything is built."""
 
 from __future__ import annotations
+
 from typing import Any
+
 from hydra.utils import instantiate
 from torch import nn
-
-
 
 ALLOWED_TARGET_PREFIX = "stellarnet."
 

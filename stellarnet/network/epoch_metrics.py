@@ -5,9 +5,11 @@ class task the accuracy, in physical units. The evaluation report's fuller metri
 :mod:`stellarnet.evaluation.metrics`."""
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping
 from typing import Any
+
 import numpy as np
 import torch
 

@@ -3,9 +3,10 @@ disagree: the flag thresholds, how many combined σ the network and the refineme
 σ inflation that follows, the physically possible label ranges, and the bits of each star."""
 
 from __future__ import annotations
-from typing import Any
-import numpy as np
 
+from typing import Any
+
+import numpy as np
 
 #: refined labels further than this many (network) σ from the network's estimate are not trusted
 #: unless the fit explains the spectrum (reduced χ² ≤ FLAG_HIGH_CHI2): then the network is the one

@@ -13,21 +13,30 @@ optionally ``emulator.pt``: the data-driven spectrum emulator of the χ² refine
 """
 
 from __future__ import annotations
+
 import contextlib
 import copy
 import logging
 from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
-from stellarnet.preparation.spectra import mask_unusable_pixels
-from stellarnet.preparation.photometry import standardize_photometry
-from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
-from stellarnet.refinement.emulator import SpectrumEmulator
-from stellarnet.refinement.calibration import apply_label_calibration
+
+from stellarnet.network.flags import (
+    FLAG_HIGH_CHI2,
+    REFINE_MAX_SHIFT,
+    disagreement_factor,
+    physical_ranges,
+    stellarnet_flags,
+)
+from stellarnet.network.model_folder import EMULATOR_FILE, CheckpointError
 from stellarnet.network.module import StellarNetModule
-from stellarnet.network.flags import FLAG_HIGH_CHI2, REFINE_MAX_SHIFT, disagreement_factor, physical_ranges, stellarnet_flags
-from stellarnet.network.model_folder import CheckpointError, EMULATOR_FILE
+from stellarnet.preparation.photometry import standardize_photometry
+from stellarnet.preparation.spectra import mask_unusable_pixels
+from stellarnet.refinement.calibration import apply_label_calibration
+from stellarnet.refinement.emulator import SpectrumEmulator
+from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
 
 log = logging.getLogger(__name__)
 

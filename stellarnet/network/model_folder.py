@@ -6,15 +6,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 import torch
-from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state
-from stellarnet.network.module import StellarNetModule
+
 from stellarnet.common.errors import StellarnetError
+from stellarnet.network.module import StellarNetModule
+from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state
 
 if TYPE_CHECKING:
     from stellarnet.network.inference import Predictor

@@ -19,21 +19,24 @@ physical units (K for TEFF, dex for LOGG / FE_H / ALPHA_FE) using ``data_spec["l
 """
 
 from __future__ import annotations
+
 import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
 from stellarnet.common.files import to_plain
-from stellarnet.network.optim import make_optimizer, make_scheduler, restretch_schedule, schedule_steps
-from stellarnet.network.losses import classification_loss, gaussian_nll
 from stellarnet.network.components import DEFAULT_NET, _build, validate_data_spec
 from stellarnet.network.epoch_metrics import collect_batch, compute_metrics, concat_outputs, merge_outputs, take_rows
+from stellarnet.network.losses import classification_loss, gaussian_nll
+from stellarnet.network.optim import make_optimizer, make_scheduler, restretch_schedule, schedule_steps
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,10 @@ built from the model's ``optimizer`` / ``scheduler`` hyper-parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
-
 import logging
 import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 

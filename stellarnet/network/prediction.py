@@ -17,8 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from stellarnet.dataset.chunks import as_numpy
-from stellarnet.network.inference import Predictor
 from stellarnet.io.predictions import predictions_frame, write_part
+from stellarnet.network.inference import Predictor
 
 __all__ = ["PredictionModule", "PartWriter"]
 

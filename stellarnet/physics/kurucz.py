@@ -22,7 +22,6 @@ from functools import lru_cache
 import numpy as np
 
 from stellarnet.common.labels import LABEL_NAMES
-
 from stellarnet.common.paths import resource
 
 __all__ = ["KuruczEmulator", "LABEL_NAMES", "label_box", "load_emulator"]

@@ -2,9 +2,12 @@
 :mod:`stellarnet.pipeline.run`)."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
 from stellarnet.common.errors import report_errors
 from stellarnet.common.paths import CONF_DIR
 from stellarnet.pipeline.run import run_pipeline

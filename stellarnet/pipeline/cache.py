@@ -3,17 +3,18 @@ outputs, key numbers, seconds), its hash (its own config slice and the hashes of
 and the :class:`Context` / :class:`Stage` the stages are written against."""
 
 from __future__ import annotations
+
 import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from omegaconf import DictConfig, OmegaConf
-from stellarnet.common.paths import CONF_DIR
+
 from stellarnet.common.files import to_plain
-
-
+from stellarnet.common.paths import CONF_DIR
 
 PIPELINE_VERSION = 1
 

@@ -2,6 +2,7 @@
 one progress line per stage, then the summary table (``summary.md`` / ``summary.json``)."""
 
 from __future__ import annotations
+
 import logging
 import shutil
 import time
@@ -9,10 +10,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
 from omegaconf import DictConfig
+
 from stellarnet.common.files import atomic_write_text, write_json
-from stellarnet.pipeline.cache import Context, PIPELINE_VERSION, STAGE_FILE, _outputs_exist, _read_record, stage_hash
-from stellarnet.pipeline.stages import STAGES, STAGE_NAMES
+from stellarnet.pipeline.cache import PIPELINE_VERSION, STAGE_FILE, Context, _outputs_exist, _read_record, stage_hash
+from stellarnet.pipeline.stages import STAGE_NAMES, STAGES
 
 log = logging.getLogger(__name__)
 

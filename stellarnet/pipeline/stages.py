@@ -15,6 +15,7 @@ Each adapter calls an entry point's library function and returns its outputs and
 """
 
 from __future__ import annotations
+
 import copy
 import json
 import logging
@@ -22,9 +23,11 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
 from omegaconf import DictConfig, OmegaConf, open_dict
-from stellarnet.common.paths import CONF_DIR
+
 from stellarnet.common.files import to_plain
+from stellarnet.common.paths import CONF_DIR
 from stellarnet.pipeline.cache import Context, Stage, _entry_body
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,8 @@ def _survey_config(ctx: Context) -> Any:
 
 
 def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.io.catalogs import read_allstar
     from stellarnet.dataset.ensure import resolve_survey
+    from stellarnet.io.catalogs import read_allstar
 
     data = ctx.data()
     allstar, root = resolve_survey(data)
@@ -60,8 +63,8 @@ def _run_survey(ctx: Context, d: Path) -> dict[str, Any]:
 
 def _run_cuts(ctx: Context, d: Path) -> dict[str, Any]:
     from stellarnet.io.catalogs import read_allstar
-    from stellarnet.preparation.cuts import apply_cuts
     from stellarnet.io.tables import write_table
+    from stellarnet.preparation.cuts import apply_cuts
 
     df = read_allstar(ctx.out("survey", "allstar"))
     kept, report = apply_cuts(df, ctx.data()["cuts"])
@@ -169,9 +172,9 @@ def _baselines_config(ctx: Context) -> Any:
 
 
 def _run_baselines(ctx: Context, d: Path) -> dict[str, Any]:
-    from stellarnet.workflows.baselines import baselines
     from stellarnet.evaluation.importance import feature_set_comparison, feature_set_markdown, group_importance
     from stellarnet.io.tables import write_table
+    from stellarnet.workflows.baselines import baselines
 
     pcfg = ctx.cfg.pipeline.baselines
     sets = list(pcfg.feature_sets)
@@ -229,9 +232,9 @@ def _run_evaluate(ctx: Context, d: Path) -> dict[str, Any]:
         saliency_frame,
     )
     from stellarnet.evaluation.split_predictions import load_split
-    from stellarnet.workflows.evaluate import evaluate
     from stellarnet.io.tables import write_table
     from stellarnet.network.model_folder import load_model
+    from stellarnet.workflows.evaluate import evaluate
 
     ckpt = ctx.out("train", "checkpoint")
     dataset = ctx.out("shards", "dataset_dir")
@@ -330,8 +333,8 @@ def _export_config(ctx: Context) -> Any:
 def _run_export(ctx: Context, d: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from stellarnet.workflows.catalogue import build_catalogue, write_catalogue
     from stellarnet.features.tabular import read_features
+    from stellarnet.workflows.catalogue import build_catalogue, write_catalogue
 
     ecfg = to_plain(ctx.cfg.pipeline.export)
     pred = pd.read_csv(ctx.out("predict", "csv"), dtype={"APOGEE_ID": str, "READ_ERROR": str, "SPLIT": str},

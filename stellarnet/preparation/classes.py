@@ -23,12 +23,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from stellarnet.common.labels import CLASS_TASKS, LUMINOSITY_CLASSES, SPECTRAL_TYPES, STAGES
 import pandas as pd
 
-from stellarnet.io.bitmasks import PARAM_ORDER, PARAMFLAG
 from stellarnet.common.files import to_plain
+from stellarnet.common.labels import CLASS_TASKS, LUMINOSITY_CLASSES, SPECTRAL_TYPES, STAGES
+from stellarnet.io.bitmasks import PARAM_ORDER, PARAMFLAG
 
 __all__ = [
     "SPECTRAL_TYPES",

@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stellarnet.common.files import atomic_write_text, to_plain
 from stellarnet.io.bitmasks import BITMASKS, Bitmask
 from stellarnet.io.catalogs import MissingColumnError
-from stellarnet.common.files import atomic_write_text, to_plain
 
 __all__ = [
     "CutSpecError",

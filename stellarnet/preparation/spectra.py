@@ -8,17 +8,18 @@ said; ``bad`` / ``good`` arrays are boolean, True = bad / good; flux in the file
 flux dimensionless."""
 
 from __future__ import annotations
+
 import warnings
 from functools import lru_cache
 from typing import Any, Iterable
+
 import numpy as np
 from numpy.polynomial import chebyshev
-from stellarnet.io import grids
-from stellarnet.io.spectra import SpectrumQualityError
-from stellarnet.io.bitmasks import APOGEE_PIXMASK, PIXMASK_ASTRONN_DEFAULT, PIXMASK_PERSIST
+
 from stellarnet.common.paths import resource
-
-
+from stellarnet.io import grids
+from stellarnet.io.bitmasks import APOGEE_PIXMASK, PIXMASK_ASTRONN_DEFAULT, PIXMASK_PERSIST
+from stellarnet.io.spectra import SpectrumQualityError
 
 #: Error (in units of the normalized flux) given to bad pixels by :func:`prepare_spectrum`;
 #: bad pixels get flux 1.0. Pixels whose propagated normalized error is ≥ this are bad too.

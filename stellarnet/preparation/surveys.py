@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, allstar_columns, read_allstar
 from stellarnet.common.files import to_plain
+from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, allstar_columns, read_allstar
 
 __all__ = [
     "COMMON_COLUMNS",

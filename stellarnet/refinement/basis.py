@@ -3,11 +3,11 @@ bases (per-chip Chebyshev, or cubic B-splines with knots every ~100 Å), inverse
 (capped at S/N 500) and chip-segment clipping."""
 
 from __future__ import annotations
+
 import numpy as np
 import torch
+
 from stellarnet.io import grids
-
-
 
 MAX_WEIGHT = 1.0 / 0.002**2  # inverse-variance cap: no pixel counts as better than S/N 500
 

@@ -3,9 +3,10 @@ labels it was trained on; a quadratic function of the refined labels, fitted on 
 against the catalogue labels, puts them back on the catalogue's scale."""
 
 from __future__ import annotations
-from typing import Any
-import numpy as np
 
+from typing import Any
+
+import numpy as np
 
 
 def _quadratic_terms(z: np.ndarray, degree: int) -> np.ndarray:

@@ -3,11 +3,12 @@ survey): an MLP labels (Teff [K], logg, [Fe/H], [α/Fe] [dex]) → continuum-nor
 grid, and its weights-only state."""
 
 from __future__ import annotations
+
 from typing import Any, Sequence
+
 import numpy as np
 import torch
 from torch import nn
-
 
 
 class SpectrumEmulator(nn.Module):

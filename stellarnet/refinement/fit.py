@@ -6,15 +6,24 @@ line-shape (LSF width / velocity) nuisance, iterative pixel and chip-segment cli
 (double-lined binaries). Reads no files."""
 
 from __future__ import annotations
+
 import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
 import numpy as np
 import torch
-from stellarnet.refinement.basis import _chips, _segment_clip, chip_segments, continuum_basis, continuum_spline_basis, fit_weights
-from stellarnet.refinement.emulator import SpectrumEmulator
 
+from stellarnet.refinement.basis import (
+    _chips,
+    _segment_clip,
+    chip_segments,
+    continuum_basis,
+    continuum_spline_basis,
+    fit_weights,
+)
+from stellarnet.refinement.emulator import SpectrumEmulator
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",

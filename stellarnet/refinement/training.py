@@ -4,12 +4,15 @@ weighted, anomalous chip segments dropped after a first pass; spectra in memory 
 (:class:`SpectraBlocks`, bounded memory)."""
 
 from __future__ import annotations
+
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
 import numpy as np
 import torch
+
 from stellarnet.refinement.basis import _bad_segments, chip_segments, fit_weights
 from stellarnet.refinement.emulator import SpectrumEmulator, emulator_from_state, emulator_state
 

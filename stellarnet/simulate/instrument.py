@@ -39,11 +39,20 @@ from typing import Iterator
 
 import numpy as np
 
-from stellarnet.io import grids
 from stellarnet.common.paths import resource
+from stellarnet.io import grids
 from stellarnet.physics.kurucz import KuruczEmulator, load_emulator
-from stellarnet.simulate.shifts import (Shift, add_companion, broaden_lsf, continuum_residual, correlate_noise,
-                                        corrupt_pixels, flag_pixels, normalize_convention, shift_velocity)
+from stellarnet.simulate.shifts import (
+    Shift,
+    add_companion,
+    broaden_lsf,
+    continuum_residual,
+    correlate_noise,
+    corrupt_pixels,
+    flag_pixels,
+    normalize_convention,
+    shift_velocity,
+)
 
 __all__ = ["BAD_ERR", "SpectraBatch", "observe_spectra", "iter_spectra", "bad_model_pixels", "MAX_BAD_RUNS"]
 

@@ -44,7 +44,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from stellarnet.simulate.population import Population, STAGES
+from stellarnet.simulate.population import STAGES, Population
 from stellarnet.simulate.sky import FieldLayout, ak_at_distance, real_positions
 
 __all__ = [

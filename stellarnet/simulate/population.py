@@ -36,7 +36,6 @@ from typing import Mapping
 import numpy as np
 
 from stellarnet.common.labels import STAGES
-
 from stellarnet.common.paths import resource
 from stellarnet.physics.kurucz import load_emulator
 

@@ -49,8 +49,8 @@ import numpy as np
 from numpy.polynomial import chebyshev
 from scipy import ndimage
 
-from stellarnet.io import grids
 from stellarnet.common.paths import resource
+from stellarnet.io import grids
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",

@@ -12,29 +12,27 @@ are written as ``importance.csv`` and ``figures/importance.png``.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import logging
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from stellarnet.dataset.reader import ShardReader
-from stellarnet.dataset.manifest import load_manifest
-from stellarnet.evaluation.figures import method_comparison_figure, save_figure
-from stellarnet.evaluation.split_predictions import load_split, network_report
-from stellarnet.evaluation.report import comparison_table, write_report
 from stellarnet.baselines.cannon import CannonModel
 from stellarnet.baselines.inputs import tabular_features
 from stellarnet.baselines.pca import SpectralPCAFeatures, _resolve_jobs
 from stellarnet.baselines.trees import DEFAULT_PARAMS, FEATURE_SETS, TreeBaseline
-from stellarnet.evaluation.metrics import classification_report, default_class_names, regression_report
 from stellarnet.dataset.ensure import ensure_shards
-
+from stellarnet.dataset.manifest import load_manifest
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.evaluation.figures import method_comparison_figure, save_figure
+from stellarnet.evaluation.metrics import classification_report, default_class_names, regression_report
+from stellarnet.evaluation.report import comparison_table, write_report
+from stellarnet.evaluation.split_predictions import load_split, network_report
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,18 @@ the catalogue labels; spectral model from :mod:`stellarnet.evaluation.spectral_m
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
+
 from omegaconf import DictConfig, OmegaConf
-from stellarnet.evaluation.figures import write_standard_figures
-from stellarnet.evaluation.split_predictions import network_report
-from stellarnet.evaluation.report import report_to_markdown, write_report
-from stellarnet.network.model_folder import load_model
+
 from stellarnet.common.files import to_jsonable
 from stellarnet.evaluation.crlb_section import CRLB_DEFAULTS, crlb_section
+from stellarnet.evaluation.figures import write_standard_figures
+from stellarnet.evaluation.report import report_to_markdown, write_report
+from stellarnet.evaluation.split_predictions import network_report
+from stellarnet.network.model_folder import load_model
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Path]]:

@@ -1,14 +1,16 @@
 """The engineered feature table of a shard dataset, as a library function (``python -m stellarnet.build_features``)."""
 
 from __future__ import annotations
+
 import logging
 from pathlib import Path
+
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from stellarnet.io.catalogs import read_allstar
-from stellarnet.features.tabular import build_feature_table, default_output_path, write_features
-from stellarnet.dataset.ensure import ensure_shards, resolve_survey
 
+from stellarnet.dataset.ensure import ensure_shards, resolve_survey
+from stellarnet.features.tabular import build_feature_table, default_output_path, write_features
+from stellarnet.io.catalogs import read_allstar
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,16 @@ chunks it had not finished.
 """
 
 from __future__ import annotations
+
 import logging
 import warnings
 from pathlib import Path
 from typing import Any
-from omegaconf import DictConfig
-from stellarnet.dataset.sources import resolve_num_workers, source_kind
-from stellarnet.common.errors import StellarnetError
 
+from omegaconf import DictConfig
+
+from stellarnet.common.errors import StellarnetError
+from stellarnet.dataset.sources import resolve_num_workers, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +153,14 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
     from torch.utils.data import DataLoader
 
-    from stellarnet.io.bitmasks import STELLARNET_FLAG
-    from stellarnet.dataset.chunks import open_chunks, pass_through
-    from stellarnet.common.hardware import CpuThreadsPerRank
-    from stellarnet.network.model_folder import load_model
-    from stellarnet.network.inference import precision_name
-    from stellarnet.network.prediction import PartWriter, PredictionModule
-    from stellarnet.io.predictions import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
     from stellarnet.common.files import atomic_write_text
+    from stellarnet.common.hardware import CpuThreadsPerRank
+    from stellarnet.dataset.chunks import open_chunks, pass_through
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
+    from stellarnet.io.predictions import PredictionWriter, check_not_overwriting, finished_parts, iter_parts
+    from stellarnet.network.inference import precision_name
+    from stellarnet.network.model_folder import load_model
+    from stellarnet.network.prediction import PartWriter, PredictionModule
 
     precision_name(precision)  # a bad spelling fails before anything starts
     check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv",

@@ -29,18 +29,18 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from stellarnet.common.paths import CONF_DIR
-from stellarnet.evaluation.calibration import fit_sigma_two_term
-from stellarnet.dataset.reader import ShardReader
-from stellarnet.dataset.manifest import load_manifest, verify_dataset
-from stellarnet.evaluation.split_predictions import predict_rows
-from stellarnet.refinement.training import SpectraBlocks, train_emulator
-from stellarnet.refinement.emulator import emulator_state
-from stellarnet.refinement.calibration import fit_label_calibration
-from stellarnet.refinement.fit import fit_settings, refine_labels
-from stellarnet.network.model_folder import EMULATOR_FILE, EMULATOR_FORMAT, load_emulator_file, load_model
-from stellarnet.network.inference import Predictor
 from stellarnet.common.files import atomic_open, to_plain, write_json
+from stellarnet.common.paths import CONF_DIR
+from stellarnet.dataset.manifest import load_manifest, verify_dataset
+from stellarnet.dataset.reader import ShardReader
+from stellarnet.evaluation.calibration import fit_sigma_two_term
+from stellarnet.evaluation.split_predictions import predict_rows
+from stellarnet.network.inference import Predictor
+from stellarnet.network.model_folder import EMULATOR_FILE, EMULATOR_FORMAT, load_emulator_file, load_model
+from stellarnet.refinement.calibration import fit_label_calibration
+from stellarnet.refinement.emulator import emulator_state
+from stellarnet.refinement.fit import fit_settings, refine_labels
+from stellarnet.refinement.training import SpectraBlocks, train_emulator
 
 __all__ = ["build_refinement", "REFINE_DEFAULTS"]
 

@@ -11,20 +11,23 @@ Multi-device runs (``trainer=ddp``; see ``docs/performance.md``, "Multi-device t
   which then does the post-fit work."""
 
 from __future__ import annotations
+
 import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
 import hydra
 import lightning as L
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig
-from stellarnet.dataset.manifest import MANIFEST, load_manifest
-from stellarnet.common.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
+
 from stellarnet.common.files import env_global_rank_is_zero, to_jsonable, to_plain, write_json
+from stellarnet.common.hardware import CpuThreadsPerRank, configure_cpu_threads, resolve_cpu_precision
 from stellarnet.dataset.ensure import check_data_config, ensure_shards
+from stellarnet.dataset.manifest import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +183,8 @@ def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path
 def write_evaluation(model_dir: Path, dataset_dir: str | Path, output_dir: Path) -> dict[str, float]:
     """Full test-split report of the calibrated model (evaluation.md/json + figures); headline metrics."""
     from stellarnet.evaluation.figures import write_standard_figures
-    from stellarnet.evaluation.split_predictions import network_report
     from stellarnet.evaluation.report import report_to_markdown, write_report
+    from stellarnet.evaluation.split_predictions import network_report
     from stellarnet.network.model_folder import load_model
 
     predictor = load_model(model_dir)
