@@ -39,7 +39,7 @@ import torch.distributed as dist
 from test_models import SyntheticStars, loader, make_module
 from test_train import make_cfg
 
-import stellarnet.network.module as module_mod
+import stellarnet.network.ddp as ddp_mod
 from stellarnet.network.epoch_metrics import concat_outputs
 import stellarnet.workflows.train as T
 from stellarnet.dataset.datamodule import StellarDataModule
@@ -141,8 +141,8 @@ def test_gathered_outputs_equal_single_process(monkeypatch, world):
         out[:] = per_rank
 
     monkeypatch.setattr(module, "_distributed", lambda: True)
-    monkeypatch.setattr(module_mod.dist, "get_world_size", lambda *a, **k: world)
-    monkeypatch.setattr(module_mod.dist, "all_gather_object", fake_all_gather_object)
+    monkeypatch.setattr(ddp_mod.dist, "get_world_size", lambda *a, **k: world)
+    monkeypatch.setattr(ddp_mod.dist, "all_gather_object", fake_all_gather_object)
     gathered = module._gather_outputs(per_rank[0])
     np.testing.assert_array_equal(gathered["index"], np.arange(len(ds)))
     # same rows in the same order; values equal up to float rounding (other batch compositions)

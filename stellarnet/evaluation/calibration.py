@@ -26,32 +26,12 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
-from stellarnet.common.stats import MAD_TO_SIGMA
+from stellarnet.common.stats import MAD_TO_SIGMA, total_sigma, z_scores, z_stats
 from stellarnet.evaluation.metrics import _as_2d, _label_list
 
 COVERAGE_1SIGMA = float(special.erf(1 / math.sqrt(2)))  # 0.6827
 COVERAGE_2SIGMA = float(special.erf(2 / math.sqrt(2)))  # 0.9545
 DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.99,)
-
-
-def total_sigma(sigma: np.ndarray, err: np.ndarray | None = None) -> np.ndarray:
-    """Predicted σ combined in quadrature with the catalogue label error (NaN err → 0)."""
-    sigma = np.asarray(sigma, dtype=float)
-    if err is None:
-        return sigma
-    e = np.nan_to_num(np.asarray(err, dtype=float), nan=0.0)
-    return np.sqrt(sigma**2 + e**2)
-
-
-def z_scores(pred: np.ndarray, true: np.ndarray, sigma: np.ndarray, err: np.ndarray | None = None) -> np.ndarray:
-    """z = (pred − true) / sqrt(sigma² + err²); NaN where undefined (NaN truth, σ ≤ 0)."""
-    pred = np.asarray(pred, dtype=float)
-    true = np.asarray(true, dtype=float)
-    s = total_sigma(sigma, err)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = (pred - true) / s
-    z[~(np.isfinite(s) & (s > 0))] = np.nan
-    return z
 
 
 def gaussian_interval_halfwidth(level: np.ndarray | float) -> np.ndarray:
@@ -98,12 +78,13 @@ def calibration_metrics(
         nan = math.nan
         return {"n": 0, "z_mean": nan, "z_std": nan, "z_robust_std": nan, "coverage_1sigma": nan,
                 "coverage_2sigma": nan, "mean_sigma": nan, "reliability": rel, "calibration_error": nan}
+    zs = z_stats(z)
     return {
         "n": n,
         "z_mean": float(np.mean(z)),
-        "z_std": float(np.std(z, ddof=1)) if n > 1 else math.nan,
+        "z_std": zs["z_std"],
         "z_robust_std": float(MAD_TO_SIGMA * np.median(np.abs(z - np.median(z)))),
-        "coverage_1sigma": float(np.mean(np.abs(z) <= 1.0)),
+        "coverage_1sigma": zs["coverage_1sigma"],
         "coverage_2sigma": float(np.mean(np.abs(z) <= 2.0)),
         "mean_sigma": float(np.mean(s)),
         "reliability": rel,

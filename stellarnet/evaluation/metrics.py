@@ -25,7 +25,7 @@ import numpy as np
 from stellarnet.common.labels import CLASS_NAMES
 from stellarnet.common.labels import CLASS_TASKS as DEFAULT_CLASS_TASKS
 from stellarnet.common.labels import LABEL_NAMES as DEFAULT_LABEL_NAMES
-from stellarnet.common.stats import robust_scatter
+from stellarnet.common.stats import residual_stats, robust_scatter
 
 DEFAULT_SNR_EDGES: tuple[float, ...] = (0.0, 50.0, 100.0, 200.0, math.inf)
 
@@ -94,14 +94,15 @@ def regression_metrics(
     else:
         thr = nan
         outl = np.zeros(n, dtype=bool)
+    basic = residual_stats(d)
     return {
         "n": n,
-        "mae": _f(np.mean(np.abs(d))),
-        "bias_mean": _f(np.mean(d)),
+        "mae": basic["mae"],
+        "bias_mean": basic["bias_mean"],
         "bias_median": med,
         "scatter": scatter,
         "std": _f(np.std(d, ddof=1)) if n > 1 else nan,
-        "rmse": _f(np.sqrt(np.mean(d**2))),
+        "rmse": basic["rmse"],
         "outlier_frac": _f(np.mean(outl)),
         "outlier_threshold": thr,
     }

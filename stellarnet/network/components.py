@@ -5,6 +5,8 @@ the package was restructured are found where they live now (:data:`MOVED_TARGET_
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from hydra.utils import instantiate
@@ -93,3 +95,23 @@ def validate_data_spec(spec: dict[str, Any]) -> None:
             raise ValueError(f"data_spec['class_weights'] names unknown task {task!r}")
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"class_weights[{task!r}] has {len(weights)} entries for {len(names)} classes")
+
+
+@contextlib.contextmanager
+def dropout_only(module: nn.Module) -> Iterator[None]:
+    """Context in which only ``module``'s ``nn.Dropout`` layers are in training mode (MC dropout):
+    batch-norm statistics and the photometry feature dropout stay in evaluation mode."""
+    drops = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+    states = [m.training for m in drops]
+    try:
+        for m in drops:
+            m.train(True)
+        yield
+    finally:
+        for m, st in zip(drops, states):
+            m.train(st)
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether MC dropout can sample anything: some ``nn.Dropout`` layer of ``module`` has ``p > 0``."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())

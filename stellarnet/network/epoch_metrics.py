@@ -7,11 +7,13 @@ class task the accuracy, in physical units. The evaluation report's fuller metri
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from stellarnet.common.stats import residual_stats, z_scores, z_stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -23,25 +25,18 @@ def compute_metrics(outputs: dict[str, Any], data_spec: dict[str, Any]) -> dict[
     Returns ``{"labels": {name: {"n", "mae", "bias", "rmse", "z_std", "coverage_68", "unit"}},
     "classes": {task: {"n", "accuracy"}}}`` with plain floats (NaN where no star has the label).
     ``z = (pred - true) / sqrt(sigma_total**2 + label_err**2)``; ``coverage_68`` is the fraction with
-    ``|z| < 1`` (0.683 for calibrated Gaussian errors).
+    ``|z| ≤ 1`` (0.683 for calibrated Gaussian errors). The definitions are :mod:`stellarnet.common.stats`'
+    (the evaluation report's too).
     """
     units = data_spec.get("label_units") or [""] * len(data_spec["label_names"])
     res: dict[str, dict[str, dict[str, float]]] = {"labels": {}, "classes": {}}
     for j, name in enumerate(data_spec["label_names"]):
         m = outputs["label_mask"][:, j].astype(bool)
-        d = outputs["labels_pred"][m, j] - outputs["labels_true"][m, j]
-        s = np.sqrt(outputs["sigma_total"][m, j] ** 2 + np.nan_to_num(outputs["label_err"][m, j]) ** 2)
-        z = d / np.where(s > 0, s, np.nan)
-        n = int(m.sum())
-        res["labels"][name] = {
-            "n": n,
-            "mae": float(np.mean(np.abs(d))) if n else math.nan,
-            "bias": float(np.mean(d)) if n else math.nan,
-            "rmse": float(np.sqrt(np.mean(d**2))) if n else math.nan,
-            "z_std": float(np.nanstd(z)) if n > 1 else math.nan,
-            "coverage_68": float(np.nanmean(np.abs(z) < 1)) if n else math.nan,
-            "unit": units[j],
-        }
+        pred, true = outputs["labels_pred"][m, j], outputs["labels_true"][m, j]
+        basic = residual_stats(pred - true)
+        zs = z_stats(z_scores(pred, true, outputs["sigma_total"][m, j], outputs["label_err"][m, j]))
+        res["labels"][name] = {"n": basic["n"], "mae": basic["mae"], "bias": basic["bias_mean"], "rmse": basic["rmse"],
+                               "z_std": zs["z_std"], "coverage_68": zs["coverage_1sigma"], "unit": units[j]}
     for task in outputs["class_probs"]:
         true = outputs["class_true"][task]
         ok = true >= 0
@@ -102,3 +97,21 @@ def collect_batch(batch: Mapping[str, torch.Tensor], pred: dict[str, Any], label
     idx = batch.get("index")
     item["index"] = idx.cpu().numpy() if idx is not None else np.full(len(true), -1, dtype=np.int64)
     return item
+
+
+def loggable_metrics(metrics: Mapping[str, Any], label_names: Sequence[str], class_tasks: Iterable[str]
+                     ) -> list[tuple[str, float]]:
+    """``(name, value)`` pairs to log from :func:`compute_metrics`' result: ``<key>_<LABEL>`` for MAE,
+    bias, z std and 1σ coverage of each label with stars and a finite value, ``acc_<task>`` per class
+    task with stars. Depends only on ``metrics`` (the same on every rank after gathering)."""
+    out = []
+    for name in label_names:
+        m = metrics["labels"].get(name)
+        if not m or m["n"] == 0:
+            continue
+        out += [(f"{key}_{name}", m[key]) for key in ("mae", "bias", "z_std", "coverage_68") if math.isfinite(m[key])]
+    for task in class_tasks:
+        m = metrics["classes"].get(task)
+        if m and m["n"]:
+            out.append((f"acc_{task}", m["accuracy"]))
+    return out

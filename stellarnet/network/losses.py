@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_nll", "classification_loss"]
+__all__ = ["gaussian_nll", "classification_loss", "multitask_loss"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -82,3 +84,42 @@ def classification_loss(
     if not bool((target >= 0).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, target, weight=class_weights, ignore_index=-1)
+
+
+def multitask_loss(out: Mapping[str, Any], batch: Mapping[str, torch.Tensor], loss_weights: Mapping[str, float],
+                   class_tasks: Sequence[str], class_weights: Mapping[str, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The network's loss: ``w_regression · NLL + Σ_task w_task · CE``.
+
+    ``out`` is the network's output (``mean``, ``log_var`` in standardized units, ``logits`` per task),
+    ``batch`` the batch dict (``labels``, ``label_mask``, ``label_err``, ``classes`` (B, C) in
+    ``class_tasks`` order), ``class_weights`` optional per-task class weights. Returns
+    ``(total, parts, per_label_nll)``: ``parts`` = {"regression": NLL, <task>: CE} (unweighted),
+    ``per_label_nll`` (L,)."""
+    nll, per_label = gaussian_nll(out["mean"], out["log_var"], batch["labels"], batch["label_mask"], batch.get("label_err"))
+    parts = {"regression": nll}
+    total = loss_weights["regression"] * nll
+    classes = batch.get("classes")
+    if classes is not None and class_tasks and (classes.ndim != 2 or classes.shape[1] != len(class_tasks)):
+        raise ValueError(
+            f"batch['classes'] has shape {tuple(classes.shape)}; expected (B, {len(class_tasks)}) "
+            f"for tasks {list(class_tasks)}"
+        )
+    for c, task in enumerate(class_tasks):
+        if classes is None:
+            break
+        ce = classification_loss(out["logits"][task], classes[:, c], (class_weights or {}).get(task))
+        parts[task] = ce
+        total = total + loss_weights[task] * ce
+    return total, parts, per_label
+
+
+def nonfinite_loss_message(where: str, parts: Mapping[str, torch.Tensor], out: Mapping[str, Any],
+                           batch: Mapping[str, torch.Tensor]) -> str:
+    """What went non-finite in a training step (heads, outputs, inputs), for the warning or error."""
+    bad_heads = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+    bad_out = [k for k in ("mean", "log_var") if not bool(torch.isfinite(out[k]).all())]
+    bad_in = [k for k in ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_err")
+              if k in batch and not bool(torch.isfinite(batch[k]).all())]
+    return (f"non-finite training loss at {where}; non-finite heads: {bad_heads or ['total']}; "
+            f"non-finite outputs: {bad_out}; non-finite inputs: {bad_in}")

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from stellarnet.common.files import to_plain
-from stellarnet.network.components import DEFAULT_NET, _build, validate_data_spec
-from stellarnet.network.epoch_metrics import collect_batch, compute_metrics, concat_outputs, merge_outputs, take_rows
-from stellarnet.network.losses import classification_loss, gaussian_nll
+from stellarnet.network.components import DEFAULT_NET, _build, dropout_only, has_dropout, validate_data_spec
+from stellarnet.network.ddp import all_ranks_agree, gather_outputs, is_distributed
+from stellarnet.network.epoch_metrics import collect_batch, compute_metrics, concat_outputs, loggable_metrics
+from stellarnet.network.losses import multitask_loss, nonfinite_loss_message
 from stellarnet.network.optim import make_optimizer, make_scheduler, restretch_schedule, schedule_steps
 
 log = logging.getLogger(__name__)
@@ -237,26 +235,14 @@ class StellarNetModule(pl.LightningModule):
     def _forward_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         return self(batch["flux"], batch["flux_err"], batch["pix_mask"], batch.get("photometry"), batch.get("phot_mask"))
 
-    @contextlib.contextmanager
-    def mc_dropout(self) -> Iterator[None]:
-        """Context in which only the ``nn.Dropout`` layers are in training mode (MC dropout).
-
-        Batch-norm statistics and the photometry feature dropout stay in evaluation mode.
-        """
-        drops = [m for m in self.modules() if isinstance(m, nn.Dropout)]
-        states = [m.training for m in drops]
-        try:
-            for m in drops:
-                m.train(True)
-            yield
-        finally:
-            for m, s in zip(drops, states):
-                m.train(s)
+    def mc_dropout(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which only the ``nn.Dropout`` layers are in training mode (MC dropout)."""
+        return dropout_only(self)
 
     @property
     def has_mc_dropout(self) -> bool:
         """Whether MC dropout can sample anything: some ``nn.Dropout`` layer has ``p > 0``."""
-        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+        return has_dropout(self)
 
     def predict_batch(
         self,
@@ -303,29 +289,9 @@ class StellarNetModule(pl.LightningModule):
     def compute_loss(
         self, out: dict[str, Any], batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Multitask loss.
-
-        Returns:
-            ``(total, parts, per_label_nll)``: ``parts`` = {"regression": NLL, <task>: CE} (unweighted),
-            ``per_label_nll`` (L,).
-        """
-        nll, per_label = gaussian_nll(out["mean"], out["log_var"], batch["labels"], batch["label_mask"], batch.get("label_err"))
-        parts = {"regression": nll}
-        total = self.loss_weights["regression"] * nll
-        classes = batch.get("classes")
-        if classes is not None and self.class_tasks and (classes.ndim != 2 or classes.shape[1] != len(self.class_tasks)):
-            raise ValueError(
-                f"batch['classes'] has shape {tuple(classes.shape)}; expected (B, {len(self.class_tasks)}) "
-                f"for tasks {list(self.class_tasks)}"
-            )
-        for c, task in enumerate(self.class_tasks):
-            if classes is None:
-                break
-            w = getattr(self, self._class_weight_names[task]) if task in self._class_weight_names else None
-            ce = classification_loss(out["logits"][task], classes[:, c], w)
-            parts[task] = ce
-            total = total + self.loss_weights[task] * ce
-        return total, parts, per_label
+        """Multitask loss (:func:`stellarnet.network.losses.multitask_loss`): ``(total, parts, per_label_nll)``."""
+        weights = {task: getattr(self, name) for task, name in self._class_weight_names.items()}
+        return multitask_loss(out, batch, self.loss_weights, list(self.class_tasks), weights)
 
     def _log_losses(self, stage: str, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
         on_step = stage == "train"
@@ -353,19 +319,9 @@ class StellarNetModule(pl.LightningModule):
         total, parts, _ = self.compute_loss(out, batch)
         finite_here = bool(torch.isfinite(total))
         if not self._all_ranks_agree(finite_here):  # with DDP: all ranks skip (or raise) together
-            if finite_here:
-                msg = (f"non-finite training loss on another rank at batch_idx={batch_idx} (epoch "
-                       f"{self.current_epoch}, global step {self.global_step})")
-            else:
-                bad_heads = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
-                bad_out = [k for k in ("mean", "log_var") if not bool(torch.isfinite(out[k]).all())]
-                bad_in = [k for k in ("flux", "flux_err", "pix_mask", "photometry", "labels", "label_err")
-                          if k in batch and not bool(torch.isfinite(batch[k]).all())]
-                msg = (
-                    f"non-finite training loss at batch_idx={batch_idx} (epoch {self.current_epoch}, global step "
-                    f"{self.global_step}); non-finite heads: {bad_heads or ['total']}; non-finite outputs: {bad_out}; "
-                    f"non-finite inputs: {bad_in}"
-                )
+            where = f"batch_idx={batch_idx} (epoch {self.current_epoch}, global step {self.global_step})"
+            msg = (f"non-finite training loss on another rank at {where}" if finite_here
+                   else nonfinite_loss_message(where, parts, out, batch))
             if self.nan_policy == "raise":
                 raise FloatingPointError(msg)
             self.n_skipped_batches += 1
@@ -380,15 +336,11 @@ class StellarNetModule(pl.LightningModule):
 
     def _distributed(self) -> bool:
         """True inside a multi-process run with an initialized process group."""
-        tr = self._trainer
-        return (tr is not None and tr.world_size > 1 and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1)
+        return is_distributed(self._trainer)
 
     def _all_ranks_agree(self, decision: bool) -> bool:
         """``decision`` AND-ed over all ranks (one small all-reduce; ``decision`` itself when single-process)."""
-        if not self._distributed():
-            return decision
-        return bool(self.trainer.strategy.reduce_boolean_decision(decision, all=True))
+        return decision if not self._distributed() else all_ranks_agree(self.trainer, decision)
 
     # ------------------------------------------------------------------------------------------
     # validation / test
@@ -398,27 +350,9 @@ class StellarNetModule(pl.LightningModule):
         return collect_batch(batch, pred, self.label_mean, self.label_std, self.class_tasks)
 
     def _gather_outputs(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        """This epoch's outputs of *all* ranks: padding duplicates dropped, rows sorted by ``index``.
-
-        ``DistributedSampler`` gives each rank an equal share and pads the split with repeats of its
-        first rows; a row is kept once per ``index`` (the row index in the split, see the batch
-        dict). Collective: every rank calls it from the same epoch-end hook, and every rank gets
-        the same result. Single-process: ``outputs`` unchanged.
-        """
-        if not self._distributed():
-            return outputs
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, outputs)
-        merged = merge_outputs(parts)
-        if not merged:
-            return merged
-        index = merged["index"]
-        if (index < 0).any():
-            log.warning("batches without 'index': cannot drop DistributedSampler padding duplicates; "
-                        "metrics of this epoch may count up to world_size-1 rows twice")
-            return merged
-        _, first = np.unique(index, return_index=True)
-        return take_rows(merged, first)
+        """This epoch's outputs of *all* ranks (:func:`stellarnet.network.ddp.gather_outputs`); single-process:
+        ``outputs`` unchanged."""
+        return gather_outputs(outputs) if self._distributed() else outputs
 
     def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], mc_samples: int) -> torch.Tensor:
         out = self._forward_batch(batch)
@@ -447,23 +381,13 @@ class StellarNetModule(pl.LightningModule):
     def _log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         """Log epoch metrics computed on the gathered outputs (hence identical on every rank).
 
-        The names logged (and skipped: labels with n = 0, non-finite values) depend only on those
-        gathered metrics, so every rank makes the same ``self.log`` calls in the same order, which
-        the collective ``sync_dist`` reduction needs. ``reduce_fx="max"`` of equal values returns the
-        value exactly (a mean over ranks could differ from it in the last bit).
+        The names logged (:func:`stellarnet.network.epoch_metrics.loggable_metrics`) depend only on those
+        gathered metrics, so every rank makes the same ``self.log`` calls in the same order, which the
+        collective ``sync_dist`` reduction needs. ``reduce_fx="max"`` of equal values returns the value
+        exactly (a mean over ranks could differ from it in the last bit).
         """
-        kw = {"sync_dist": True, "reduce_fx": "max"}
-        for name in self.label_names:
-            m = metrics["labels"].get(name)
-            if not m or m["n"] == 0:
-                continue
-            for key in ("mae", "bias", "z_std", "coverage_68"):
-                if math.isfinite(m[key]):
-                    self.log(f"{stage}/{key}_{name}", m[key], **kw)
-        for task in self.class_tasks:
-            m = metrics["classes"].get(task)
-            if m and m["n"]:
-                self.log(f"{stage}/acc_{task}", m["accuracy"], **kw)
+        for name, value in loggable_metrics(metrics, self.label_names, self.class_tasks):
+            self.log(f"{stage}/{name}", value, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_start(self) -> None:
         self._val_store = []
