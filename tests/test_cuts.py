@@ -10,13 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stellarnet.io.catalogs import MissingColumnError
-from stellarnet.preparation.cuts import (
-    CutReport,
-    CutSpecError,
-    EmptySelectionError,
-    apply_cuts,
-    load_cuts,
-)
+from stellarnet.preparation.cut_report import CutReport
+from stellarnet.preparation.cuts import CutSpecError, EmptySelectionError, apply_cuts, load_cuts
 from stellarnet.common.paths import CONF_DIR
 
 STAR_BAD = 1 << 23

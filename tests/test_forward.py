@@ -483,7 +483,7 @@ def test_noise_correlation_widens_sigma_for_shared_noise_and_not_for_white_noise
 
 
 def test_noise_correlation_factor_is_one_for_white_residuals_and_ignores_chip_boundaries():
-    from stellarnet.refinement.fit import _chip_straddles, noise_correlation_factor
+    from stellarnet.refinement.residuals import _chip_straddles, noise_correlation_factor
 
     n, P = 64, 7214
     g = torch.Generator().manual_seed(0)
@@ -564,7 +564,7 @@ def test_companion_score_finds_a_double_lined_binary_and_not_a_single_star(emula
 def test_companion_score_uses_pairs_within_a_chip_only():
     """A pattern and its copy k pixels further on give t_k = its norm; the same copy placed across the
     boundary of two chips gives nothing (no wrap-around, no cross-chip pairs)."""
-    from stellarnet.refinement.fit import companion_score
+    from stellarnet.refinement.residuals import companion_score
 
     P_ = 200
     lines = torch.zeros(1, P_)

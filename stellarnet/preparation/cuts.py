@@ -38,27 +38,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stellarnet.common.files import atomic_write_text, to_plain
+from stellarnet.common.files import to_plain
 from stellarnet.io.bitmasks import BITMASKS, Bitmask
 from stellarnet.io.catalogs import MissingColumnError
-
-__all__ = [
-    "CutSpecError",
-    "EmptySelectionError",
-    "CutRow",
-    "CutReport",
-    "apply_cuts",
-    "load_cuts",
-    "PHYSICAL_LABEL_RANGES",
-    "physical_range_cuts",
-]
+from stellarnet.preparation.cut_report import CutReport, CutRow
 
 #: Physically possible ranges (inclusive) of catalogue labels, by allStar column name: values
 #: outside are corrupt (wrong units, a sentinel that is not -9999, a bad fit), not extreme stars.
@@ -72,13 +61,18 @@ PHYSICAL_LABEL_RANGES: dict[str, tuple[float, float]] = {
     "ALPHA_FE": (-1.0, 1.5),
 }
 
+
 _KIND_KEYS: dict[str, set[str]] = {
     "column": {"column", "min", "max", "keep_nan", "inclusive", "eq", "ne", "gt", "ge", "lt", "le"},
     "flag": {"flag", "bits", "mode", "bitmask"},
     "finite": {"finite"},
     "unique": {"unique", "by"},
 }
+
+
 _COMMON_KEYS = {"reason", "enabled", "mask"}
+
+
 #: comparison cuts: spec key → (numpy comparison, symbol)
 COMPARATORS: dict[str, tuple[Any, str]] = {
     "eq": (np.equal, "=="), "ne": (np.not_equal, "!="), "gt": (np.greater, ">"),
@@ -97,85 +91,6 @@ class EmptySelectionError(ValueError):
         super().__init__(message)
         self.cut = cut
         self.report = report
-
-
-@dataclass(frozen=True)
-class CutRow:
-    """One line of a :class:`CutReport` (row counts before/removed/kept by one cut)."""
-
-    name: str
-    reason: str
-    before: int
-    removed: int
-    kept: int
-    criterion: str = ""  # what was applied, from the spec itself (e.g. "SNR >= 50"): overrides show here
-    masked: int = 0  # rows kept with columns blanked (a ``mask`` cut)
-
-
-@dataclass
-class CutReport:
-    """Ordered record of the cuts applied: name, criterion (written from the spec that ran, so an
-    override of a threshold shows), reason (the config's free text), rows before, removed, kept."""
-
-    rows: list[CutRow] = field(default_factory=list)
-    n_input: int = 0
-
-    COLUMNS = ("name", "criterion", "reason", "before", "removed", "kept")
-
-    @property
-    def n_output(self) -> int:
-        return self.rows[-1].kept if self.rows else self.n_input
-
-    def to_frame(self, masked: bool = False) -> pd.DataFrame:
-        """DataFrame with columns name, criterion, reason, before, removed, kept (one row per cut);
-        with ``masked`` also the rows each ``mask`` cut kept with blanked columns (before ``kept``)."""
-        cols = list(self.COLUMNS[:-1]) + (["masked"] if masked else []) + ["kept"]
-        rows = [[r.name, r.criterion, r.reason, r.before, r.removed] + ([r.masked] if masked else []) + [r.kept]
-                for r in self.rows]
-        return pd.DataFrame(rows, columns=cols).astype({c: "int64" for c in cols[3:]})
-
-    def to_markdown(self) -> str:
-        """GitHub-flavoured Markdown table (plus input/output totals)."""
-
-        def esc(s: object) -> str:
-            return str(s).replace("|", "\\|").replace("\n", " ")
-
-        lines = [
-            "| # | cut | criterion | reason | before | removed | kept |",
-            "| ---: | --- | --- | --- | ---: | ---: | ---: |",
-        ]
-        for i, r in enumerate(self.rows, 1):
-            lines.append(
-                f"| {i} | {esc(r.name)} | {esc(r.criterion)} | {esc(r.reason)} | {r.before} | {r.removed} | {r.kept} |"
-            )
-        lines.append("")
-        lines.append(f"Input rows: {self.n_input}; kept after all cuts: {self.n_output}.")
-        return "\n".join(lines) + "\n"
-
-    def __str__(self) -> str:
-        head = ("cut", "criterion", "reason", "before", "removed", "kept")
-        body = [(r.name, r.criterion, r.reason, str(r.before), str(r.removed), str(r.kept)) for r in self.rows]
-        w = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
-
-        def fmt(cells) -> str:
-            return "  ".join(
-                c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(cells)
-            ).rstrip()
-
-        out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(b) for b in body]
-        out.append(f"input {self.n_input} rows -> kept {self.n_output}")
-        return "\n".join(out)
-
-    def save(self, directory: str | os.PathLike) -> tuple[Path, Path]:
-        """Write ``cut_report.csv`` and ``cut_report.md`` into ``directory`` (created if needed),
-        each atomically (temporary file + ``os.replace``). Returns the two paths."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        csv_path, md_path = d / "cut_report.csv", d / "cut_report.md"
-        atomic_write_text(csv_path, self.to_frame().to_csv(index=False))
-        atomic_write_text(md_path, self.to_markdown())
-        return csv_path, md_path
-
 
 
 # --------------------------------------------------------------------------- spec handling
