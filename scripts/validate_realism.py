@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stellarnet.io import grids  # noqa: E402
-from stellarnet.io.spectra import continuum_normalize  # noqa: E402
+from stellarnet.preparation.spectra import continuum_normalize  # noqa: E402
 from stellarnet.common.paths import resource  # noqa: E402
 from stellarnet.physics.kurucz import LABEL_NAMES, load_emulator  # noqa: E402
 from stellarnet.simulate.instrument import bad_model_pixels, observe_spectra  # noqa: E402

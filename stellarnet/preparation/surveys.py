@@ -47,6 +47,7 @@ import pandas as pd
 
 from stellarnet.common.files import to_plain
 from stellarnet.io.catalogs import CatalogFormatError, MissingColumnError, allstar_columns, read_allstar
+from stellarnet.preparation.cuts import apply_cuts
 
 __all__ = [
     "COMMON_COLUMNS",
@@ -254,8 +255,6 @@ def apply_survey_cuts(
     own way). ``mask_targets`` maps a common column named in a spec's ``mask`` to the frame columns to
     blank. Returns (kept frame, report DataFrame with columns name, criterion, reason, before, removed,
     masked, kept). Raises :class:`MissingColumnError` naming every cut column that is absent."""
-    from stellarnet.preparation.cuts import apply_cuts
-
     cols = list(df.columns)
     missing = sorted({c for c in _cut_columns(cuts) if _resolve(cols, [c]) is None})
     if missing:
