@@ -515,3 +515,29 @@ def test_flux_that_is_not_what_its_kind_says_is_refused():
     f, e, good = prepare_spectrum(batch, np.full_like(batch, 0.01), None, grid="dr12", normalized=True, allow_empty=True)
     assert good[0].all() and not good[1].any() and good[2].all()
     assert (f[1] == 1).all()
+
+
+def test_negative_flux_beyond_its_error_is_bad():
+    # a star's flux cannot be negative: −0.5 ± 0.01 (over-subtracted sky, a fill value) is corrupt,
+    # −0.01 ± 0.01 (noise in a faint pixel) and −0.2 ± 0.1 (2 σ) are kept
+    flux = np.array([1.0, -0.5, -0.01, -0.2, 0.3])
+    err = np.array([0.01, 0.01, 0.01, 0.1, 0.01])
+    np.testing.assert_array_equal(P.negative_flux(flux, err), [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(P.bad_pixel_mask(flux, err), [0, 1, 0, 0, 0])
+    out_flux, out_err, good = P.mask_unusable_pixels(flux, err)
+    np.testing.assert_array_equal(good, [1, 0, 1, 1, 1])
+    assert out_flux[1] == 1.0 and out_err[1] == P.BAD_PIXEL_ERR
+
+
+def test_negative_pixels_in_a_normalized_spectrum_are_masked_like_flagged_ones():
+    flux, err, _, _ = synthetic("dr17", n=1)
+    normed = flux / np.nanmedian(flux)
+    normed_err = err / np.nanmedian(flux)
+    f_ok, _, good_ok = P.prepare_spectrum(normed, normed_err, None, grid="dr17", normalized=True)
+    corrupt = normed.copy()
+    idx = np.flatnonzero(good_ok.reshape(-1))[::40]  # every 40th usable pixel set to −0.5 with its error kept
+    corrupt.reshape(-1)[idx] = -0.5  # synthetic() spectra are on the gap-removed grid
+    f_bad, e_bad, good_bad = P.prepare_spectrum(corrupt, normed_err, None, grid="dr17", normalized=True)
+    assert not good_bad.reshape(-1)[idx].any()
+    assert (good_bad.reshape(-1) == np.isin(np.arange(good_ok.size), idx, invert=True) & good_ok.reshape(-1)).all()
+    assert (f_bad.reshape(-1)[idx] == 1.0).all() and (e_bad.reshape(-1)[idx] == P.BAD_PIXEL_ERR).all()

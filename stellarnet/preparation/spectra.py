@@ -54,6 +54,17 @@ assert sorted(PIXMASK_PERSIST) == list(range(_PERSIST_LO, _PERSIST_LO + 3))
 #: spectrum sits at ~0.8–1.0 even for the coolest stars; un-normalized flux is ~10–10⁴).
 NORMALIZED_MEDIAN_RANGE = (0.3, 2.0)
 
+#: A pixel whose flux is below zero by more than this many of its own σ is corrupt (a star's flux,
+#: normalized or not, cannot be negative: over-subtracted sky, a bad read, a fill value), flagged or not.
+NEGATIVE_FLUX_SIGMA = 3.0
+
+
+def negative_flux(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
+    """True where the flux is negative by more than :data:`NEGATIVE_FLUX_SIGMA` × its error: a pixel
+    its error does not explain. Noise that dips a faint pixel below zero (within 3 σ) is kept."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(flux) < -NEGATIVE_FLUX_SIGMA * np.abs(np.asarray(flux_err))
+
 
 # ----------------------------------------------------------------------------------------------
 # masks and continuum
@@ -66,7 +77,8 @@ def bad_pixel_mask(
     bits: Iterable[int | str] = PIXMASK_ASTRONN_DEFAULT,
 ) -> np.ndarray:
     """Boolean mask, True = bad: any of ``bits`` set in ``pixmask``, flux or error non-finite,
-    error ≤ 0, or flux == 0 (chip gaps). Persistence bits are not bad (see
+    error ≤ 0, flux == 0 (chip gaps), or flux negative beyond its error (:func:`negative_flux`).
+    Persistence bits are not bad (see
     :func:`persistence_weight`). Works on any shape; ``pixmask`` must match ``flux``'s shape.
     """
     flux = np.asarray(flux)
@@ -74,7 +86,7 @@ def bad_pixel_mask(
     if flux.shape != flux_err.shape:
         raise ValueError(f"flux shape {flux.shape} != flux_err shape {flux_err.shape}")
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(flux) | ~np.isfinite(flux_err) | (flux_err <= 0) | (flux == 0)
+        bad = ~np.isfinite(flux) | ~np.isfinite(flux_err) | (flux_err <= 0) | (flux == 0) | negative_flux(flux, flux_err)
     if pixmask is not None:
         pixmask = np.asarray(pixmask)
         if pixmask.shape != flux.shape:
@@ -284,12 +296,13 @@ def continuum_normalize(
 def mask_unusable_pixels(flux: np.ndarray, flux_err: np.ndarray, usable: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalized spectra → ``(flux, flux_err, good)`` float32 / bool with every unusable pixel set to
-    flux 1.0, error :data:`BAD_PIXEL_ERR`, good False: non-finite flux or error, error ≤ 0, a flux that
-    overflows float32, and where ``usable`` (same shape, bool) is False. The one place bad pixels are
+    flux 1.0, error :data:`BAD_PIXEL_ERR`, good False: non-finite flux or error, error ≤ 0, a flux
+    negative beyond its error (:func:`negative_flux`), a flux that overflows float32, and where
+    ``usable`` (same shape, bool) is False. The one place bad pixels are
     cleaned: :func:`prepare_spectrum` (with the flagged pixels) and the ``Predictor`` (arrays given
     directly) both call it."""
     with np.errstate(invalid="ignore", over="ignore"):
-        good = np.isfinite(flux) & np.isfinite(flux_err) & (flux_err > 0)
+        good = np.isfinite(flux) & np.isfinite(flux_err) & (flux_err > 0) & ~negative_flux(flux, flux_err)
         if usable is not None:
             good &= usable
         out_flux = np.where(good, flux, 1.0).astype(np.float32)
@@ -346,7 +359,8 @@ def prepare_spectrum(
     e = np.asarray(gap(flux_err), dtype=np.float64)
     pm = None if pixmask is None else gap(pixmask)
     bad = bad_pixel_mask(f, e, pm, bits=bits)  # elementwise, so gap removal first is equivalent
-    implausible, why = _implausible_flux(f, bad, normalized)
+    # negative pixels count in the median: a negated spectrum is named as such, not as "no good pixel"
+    implausible, why = _implausible_flux(f, bad & ~negative_flux(f, e), normalized)
     if implausible.any() and not allow_empty:
         rows = np.flatnonzero(implausible)
         which = "the spectrum" if f.ndim == 1 else f"spectra at rows {rows[:20].tolist()}"
