@@ -578,3 +578,30 @@ def test_companion_score_uses_pairs_within_a_chip_only():
     lines_b = torch.zeros(1, P_)
     lines_b[0, 90:100] = -1.0  # 15 px apart, but on two chips
     assert float(companion_score(across, lines_b, chips)[0]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_gross_outliers_leave_before_the_first_step(emulator, monkeypatch):
+    """Fill values and an unflagged bad column with an ordinary error (1 % of the pixels at 9999, a run of
+    8 pixels at 3): they are clipped against the starting model before the first Gauss–Newton step, so
+    the fit (continuum correction included) stays close to the clean one; clipped only after the first
+    steps, they have already dragged the continuum and the labels away."""
+    from stellarnet.refinement import fit as fit_module
+
+    rng = np.random.default_rng(8)
+    labels = MEAN + STD * rng.uniform(-1.2, 1.2, (100, 4))
+    clean = emulator.flux(labels) + NOISE * rng.standard_normal((100, P)).astype(np.float32)
+    err = np.full_like(clean, NOISE)
+    flux = clean.copy()
+    flux[rng.random(flux.shape) < 0.01] = 9999.0
+    for i, s in enumerate(rng.integers(0, P - 8, 100)):
+        flux[i, s:s + 8] = 3.0
+    start = labels + 0.2 * STD * rng.standard_normal(labels.shape)
+    kw = dict(continuum_degree=2, clip_rounds=1, pixel_clip=5.0)
+    ref = np.abs(refine_labels(emulator, clean, err, None, start, **kw).labels - labels).mean(0)
+    pre = refine_labels(emulator, flux, err, None, start, **kw)
+    e_pre = np.abs(pre.labels - labels).mean(0)
+    assert np.all(e_pre < 1.3 * ref), (e_pre, ref)
+    assert np.all(pre.outlier_fraction > 0.03)  # the run and the fill values, counted as outliers
+    monkeypatch.setattr(fit_module, "GROSS_CLIP_FACTOR", float("inf"))
+    late = refine_labels(emulator, flux, err, None, start, **kw)
+    assert np.all(np.nanmean(np.abs(late.labels - labels), 0) > 3 * e_pre)

@@ -8,7 +8,7 @@ import pytest
 from stellarnet.io import grids
 from stellarnet.io.grids import KMS_PER_PIXEL, LSF_SIGMA_PIX
 from stellarnet.simulate.instrument import BAD_ERR, observe_spectra
-from stellarnet.simulate.shifts import (SHIFT_SUITE, Shift, broaden_lsf,
+from stellarnet.simulate.shifts import (SHIFT_SUITE, Shift, add_detector_defects, broaden_lsf,
                                         continuum_residual, correlate_noise, convention_pixels, corrupt_pixels, normalize_convention,
                                         shift_suite, shift_velocity)
 
@@ -70,6 +70,31 @@ def test_outliers_carry_finite_inflated_errors_and_are_not_flagged():
     assert np.all(np.abs(dev) >= 5.0 - 1e-4) and np.all(np.abs(dev) <= 30.0 + 1e-4)
     assert 0.55 < np.mean(dev < 0) < 0.8  # two thirds downward
     assert np.array_equal(flux[~hit], f0[~hit]) and np.array_equal(err[~hit], e0[~hit])
+
+
+def test_detector_defects_keep_the_error_and_are_not_flagged():
+    rng = np.random.default_rng(2)
+    flux = np.full((40, P), 5.0, np.float32)
+    err = np.full((40, P), 0.05, np.float32)
+    protect = np.zeros((40, P), bool)
+    protect[:, :100] = True  # already flagged pixels
+    f0, e0 = flux.copy(), err.copy()
+    hit = add_detector_defects(flux, err, (0.002, 0.01), rng, protect=protect)
+    assert np.array_equal(err, e0)  # the error array knows nothing of them
+    assert not hit[:, :100].any() and np.array_equal(flux[:, :100], f0[:, :100])
+    assert np.array_equal(flux[~hit], f0[~hit])
+    dev = (flux[hit] - f0[hit]) / e0[hit]
+    hot = dev >= 10.0 - 1e-3
+    dead = np.abs(flux[hit]) <= 1.0 * 0.05 + 1e-6  # reads ~0: no signal
+    column = (flux[hit] / f0[hit] >= 1.5 - 1e-5) & (flux[hit] / f0[hit] <= 3.0 + 1e-5)
+    assert np.all(hot | dead | column)
+    assert dev[hot].max() <= 200.0 + 1e-3 and dead.sum() > 0
+    frac = hit.mean(1)
+    assert np.all(frac < 0.01 + 20 / P + 1e-9) and np.all(frac > 0.0015)
+    # a contiguous run of 5-20 pixels in about half the stars
+    runs = [np.diff(np.flatnonzero(np.abs(flux[i] / f0[i] - 1) > 0.45)) for i in range(40)]
+    with_column = sum(int(np.any(np.convolve(r == 1, np.ones(4), "valid") == 4)) for r in runs)
+    assert 8 <= with_column <= 32
 
 
 @pytest.mark.parametrize("convention", ["cannon", "astronn", "aspcap"])

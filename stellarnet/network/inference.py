@@ -33,7 +33,7 @@ from stellarnet.network.flags import (
 from stellarnet.network.model_folder import EMULATOR_FILE, CheckpointError
 from stellarnet.network.module import StellarNetModule
 from stellarnet.preparation.photometry import standardize_photometry
-from stellarnet.preparation.spectra import mask_unusable_pixels
+from stellarnet.preparation.spectra import BAD_PIXEL_ERR, mask_unusable_pixels
 from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.refinement.emulator import SpectrumEmulator
 from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
@@ -136,7 +136,9 @@ class Predictor:
             σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
             keywords) and ``label_calibration`` (:func:`~stellarnet.refinement.calibration.fit_label_calibration`)
             go with it. ``disagreement_inflation``: the refined σ of a label is multiplied by
-            :func:`disagreement_factor` (network and refinement inconsistent: σ grows).
+            :func:`disagreement_factor` (network and refinement inconsistent: σ grows). ``second_look``:
+            the network is run again on the stars whose fit rejected outlier pixels, with those pixels
+            masked (:meth:`_second_look`), before the two estimates are combined.
     """
 
     def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
@@ -144,11 +146,12 @@ class Predictor:
                  refine_settings: dict[str, Any] | None = None,
                  label_calibration: dict[str, Any] | None = None,
                  refine_sigma_network_scale: Any = None, chi2_scaling: str = "two_sided",
-                 label_range: Any = None, disagreement_inflation: bool = False) -> None:
+                 label_range: Any = None, disagreement_inflation: bool = False, second_look: bool = True) -> None:
         if chi2_scaling not in ("two_sided", "at_least_one"):
             raise ValueError(f"chi2_scaling must be 'two_sided' or 'at_least_one', got {chi2_scaling!r}")
         self.chi2_scaling = chi2_scaling
         self.disagreement_inflation = bool(disagreement_inflation)
+        self.second_look = bool(second_look)
         self.label_range = None if label_range is None else np.asarray(label_range, dtype=np.float64)
         if self.label_range is not None and self.label_range.shape != (len(module.label_names), 2):
             raise CheckpointError(f"label_range has shape {self.label_range.shape}, expected ({len(module.label_names)}, 2)")
@@ -300,6 +303,26 @@ class Predictor:
         n = flux.shape[0]
         phot, phot_mask = self.standardize_photometry(photometry, n)
 
+        res = self._network_pass(flux, flux_err, mask, phot, phot_mask, mc_samples, batch_size, seed, prec)
+        net_factor = None
+        if refine and n:
+            fit = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
+                                batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
+            if self.second_look and fit.outlier_pixels is not None and fit.outlier_pixels[0].size:
+                self._second_look(res, fit.outlier_pixels, flux, flux_err, mask, phot, phot_mask, mc_samples,
+                                  batch_size, seed, prec)
+            net_factor = self._refine(res, fit)
+        res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range,
+                                                  physical_ranges(self.label_names))
+        if net_factor is not None:  # after the flags, which are judged on the network's own σ
+            res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
+        return res
+
+    def _network_pass(self, flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray, phot: np.ndarray,
+                      phot_mask: np.ndarray, mc_samples: int, batch_size: int, seed: int | None,
+                      prec: str) -> dict[str, Any]:
+        """The network's labels, calibrated σ and class probabilities / names for cleaned arrays."""
+        n = flux.shape[0]
         parts: list[dict[str, Any]] = []
         dev = self.device
         autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if prec == "bf16"
@@ -333,21 +356,32 @@ class Predictor:
             if t in res["class_probs"] and n:  # temperature scaling fitted on the validation split
                 res["class_probs"][t] = apply_temperature(res["class_probs"][t], temperature).astype(np.float32)
         res["classes"] = {t: np.asarray(names)[res["class_probs"][t].argmax(1)] for t, names in self.class_tasks.items()}
-        net_factor = self._refine(res, flux, flux_err, mask, batch_size) if refine and n else None
-        res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range,
-                                                  physical_ranges(self.label_names))
-        if net_factor is not None:  # after the flags, which are judged on the network's own σ
-            res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
         return res
 
-    def _refine(self, res: dict[str, Any], flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray,
-                batch_size: int) -> np.ndarray | None:
+    def _second_look(self, res: dict[str, Any], outliers: tuple[np.ndarray, np.ndarray], flux: np.ndarray,
+                     flux_err: np.ndarray, mask: np.ndarray, phot: np.ndarray, phot_mask: np.ndarray,
+                     mc_samples: int, batch_size: int, seed: int | None, prec: str) -> None:
+        """The network again, on the stars whose fit rejected outlier pixels, with those pixels masked (in
+        place): a corrupted pixel that carries an ordinary error (a cosmic ray, a hot pixel, a fill value)
+        is invisible to the network's error-aware inputs, but not to the χ² fit against the emulator; the
+        network's labels, σ and classes then come from the spectrum without it."""
+        rows = np.unique(outliers[0])
+        local = np.searchsorted(rows, outliers[0])
+        f, e, m = flux[rows].copy(), flux_err[rows].copy(), mask[rows].copy()
+        f[local, outliers[1]] = 1.0
+        e[local, outliers[1]] = BAD_PIXEL_ERR
+        m[local, outliers[1]] = 0.0
+        again = self._network_pass(f, e, m, phot[rows], phot_mask[rows], mc_samples, batch_size, seed, prec)
+        for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
+            res[k][rows] = again[k]
+        for t in res["class_probs"]:
+            res["class_probs"][t][rows] = again["class_probs"][t]
+            res["classes"][t][rows] = again["classes"][t]
+
+    def _refine(self, res: dict[str, Any], r: RefineResult) -> np.ndarray | None:
         """Replace ``res``'s labels and σ by the emulator's χ² fit where it is trusted (in place). With
         ``disagreement_inflation`` returns the factor (N, L) for the network's σ as well — the same Birge
         ratio, where the refined labels are kept (1 elsewhere) — for the caller to apply after the flags."""
-        assert self.emulator is not None
-        r: RefineResult = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
-                                        batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
         refined = apply_label_calibration(r.labels, self.label_calibration)  # onto the training labels' scale
         chi2 = (np.maximum(CHI2_SCALE_FLOOR, r.chi2) if self.chi2_scaling == "two_sided"
                 else np.maximum(1.0, r.chi2))

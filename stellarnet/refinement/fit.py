@@ -42,7 +42,9 @@ class RefineResult:
     pixels used (N,), the fraction of the usable pixels rejected as outliers (N,) and, when fitted, the
     change of the LSF variance (N,) in pixels² and the residual shift (N,) in pixels, and the residuals'
     pixel-to-pixel correlations (N, 2) at lags 1 and 2, and the companion score (N,)
-    (:func:`companion_score`: the fit residuals' best match to the star's own lines at another velocity)."""
+    (:func:`companion_score`: the fit residuals' best match to the star's own lines at another velocity),
+    and ``outlier_pixels``: (rows, columns) int64 arrays of the single pixels rejected as outliers (those
+    counted in ``outlier_fraction``; chip segments dropped as a whole are not in it)."""
 
     labels: np.ndarray
     sigma: np.ndarray
@@ -54,10 +56,16 @@ class RefineResult:
     shift: np.ndarray | None = None
     noise_correlation: np.ndarray | None = None
     companion: np.ndarray | None = None
+    outlier_pixels: tuple[np.ndarray, np.ndarray] | None = None
 
 
 #: lower limit of the reduced χ² by which the fit's σ and residuals are scaled (errors quoted 3x too large at most)
 CHI2_SCALE_FLOOR = 0.1
+
+
+#: the clip before the first Gauss–Newton step, against the starting model (the network's labels, no
+#: continuum correction yet), is this many times ``pixel_clip``: only what no label error explains goes
+GROSS_CLIP_FACTOR = 4.0
 
 
 def _pixel_clip(resid: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -308,7 +316,9 @@ def refine_labels(
     With ``pixel_clip`` (e.g. 5), each clip round also rejects single pixels whose residual against
     the current model is more than ``pixel_clip`` robust σ (:func:`_pixel_clip`): corrupted pixels that
     carry a finite error (sky-line and telluric residuals, unflagged cosmic rays) leave the fit,
-    iteratively, as the model improves. None: no pixel clipping.
+    iteratively, as the model improves; pixels off the *starting* model by more than
+    :data:`GROSS_CLIP_FACTOR` × ``pixel_clip`` robust σ (fill values, unflagged bad columns) leave it
+    before the first step, so they cannot drag the continuum and the labels away. None: no pixel clipping.
 
     With ``fit_lsf`` the line shape is fitted as well, to second order (:func:`_line_shape`): a change s
     of the line-spread function's variance (pixels², within ±:data:`LSF_VARIANCE_BOUND`) and a residual
@@ -336,6 +346,8 @@ def refine_labels(
                        np.full((n, len(NOISE_LAGS)), np.nan, np.float32) if noise_correlation else None,
                        np.full(n, np.nan, np.float32))
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
+    outlier_rows: list[np.ndarray] = []
+    outlier_cols: list[np.ndarray] = []
     w_all = fit_weights(flux, flux_err, pix_mask)
     dev = model.label_mean.device
     seg = chip_segments(model.n_pixels, model.grid).to(dev)
@@ -356,6 +368,9 @@ def refine_labels(
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
             shape = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None  # (LSF Δσ², shift)
+            if pixel_clip is not None:  # gross outliers leave before the first step
+                w = _pixel_clip(f - _model_flux(model, z, c, basis, shape, inner), w,
+                                GROSS_CLIP_FACTOR * float(pixel_clip))
             z, c, A, shape, last = _gauss_newton(model, z, c, basis, f, w, iters, damping, bound, shape, inner)
             w_seg = w0  # the weights after segment clipping only
             for _ in range(clip_rounds):
@@ -394,10 +409,16 @@ def refine_labels(
             masked = ((w0 > 0) & (w_seg == 0)).float() @ seg
             out.masked_segments[rows] = (masked > 0).sum(1).cpu().numpy().astype(np.int16)
             # single pixels dropped outside the masked segments: the outlier pixels
-            out.outlier_fraction[rows] = (((w_seg > 0) & (w == 0)).sum(1).float()
+            outliers = (w_seg > 0) & (w == 0)
+            out.outlier_fraction[rows] = (outliers.sum(1).float()
                                           / (w0 > 0).sum(1).clamp_min(1).float()).cpu().numpy()
+            r_idx, c_idx = torch.nonzero(outliers, as_tuple=True)
+            outlier_rows.append(rows[r_idx.cpu().numpy()])
+            outlier_cols.append(c_idx.cpu().numpy())
             if shape is not None:
                 out.lsf_variance[rows] = shape[:, 0].cpu().numpy()
                 out.shift[rows] = shape[:, 1].cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
+    out.outlier_pixels = (np.concatenate(outlier_rows).astype(np.int64) if outlier_rows else np.zeros(0, np.int64),
+                          np.concatenate(outlier_cols).astype(np.int64) if outlier_cols else np.zeros(0, np.int64))
     return out

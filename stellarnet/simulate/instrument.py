@@ -45,6 +45,7 @@ from stellarnet.physics.kurucz import KuruczEmulator, load_emulator
 from stellarnet.simulate.shifts import (
     Shift,
     add_companion,
+    add_detector_defects,
     broaden_lsf,
     continuum_residual,
     correlate_noise,
@@ -169,6 +170,8 @@ def observe_spectra(
         _spoil(noisy, err, cont, *np.nonzero(extra), rng)
     if shift is not None and shift.outlier_fraction is not None:
         corrupt_pixels(noisy, err, shift.outlier_fraction, shift.outlier_err_factor, rng, protect=bad)
+    if shift is not None and shift.defects is not None:
+        add_detector_defects(noisy, err, shift.defects, rng, protect=bad)
     if shift is not None and shift.normalization is not None:
         flux, flux_err, c_data = normalize_convention(noisy, err, bad, shift.normalization)
     else:

@@ -21,6 +21,10 @@ effect is one plain function here, so a test can check that it does what it says
   whole spectrum (x ∈ [−1, 1] from the blue to the red end), t, q ~ U(−a, a) per star.
 * :func:`corrupt_pixels` — outlier pixels (sky-line residuals, telluric residuals, unflagged
   cosmic rays): flux moved by many σ, error inflated by a finite factor, *not* flagged.
+* :func:`add_detector_defects` — unflagged detector defects that the error array knows nothing of
+  (error unchanged, no flag): cosmic-ray hits and hot pixels (single pixels + 10–200 σ), in half the
+  stars one hot stretch of a column (a run of 5–20 pixels at 1.5–3 × the flux), and dead pixels that
+  read ~0 — what a pipeline that flags less than APOGEE's leaves in a spectrum.
 * error conventions — every error × a factor, or a flattened (per-star constant) error array.
 * persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
 * :func:`flag_pixels` — many scattered flagged pixels (runs of 1–3, e.g. around sky lines), properly
@@ -54,7 +58,8 @@ from stellarnet.io import grids
 
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
-           "flag_pixels", "correlate_noise", "noise_kernel", "add_companion", "draw_persistence"]
+           "flag_pixels", "correlate_noise", "noise_kernel", "add_companion", "draw_persistence",
+           "add_detector_defects"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -76,6 +81,8 @@ class Shift:
             continuum residual (0.02 = up to ±2 %).
         outlier_fraction: (lo, hi) range of the fraction of pixels per star that are corrupted.
         outlier_err_factor: (lo, hi) range of the factor by which a corrupted pixel's error grows.
+        defects: (lo, hi) range of the fraction of pixels per star hit by unflagged detector defects
+            with an ordinary error (:func:`add_detector_defects`; None: none).
         err_scale: (lo, hi) range of a per-star factor on the reported error array.
         err_flat: report a flat error array (the star's median error at every good pixel).
         persistence_fraction: share of stars (0–1) given blue-chip persistence (None: as planned).
@@ -95,6 +102,7 @@ class Shift:
     continuum_tilt: float = 0.0
     outlier_fraction: tuple[float, float] | None = None
     outlier_err_factor: tuple[float, float] = (3.0, 10.0)
+    defects: tuple[float, float] | None = None
     err_scale: tuple[float, float] | None = None
     err_flat: bool = False
     persistence_fraction: float | None = None
@@ -107,7 +115,7 @@ class Shift:
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
             raise ValueError(f"normalization must be one of {CONVENTIONS}, got {self.normalization!r}")
-        for name in ("lsf", "outlier_fraction", "err_scale", "outlier_err_factor", "masked_fraction",
+        for name in ("lsf", "outlier_fraction", "defects", "err_scale", "outlier_err_factor", "masked_fraction",
                      "noise_correlation", "companion_flux_ratio", "companion_velocity_kms"):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or v[0] > v[1]):
@@ -140,6 +148,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "norm_smooth": Shift(normalization="smooth"),
     "continuum_2pc": Shift(continuum_tilt=0.02),
     "outliers_2pc": Shift(outlier_fraction=(0.005, 0.05)),
+    "defects": Shift(defects=(0.002, 0.01)),
     "lsf_20pc": Shift(lsf=(-0.2, 0.2)),
     "rv_1kms": Shift(rv_kms=1.0),
     "persistence": Shift(persistence_fraction=0.4),
@@ -364,6 +373,33 @@ def flag_pixels(shape: tuple[int, int], fraction: tuple[float, float], rng: np.r
         run[:, 0] = False
         out |= run
     return out
+
+
+def add_detector_defects(flux: np.ndarray, err: np.ndarray, fraction: tuple[float, float],
+                         rng: np.random.Generator, protect: np.ndarray | None = None) -> np.ndarray:
+    """Unflagged detector defects, in place, the error left as it was: a fraction U(fraction) of each
+    star's pixels hit — nine in ten by a cosmic ray or a hot pixel (flux + U(10, 200) σ), one in ten
+    dead (flux U(−1, 1) σ: no signal) — and in half the stars one hot stretch of a column, a run of
+    U(5, 20) pixels at U(1.5, 3) × the flux. ``protect`` pixels (already flagged) are left alone.
+    Returns the boolean (N, P) mask of the pixels changed."""
+    n, p = flux.shape
+    kept = None if protect is None else flux[protect]
+    hit = np.zeros((n, p), bool)
+    frac = rng.uniform(fraction[0], fraction[1], n)
+    for i in range(n):
+        idx = rng.choice(p, size=int(round(frac[i] * p)), replace=False)
+        dead = rng.random(idx.size) < 0.1
+        flux[i, idx[~dead]] += (rng.uniform(10.0, 200.0, (~dead).sum()) * err[i, idx[~dead]]).astype(flux.dtype)
+        flux[i, idx[dead]] = (rng.uniform(-1.0, 1.0, dead.sum()) * err[i, idx[dead]]).astype(flux.dtype)
+        hit[i, idx] = True
+        if rng.random() < 0.5:
+            start, length = int(rng.integers(0, p - 20)), int(rng.integers(5, 21))
+            flux[i, start:start + length] *= np.float32(rng.uniform(1.5, 3.0))
+            hit[i, start:start + length] = True
+    if protect is not None:  # flagged pixels keep what the flagging gave them
+        flux[protect] = kept
+        hit &= ~protect
+    return hit
 
 
 def corrupt_pixels(flux: np.ndarray, err: np.ndarray, fraction: tuple[float, float],
