@@ -92,7 +92,7 @@ def test_saved_fit_settings_are_used_and_old_stages_fit_no_continuum(refined_dir
     new = load_model(folder)
     assert new.refine_settings == {"iters": 2, "clip_rounds": 1, "clip_iters": 1, "clip_threshold": 2.0,
                                    "continuum_degree": 4, "continuum_knots": 100.0, "pixel_clip": 5.0, "fit_lsf": True,
-                                   "noise_correlation": True}
+                                   "lsf_per_chip": True, "noise_correlation": True}
     assert new.chi2_scaling == "two_sided" and new.label_range is not None
     assert new.disagreement_inflation is True
     old = tmp_path / "old"

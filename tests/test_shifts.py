@@ -36,6 +36,18 @@ def test_lsf_changes_the_line_width_by_the_factor(change):
     assert w1 / w0 == pytest.approx(1 + change, abs=0.02)
 
 
+def test_lsf_per_chip_changes_each_chip_by_its_own_factor():
+    change = np.array([[0.2, 0.0, -0.2]])
+    out = broaden_lsf(_lines(), change)
+    for c, sl in enumerate(grids.chip_slices("dr12")):
+        start = sl.start + (60 - sl.start % 60)  # a whole line inside the chip
+        w_in, _ = _width_and_centre(_lines(), start)
+        w_out, _ = _width_and_centre(out, start)
+        assert w_out / w_in == pytest.approx(1 + change[0, c], abs=0.04)
+    suite = SHIFT_SUITE["lsf_chips"]
+    assert suite.lsf_per_chip and suite.lsf == (-0.2, 0.2)
+
+
 def test_velocity_shift_moves_lines_by_v_over_kms_per_pixel():
     _, c0 = _width_and_centre(_lines())
     _, c1 = _width_and_centre(shift_velocity(_lines(), np.array([1.0])))

@@ -27,7 +27,7 @@ from stellarnet.refinement.residuals import NOISE_LAGS, _chip_straddles, compani
 
 #: the keyword arguments of :func:`refine_labels` a saved refinement stage may set
 FIT_KEYS = ("iters", "clip_rounds", "clip_iters", "clip_threshold", "damping", "bound", "continuum_degree",
-            "continuum_knots", "pixel_clip", "fit_lsf", "noise_correlation")
+            "continuum_knots", "pixel_clip", "fit_lsf", "lsf_per_chip", "noise_correlation")
 
 
 def fit_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -109,24 +109,27 @@ LINE_SHAPE_PRIOR = (0.6, 0.25)
 def _with_prior(A: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor,
                 L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Add the line-shape nuisances' Gaussian prior (:data:`LINE_SHAPE_PRIOR`, centred on 0) to the normal
-    equations: precision on the diagonal of their block of A, −precision·u to b."""
-    prec = torch.tensor([1.0 / w**2 for w in LINE_SHAPE_PRIOR], dtype=A.dtype, device=A.device)
+    equations: precision on the diagonal of their block of A, −precision·u to b. ``u`` (n, U): the LSF
+    variance change(s) (one, or one per chip), then the shift."""
     U = u.shape[1]
+    prec = torch.tensor([1.0 / LINE_SHAPE_PRIOR[0] ** 2] * (U - 1) + [1.0 / LINE_SHAPE_PRIOR[1] ** 2],
+                        dtype=A.dtype, device=A.device)
     A = A.clone()
-    A[:, L:L + U, L:L + U] += torch.diag(prec[:U])
+    A[:, L:L + U, L:L + U] += torch.diag(prec)
     if b is not None:
         b = b.clone()
-        b[:, L:L + U] -= prec[:U] * u
+        b[:, L:L + U] -= prec * u
     return A, b
 
 
-def _line_shape_mask(n_pixels: int, grid: str | None) -> torch.Tensor:
+def _line_shape_mask(n_pixels: int, grid: str | None, per_chip: bool = False) -> torch.Tensor:
     """(P,) float32 mask of the pixels where the line-shape nuisances are defined: all but the two ends
-    of each chip."""
-    inner = torch.zeros(n_pixels)
-    for sl in _chips(n_pixels, grid):
-        inner[sl.start + 1:sl.stop - 1] = 1.0
-    return inner
+    of each chip; with ``per_chip`` one such row per chip, (C, P): each chip its own LSF change."""
+    chips = _chips(n_pixels, grid)
+    inner = torch.zeros(len(chips), n_pixels)
+    for c, sl in enumerate(chips):
+        inner[c, sl.start + 1:sl.stop - 1] = 1.0
+    return inner if per_chip else inner.sum(0)
 
 
 def _second_difference(m: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -144,17 +147,25 @@ def _first_difference(m: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 
 
 def _line_shape(m: torch.Tensor, u: torch.Tensor, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The emulator flux with the line-shape nuisances ``u`` (n, 2) applied to second order, and their
-    derivatives (n, P, 2). u[:, 0] = s: LSF variance change (pixels²; the heat equation
-    G_s * m = m + (s/2)∇²m + (s²/8)∇⁴m + …); u[:, 1] = δ: a shift (pixels, positive = redward;
+    """The emulator flux with the line-shape nuisances ``u`` (n, U) applied to second order, and their
+    derivatives (n, P, U). u[:, :-1] = s: LSF variance change (pixels²; the heat equation
+    G_s * m = m + (s/2)∇²m + (s²/8)∇⁴m + …), one for the spectrum (``inner`` (P,)) or one per chip
+    (``inner`` (C, P), :func:`_line_shape_mask`); u[:, -1] = δ: a shift (pixels, positive = redward;
     m(x − δ) = m − δ m′ + (δ²/2) m″ + …)."""
-    s, dl = u[:, :1], u[:, 1:2]
+    dl = u[:, -1:]
+    if inner.dim() == 2:  # per chip: s at each pixel is its chip's
+        chips, inner = inner, inner.sum(0)
+        s = u[:, :-1] @ chips
+    else:
+        chips, s = None, u[:, :1]
     m2 = _second_difference(m, inner)
     d1 = 0.5 * m2
     d2 = 0.25 * _second_difference(d1, inner)
     g1 = _first_difference(m, inner)
     flux = m + s * d1 + 0.5 * s * s * d2 - dl * g1 + 0.5 * dl * dl * m2
-    return flux, torch.stack([d1 + s * d2, -g1 + dl * m2], 2)
+    ds = d1 + s * d2
+    ds = ds[..., None] if chips is None else ds[..., None] * chips.T
+    return flux, torch.cat([ds, (-g1 + dl * m2)[..., None]], 2)
 
 
 def _emulate(model: SpectrumEmulator, z: torch.Tensor, u: torch.Tensor | None, inner: torch.Tensor | None,
@@ -220,8 +231,8 @@ def _gauss_newton(model: SpectrumEmulator, z: torch.Tensor, c: torch.Tensor, bas
         z = (z + step[:, :L]).clamp(-bound, bound)
         if u is not None:
             u = u + step[:, L:L + U]
-            u = torch.stack([u[:, 0].clamp(-LSF_VARIANCE_BOUND, LSF_VARIANCE_BOUND),
-                             u[:, 1].clamp(-SHIFT_BOUND, SHIFT_BOUND)], 1)
+            u = torch.cat([u[:, :-1].clamp(-LSF_VARIANCE_BOUND, LSF_VARIANCE_BOUND),
+                           u[:, -1:].clamp(-SHIFT_BOUND, SHIFT_BOUND)], 1)
         c = c + step[:, L + U:]
     return z, c, A, u, last
 
@@ -297,6 +308,7 @@ def refine_labels(
     continuum_knots: float | None = None,
     pixel_clip: float | None = None,
     fit_lsf: bool = False,
+    lsf_per_chip: bool = False,
     noise_correlation: bool = False,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
@@ -326,6 +338,8 @@ def refine_labels(
     0.24 px), each with a Gaussian prior (:data:`LINE_SHAPE_PRIOR`). Spectra from another fibre or
     spectrograph, whose lines are broader or narrower than the training survey's, or slightly off in
     velocity, do not bias the labels; σ is marginalized over both. They are returned in ``lsf_variance`` and ``shift``.
+    With ``lsf_per_chip`` each chip has its own LSF change (an LSF that varies along the detector;
+    ``lsf_variance`` is then the chips' mean).
 
     With ``noise_correlation`` the formal σ also allows for noise that neighbouring pixels share (the
     visits of a combined spectrum are resampled before they are added): each star's residual
@@ -354,7 +368,8 @@ def refine_labels(
     basis = (continuum_spline_basis(model.n_pixels, model.grid, continuum_knots)
              if continuum_knots is not None and continuum_degree is not None
              else continuum_basis(model.n_pixels, model.grid, continuum_degree)).to(dev)
-    inner = _line_shape_mask(model.n_pixels, model.grid).to(dev) if fit_lsf else None
+    inner = _line_shape_mask(model.n_pixels, model.grid, lsf_per_chip).to(dev) if fit_lsf else None
+    n_shape = (inner.shape[0] if inner.dim() == 2 else 1) + 1 if inner is not None else 0
     straddles = _chip_straddles(model.n_pixels, model.grid, dev) if noise_correlation else None
     chips = _chips(model.n_pixels, model.grid)
     std = model.label_std.cpu().numpy()
@@ -367,7 +382,7 @@ def refine_labels(
             w = w0
             z = model.standardize(torch.as_tensor(init[rows], dtype=torch.float32, device=dev)).clamp(-bound, bound)
             c = torch.zeros(len(rows), basis.shape[1], dtype=z.dtype, device=dev)
-            shape = torch.zeros(len(rows), 2, dtype=z.dtype, device=dev) if fit_lsf else None  # (LSF Δσ², shift)
+            shape = torch.zeros(len(rows), n_shape, dtype=z.dtype, device=dev) if fit_lsf else None  # (LSF Δσ², shift)
             if pixel_clip is not None:  # gross outliers leave before the first step
                 w = _pixel_clip(f - _model_flux(model, z, c, basis, shape, inner), w,
                                 GROSS_CLIP_FACTOR * float(pixel_clip))
@@ -416,8 +431,8 @@ def refine_labels(
             outlier_rows.append(rows[r_idx.cpu().numpy()])
             outlier_cols.append(c_idx.cpu().numpy())
             if shape is not None:
-                out.lsf_variance[rows] = shape[:, 0].cpu().numpy()
-                out.shift[rows] = shape[:, 1].cpu().numpy()
+                out.lsf_variance[rows] = shape[:, :-1].mean(1).cpu().numpy()  # per chip: their mean
+                out.shift[rows] = shape[:, -1].cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
     out.outlier_pixels = (np.concatenate(outlier_rows).astype(np.int64) if outlier_rows else np.zeros(0, np.int64),
                           np.concatenate(outlier_cols).astype(np.int64) if outlier_cols else np.zeros(0, np.int64))

@@ -130,7 +130,7 @@ def observe_spectra(
         raw = add_companion(raw, labels, shift.companion_flux_ratio, shift.companion_velocity_kms, rng,
                             lambda x: emu(x, chunk=max(1, n)))
     if shift is not None and shift.lsf is not None:
-        raw = broaden_lsf(raw, rng.uniform(shift.lsf[0], shift.lsf[1], n))
+        raw = broaden_lsf(raw, rng.uniform(shift.lsf[0], shift.lsf[1], (n, 3) if shift.lsf_per_chip else n))
     if shift is not None and shift.rv_kms:
         raw = shift_velocity(raw, rng.uniform(-shift.rv_kms, shift.rv_kms, n))
     coef = np.empty((n, 9), np.float32)  # per chip: level, level·a₁, level·a₂

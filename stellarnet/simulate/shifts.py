@@ -75,6 +75,8 @@ class Shift:
 
     Attributes:
         lsf: (lo, hi) range of the fractional LSF-width change f per star (0.2 = 20 % broader).
+        lsf_per_chip: draw f for each chip of a star independently (an LSF that differs from one
+            detector to the next) instead of once per star.
         rv_kms: half-width (km/s) of a uniform radial-velocity zero-point residual per star.
         normalization: continuum convention, one of :data:`CONVENTIONS` (None: the default one).
         continuum_tilt: half-width of the uniform tilt t and curvature q of a smooth multiplicative
@@ -97,6 +99,7 @@ class Shift:
     """
 
     lsf: tuple[float, float] | None = None
+    lsf_per_chip: bool = False
     rv_kms: float = 0.0
     normalization: str | None = None
     continuum_tilt: float = 0.0
@@ -150,6 +153,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "outliers_2pc": Shift(outlier_fraction=(0.005, 0.05)),
     "defects": Shift(defects=(0.002, 0.01)),
     "lsf_20pc": Shift(lsf=(-0.2, 0.2)),
+    "lsf_chips": Shift(lsf=(-0.2, 0.2), lsf_per_chip=True),
     "rv_1kms": Shift(rv_kms=1.0),
     "persistence": Shift(persistence_fraction=0.4),
     "masked_pixels": Shift(masked_fraction=(0.02, 0.08)),
@@ -180,15 +184,19 @@ def shift_suite(names: Any = None) -> dict[str, Shift]:
 
 
 def _per_chip(spectra: np.ndarray, fn: Any, per_star: np.ndarray) -> np.ndarray:
+    """``fn(chip flux, value)`` on every chip of every star; ``per_star`` (N,) one value per star, or
+    (N, 3) one per chip."""
     out = np.array(spectra, dtype=np.float32, copy=True)
-    for sl in grids.chip_slices(GRID):
+    per_star = np.asarray(per_star)
+    for c, sl in enumerate(grids.chip_slices(GRID)):
         for i, p in enumerate(per_star):
-            out[i, sl] = fn(out[i, sl], float(p))
+            out[i, sl] = fn(out[i, sl], float(p[c] if np.ndim(p) else p))
     return out
 
 
 def broaden_lsf(model: np.ndarray, change: np.ndarray) -> np.ndarray:
-    """LSF width × (1 + change) per star, (N, 7214) un-normalized model flux; change > −0.5."""
+    """LSF width × (1 + change) per star (``change`` (N,)) or per chip of each star ((N, 3)), (N, 7214)
+    un-normalized model flux; change > −0.5."""
     change = np.asarray(change, np.float64)
 
     def one(chip: np.ndarray, f: float) -> np.ndarray:
