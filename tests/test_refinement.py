@@ -51,6 +51,38 @@ def test_build_writes_emulator_and_summary(refined_dir, tiny_shards):
     assert list((folder.parent / "tb").glob("events.*"))
 
 
+def test_second_look_is_the_network_on_the_spectrum_without_the_fit_outliers(refined_dir, tiny_shards):
+    """Where the fit rejected outlier pixels, the network's labels, σ and classes are those it gives for
+    the same spectrum with exactly those pixels masked."""
+    from stellarnet.preparation.spectra import BAD_PIXEL_ERR
+    from stellarnet.refinement.fit import refine_labels
+
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    flux, err = data["flux"].copy(), data["flux_err"].copy()
+    rng = np.random.default_rng(0)
+    good = data["pix_mask"] > 0
+    hot = good & (rng.random(flux.shape) < 0.005)  # unflagged hot pixels with an ordinary error
+    flux[hot] += 50 * err[hot]
+    model = load_model(folder)
+    out = model.predict(flux, err, data["photometry"], data["pix_mask"])
+    plain = load_model(folder, refine=False)
+    net = plain.predict(flux, err, data["photometry"], data["pix_mask"])
+    fit = refine_labels(model.emulator, *[np.asarray(a, np.float32) for a in (flux, err, data["pix_mask"])],
+                        net["labels"].astype(np.float64), **model.refine_settings)
+    rows, cols = fit.outlier_pixels
+    assert rows.size and np.isin(np.flatnonzero(hot.any(1)), rows).mean() > 0.8  # the hot pixels were found
+    masked_flux, masked_err, mask = flux.copy(), err.copy(), data["pix_mask"].astype(np.float32).copy()
+    masked_flux[rows, cols], masked_err[rows, cols], mask[rows, cols] = 1.0, BAD_PIXEL_ERR, 0.0
+    looked = np.unique(rows)
+    again = plain.predict(masked_flux[looked], masked_err[looked], data["photometry"][looked], mask[looked])
+    np.testing.assert_allclose(out["labels_network"][looked], again["labels"], rtol=1e-5, atol=1e-4)
+    for task, names in again["classes"].items():
+        assert np.array_equal(out["classes"][task][looked], names)
+    rest = np.setdiff1d(np.arange(len(flux)), looked)
+    np.testing.assert_array_equal(out["labels_network"][rest], net["labels"][rest])
+
+
 def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_shards):
     folder, summary = refined_dir
     data = load_split(tiny_shards, "test")
