@@ -194,8 +194,8 @@ def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
     from stellarnet.network.flags import stellarnet_flags
 
     box = np.array([[3500.0, 7000.0], [0.0, 5.0], [-2.0, 0.5], [-0.2, 0.5]])
-    res = _flag_result(9)
-    pix = np.ones(9)
+    res = _flag_result(10)
+    pix = np.ones(10)
     res["refine_flag"][0] = 1
     res["refine_flag"][1] = 2
     res["refine_chi2"][2] = 3.5
@@ -205,14 +205,40 @@ def test_each_stellarnet_flag_bit_is_set_on_a_star_built_to_trip_it():
     res["refine_masked_segments"][6] = 2
     pix[7] = 0.5
     res["refine_companion"][8] = 25.0  # the star's lines at another velocity in the residuals
-    flag = stellarnet_flags(res, pix, box)
+    level = np.ones((10, 12))
+    level[9, 5] = 0.7  # a chip segment whose upper envelope is at 0.7: a spoiled normalization
+    level[0, 3] = np.nan  # a segment without good pixels says nothing
+    flag = stellarnet_flags(res, pix, box, continuum_level=level)
     expect = ["REFINE_FAILED", "NOT_REFINED", "HIGH_CHI2", "OUTSIDE_TRAINING", "OUTLIER_PIXELS",
-              "NET_REFINE_DISAGREE", "MASKED_SEGMENTS", "FEW_PIXELS", "BINARY_CANDIDATE"]
+              "NET_REFINE_DISAGREE", "MASKED_SEGMENTS", "FEW_PIXELS", "BINARY_CANDIDATE", "BAD_CONTINUUM"]
     for i, name in enumerate(expect):
         assert F.decode(int(flag[i])) == [name], (i, F.decode(int(flag[i])))
     assert not stellarnet_flags(_flag_result(), np.ones(8), box).any()
     net_only = {"labels": _flag_result()["labels"]}
     assert all(F.decode(int(v)) == ["NOT_REFINED"] for v in stellarnet_flags(net_only, np.ones(8), None))
+
+
+def test_a_spoiled_normalization_trips_bad_continuum_and_ordinary_ones_do_not(refined_dir, tiny_shards):
+    from stellarnet.io import grids
+    from stellarnet.io.bitmasks import STELLARNET_FLAG as F
+    from stellarnet.preparation.spectra import continuum_envelope
+
+    folder, _ = refined_dir
+    data = load_split(tiny_shards, "test")
+    model = load_model(folder)
+    n = min(8, len(data["flux"]))
+    flux, err, mask = data["flux"][:n].copy(), data["flux_err"][:n].copy(), data["pix_mask"][:n]
+    level = continuum_envelope(flux, mask > 0, model.grid)
+    assert level.shape == (n, 12) and np.nanmax(np.abs(level - 1)) < 0.1
+    bit = 1 << F.bit("BAD_CONTINUUM")
+    assert not (model.predict(flux, err, data["photometry"][:n], mask)["stellarnet_flag"] & bit).any()
+    tilted = flux * (1.0 + 0.03 * np.linspace(-1, 1, flux.shape[1], dtype=np.float32))  # another convention
+    assert not (model.predict(tilted, err, data["photometry"][:n], mask)["stellarnet_flag"] & bit).any()
+    red = grids.chip_slices(model.grid)[2]
+    spoiled = flux.copy()
+    spoiled[:, red] *= np.linspace(0.5, 1.0, red.stop - red.start, dtype=np.float32)  # pulled-up pseudo-continuum
+    out = model.predict(spoiled, err, data["photometry"][:n], mask)
+    assert (out["stellarnet_flag"] & bit).all() and F.any_set(out["stellarnet_flag"], F.bad_bits).all()
 
 
 def test_predictions_carry_the_flag_and_outlier_pixels_trip_it(refined_dir, tiny_shards):

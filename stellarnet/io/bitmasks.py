@@ -159,8 +159,9 @@ STELLARNET_FLAG = Bitmask(
         7: "FEW_PIXELS",           # fewer than 70 % of the pixels usable
         8: "UNPHYSICAL",           # a label outside the physically possible range (or non-finite): do not use
         9: "BINARY_CANDIDATE",     # the fit residuals hold the star's lines at another velocity: a double-lined binary
+        10: "BAD_CONTINUUM",       # the upper envelope of a chip segment is far from 1: the normalization is spoiled
     },
-    bad_bits=(0, 1, 2, 3, 8, 9),
+    bad_bits=(0, 1, 2, 3, 8, 9, 10),
 )
 
 BITMASKS = {

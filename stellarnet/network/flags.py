@@ -30,6 +30,11 @@ FLAG_MIN_PIXEL_FRACTION = 0.7
 #: BINARY_CANDIDATE: the refinement's companion score (forward.companion_score, in σ) above this
 FLAG_COMPANION = 8.0
 
+#: BAD_CONTINUUM: a chip segment's upper envelope (90th percentile of the normalized flux) off 1 by more than
+#: this (every shift of the suite stays below 0.17, `norm_smooth`'s pseudo-continuum the highest; 0.07 in
+#: distribution): the normalization the spectrum arrived with is spoiled (docs/robustness.md)
+FLAG_CONTINUUM_OFFSET = 0.2
+
 
 def physical_ranges(label_names: list[str]) -> np.ndarray:
     """(L, 2) physically possible range of each label (:data:`stellarnet.preparation.cuts.PHYSICAL_LABEL_RANGES`;
@@ -62,7 +67,8 @@ def disagreement_factor(labels: np.ndarray, sigma: np.ndarray, other_labels: np.
 
 
 def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_range: np.ndarray | None,
-                     physical_range: np.ndarray | None = None) -> np.ndarray:
+                     physical_range: np.ndarray | None = None,
+                     continuum_level: np.ndarray | None = None) -> np.ndarray:
     """The STELLARNET_FLAG bitmask (N,) int32 of a :meth:`Predictor.predict` result.
 
     Bits (:data:`stellarnet.io.bitmasks.STELLARNET_FLAG`): REFINE_FAILED (``refine_flag`` 1),
@@ -72,7 +78,9 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
     more than :data:`FLAG_DISAGREE_SIGMA` × √(σ_net² + σ_fit²) in some label), MASKED_SEGMENTS,
     FEW_PIXELS (usable pixel fraction below :data:`FLAG_MIN_PIXEL_FRACTION`), UNPHYSICAL (a label
     non-finite or outside ``physical_range``, (L, 2)), BINARY_CANDIDATE (companion score above
-    :data:`FLAG_COMPANION`).
+    :data:`FLAG_COMPANION`), BAD_CONTINUUM (``continuum_level`` (N, S), the upper envelope of each chip
+    segment (:func:`stellarnet.preparation.spectra.continuum_envelope`), off 1 by more than
+    :data:`FLAG_CONTINUUM_OFFSET` somewhere).
     """
     from stellarnet.io.bitmasks import STELLARNET_FLAG as F
 
@@ -103,6 +111,9 @@ def stellarnet_flags(res: dict[str, Any], pixel_fraction: np.ndarray, label_rang
             out = (labels < label_range[:, 0]) | (labels > label_range[:, 1])
         set_bit("OUTSIDE_TRAINING", out.any(1))
     set_bit("FEW_PIXELS", np.asarray(pixel_fraction) < FLAG_MIN_PIXEL_FRACTION)
+    if continuum_level is not None:
+        with np.errstate(invalid="ignore"):
+            set_bit("BAD_CONTINUUM", (np.abs(np.asarray(continuum_level) - 1.0) > FLAG_CONTINUUM_OFFSET).any(1))
     if physical_range is not None and len(labels):
         with np.errstate(invalid="ignore"):
             impossible = ~np.isfinite(labels) | (labels < physical_range[:, 0]) | (labels > physical_range[:, 1])

@@ -33,7 +33,7 @@ from stellarnet.network.flags import (
 from stellarnet.network.model_folder import EMULATOR_FILE, CheckpointError
 from stellarnet.network.module import StellarNetModule
 from stellarnet.preparation.photometry import standardize_photometry
-from stellarnet.preparation.spectra import BAD_PIXEL_ERR, mask_unusable_pixels
+from stellarnet.preparation.spectra import BAD_PIXEL_ERR, continuum_envelope, mask_unusable_pixels
 from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.refinement.emulator import SpectrumEmulator
 from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
@@ -312,8 +312,10 @@ class Predictor:
                 self._second_look(res, fit.outlier_pixels, flux, flux_err, mask, phot, phot_mask, mc_samples,
                                   batch_size, seed, prec)
             net_factor = self._refine(res, fit)
+        level = (continuum_envelope(flux, good, self.grid) if n and self.grid is not None
+                 else None)  # the upper envelope per chip segment: a spoiled normalization
         res["stellarnet_flag"] = stellarnet_flags(res, mask.mean(1) if n else np.zeros(0), self.label_range,
-                                                  physical_ranges(self.label_names))
+                                                  physical_ranges(self.label_names), continuum_level=level)
         if net_factor is not None:  # after the flags, which are judged on the network's own σ
             res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
         return res

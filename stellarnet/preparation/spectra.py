@@ -293,6 +293,26 @@ def continuum_normalize(
     return norm_flux, norm_err, cont.astype(out_dtype, copy=False)
 
 
+def continuum_envelope(flux: np.ndarray, good: np.ndarray, grid: str | int, n_segments: int = 4,
+                       quantile: float = 0.9, min_pixels: int = 50) -> np.ndarray:
+    """Upper envelope of continuum-normalized spectra: the ``quantile`` of the good pixels' flux in each
+    of ``n_segments`` equal segments of every chip, (N, n_chips · n_segments); NaN where a segment has
+    fewer than ``min_pixels`` good pixels. ≈ 1 (within the noise and the line blanketing) for a spectrum
+    whose continuum is where a normalization puts it; far from 1 where the normalization was spoiled."""
+    flux = np.atleast_2d(np.asarray(flux, np.float32))
+    good = np.atleast_2d(np.asarray(good, bool))
+    levels = []
+    for sl in grids.chip_slices(grid):
+        edges = np.linspace(sl.start, sl.stop, n_segments + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            seg = np.where(good[:, a:b], flux[:, a:b], np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-bad segments: NaN
+                level = np.nanquantile(seg, quantile, axis=1)
+            levels.append(np.where(good[:, a:b].sum(1) >= min_pixels, level, np.nan))
+    return np.stack(levels, 1)
+
+
 def mask_unusable_pixels(flux: np.ndarray, flux_err: np.ndarray, usable: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalized spectra → ``(flux, flux_err, good)`` float32 / bool with every unusable pixel set to
