@@ -33,7 +33,7 @@ from stellarnet.network.flags import (
 from stellarnet.network.model_folder import EMULATOR_FILE, CheckpointError
 from stellarnet.network.module import StellarNetModule
 from stellarnet.preparation.photometry import standardize_photometry
-from stellarnet.preparation.spectra import BAD_PIXEL_ERR, continuum_envelope, mask_unusable_pixels
+from stellarnet.preparation.spectra import continuum_envelope, mask_unusable_pixels
 from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.refinement.emulator import SpectrumEmulator
 from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
@@ -368,12 +368,11 @@ class Predictor:
         is invisible to the network's error-aware inputs, but not to the χ² fit against the emulator; the
         network's labels, σ and classes then come from the spectrum without it."""
         rows = np.unique(outliers[0])
-        local = np.searchsorted(rows, outliers[0])
-        f, e, m = flux[rows].copy(), flux_err[rows].copy(), mask[rows].copy()
-        f[local, outliers[1]] = 1.0
-        e[local, outliers[1]] = BAD_PIXEL_ERR
-        m[local, outliers[1]] = 0.0
-        again = self._network_pass(f, e, m, phot[rows], phot_mask[rows], mc_samples, batch_size, seed, prec)
+        usable = mask[rows] > 0
+        usable[np.searchsorted(rows, outliers[0]), outliers[1]] = False
+        f, e, good = mask_unusable_pixels(flux[rows], flux_err[rows], usable)
+        again = self._network_pass(f, e, good.astype(np.float32), phot[rows], phot_mask[rows], mc_samples,
+                                   batch_size, seed, prec)
         for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
             res[k][rows] = again[k]
         for t in res["class_probs"]:

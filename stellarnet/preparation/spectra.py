@@ -305,11 +305,19 @@ def continuum_envelope(flux: np.ndarray, good: np.ndarray, grid: str | int, n_se
     for sl in grids.chip_slices(grid):
         edges = np.linspace(sl.start, sl.stop, n_segments + 1).astype(int)
         for a, b in zip(edges[:-1], edges[1:]):
-            seg = np.where(good[:, a:b], flux[:, a:b], np.nan)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-bad segments: NaN
-                level = np.nanquantile(seg, quantile, axis=1)
-            levels.append(np.where(good[:, a:b].sum(1) >= min_pixels, level, np.nan))
+            # the quantile of the good pixels (linear interpolation, as np.nanquantile) from one sort with
+            # the bad pixels first: nanquantile itself is ~7x slower, and this runs on every prediction
+            ranked = np.sort(np.where(good[:, a:b], flux[:, a:b], -np.inf), axis=1)
+            n_good = good[:, a:b].sum(1)
+            pos = quantile * np.maximum(n_good - 1, 0)
+            lo = np.floor(pos).astype(int)
+            first = (b - a) - n_good  # index of the lowest good pixel
+            low = np.take_along_axis(ranked, (first + lo)[:, None].clip(0, b - a - 1), 1)[:, 0]
+            high = np.take_along_axis(ranked, (first + np.minimum(lo + 1, n_good - 1))[:, None].clip(0, b - a - 1),
+                                      1)[:, 0]
+            with np.errstate(invalid="ignore"):  # segments without a good pixel: −inf − −inf, NaN below
+                level = low + (pos - lo) * (high - low)
+            levels.append(np.where(n_good >= max(min_pixels, 1), level, np.nan))
     return np.stack(levels, 1)
 
 

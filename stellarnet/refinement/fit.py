@@ -369,9 +369,9 @@ def refine_labels(
              if continuum_knots is not None and continuum_degree is not None
              else continuum_basis(model.n_pixels, model.grid, continuum_degree)).to(dev)
     inner = _line_shape_mask(model.n_pixels, model.grid, lsf_per_chip).to(dev) if fit_lsf else None
-    n_shape = (inner.shape[0] if inner.dim() == 2 else 1) + 1 if inner is not None else 0
     straddles = _chip_straddles(model.n_pixels, model.grid, dev) if noise_correlation else None
     chips = _chips(model.n_pixels, model.grid)
+    n_shape = (len(chips) if lsf_per_chip else 1) + 1  # the LSF change(s), then the shift
     std = model.label_std.cpu().numpy()
     model = model.eval()
     with torch.no_grad():
