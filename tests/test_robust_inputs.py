@@ -114,6 +114,34 @@ def test_augmentation_flags_scattered_short_runs_as_prepare_spectrum_leaves_them
         SpectrumAugment(P, mask_fraction=0.6)
 
 
+def test_augmentation_lowers_the_snr_with_noise_its_error_array_describes():
+    clean, err, mask = spectra(400)  # S/N 100 ...
+    err[:200] = 0.5 * NOISE  # ... and 200
+    mask[:, :50] = 0
+    aug = SpectrumAugment(P, prob=0.0, continuum=0.0, outlier_fraction=0.0, err_scale=(1.0, 1.0), err_flat_prob=0.0,
+                          rv_pixels=0.0, lsf=(0.0, 0.0), snr_prob=1.0, snr_min=10.0).train()
+    torch.manual_seed(2)
+    f, e, m = aug(clean, err, mask)
+    assert torch.equal(m, mask) and torch.equal(f[:, :50], clean[:, :50]) and torch.equal(e[:, :50], err[:, :50])
+    k = e[:, 50:].median(1).values / err[:, 50:].median(1).values  # the error grew by k ≥ 1, the same on every pixel
+    assert torch.allclose(e[:, 50:], err[:, 50:] * k[:, None], rtol=1e-5)
+    snr_before, snr_after = 1.0 / err[:, 50:].median(1).values, 1.0 / e[:, 50:].median(1).values
+    assert bool((snr_after <= snr_before + 1e-3).all()) and bool((snr_after >= 10.0 - 1e-3).all())
+    # log-uniform between 10 and the spectrum's own S/N: the middle of the logs on average
+    mid = 0.5 * (np.log(10.0) + torch.log(snr_before).numpy())
+    assert abs(float(np.mean(torch.log(snr_after).numpy() - mid))) < 0.1
+    # the added noise is what the new errors say on top of the old: std (f − flux) = σ √(k² − 1)
+    added = (f[:, 50:] - clean[:, 50:]).std(1) / (err[:, 50:].median(1).values * torch.sqrt(k**2 - 1).clamp_min(1e-6))
+    big = k > 1.5
+    assert big.sum() > 200 and torch.allclose(added[big], torch.ones(int(big.sum())), atol=0.06)
+    # spectra already below snr_min, and every spectrum with snr_prob 0, are left as they were
+    low = err * 40.0  # S/N 2.5 and 5
+    f2, e2, _ = aug(clean, low, mask)
+    assert torch.equal(f2, clean) and torch.equal(e2, low)
+    with pytest.raises(ValueError, match="snr_prob"):
+        SpectrumAugment(P, snr_prob=1.5)
+
+
 def _tiny_module(augment: dict | None) -> StellarNetModule:
     spec = {"grid": "dr12", "n_pixels": P, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
             "label_mean": [4800.0, 2.5], "label_std": [500.0, 1.0], "phot_features": [], "class_tasks": {}}

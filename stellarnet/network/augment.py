@@ -7,6 +7,10 @@ pipeline's conventions.
 unchanged. Each effect is applied to a random share ``prob`` of the spectra, with an amplitude
 drawn uniformly up to its maximum:
 
+* **lower S/N**: for a share ``snr_prob`` of the spectra, Gaussian noise is added to bring the S/N
+  (1 / the median error of the good pixels) down to a value drawn log-uniformly between ``snr_min``
+  and the spectrum's own, and the error array grows with it (× the S/N ratio) — a survey observes
+  many stars below a training set's S/N cut, where the network must know that it knows less;
 * **continuum**: flux and error × (1 + Σₖ cₖ Tₖ(x)) per chip, Chebyshev T₀…T_degree,
   cₖ ~ U(−a, a) — other normalization conventions and smooth continuum residuals;
 * **outliers**: a fraction U(0, f) of the good pixels moved by ±U(5, 30) σ, their error × U(lo, hi)
@@ -65,12 +69,14 @@ class SpectrumAugment(nn.Module):
         rv_pixels: maximum sub-pixel shift (pixels).
         lsf: (lo, hi) fractional change of the LSF width.
         mask_fraction: maximum fraction of a spectrum's pixels flagged in short runs (0: none).
+        snr_prob: share of the spectra given a lower S/N (0: none); snr_min: the lowest S/N drawn.
     """
 
     def __init__(self, n_pixels: int, prob: float = 0.5, continuum: float = 0.02, continuum_degree: int = 4,
                  outlier_fraction: float = 0.03, outlier_err_factor: Sequence[float] = (2.0, 10.0),
                  err_scale: Sequence[float] = (0.5, 2.0), err_flat_prob: float = 0.15, rv_pixels: float = 0.36,
-                 lsf: Sequence[float] = (-0.25, 0.3), mask_fraction: float = 0.0) -> None:
+                 lsf: Sequence[float] = (-0.25, 0.3), mask_fraction: float = 0.0, snr_prob: float = 0.0,
+                 snr_min: float = 10.0) -> None:
         super().__init__()
         if not 0.0 <= prob <= 1.0 or not 0.0 <= err_flat_prob <= 1.0:
             raise ValueError(f"prob and err_flat_prob must be in [0, 1], got {prob}, {err_flat_prob}")
@@ -78,6 +84,9 @@ class SpectrumAugment(nn.Module):
             raise ValueError(f"outlier_fraction and mask_fraction must be in [0, 0.5), got {outlier_fraction}, "
                              f"{mask_fraction}")
         self.mask_fraction = float(mask_fraction)
+        if not 0.0 <= snr_prob <= 1.0 or snr_min <= 0:
+            raise ValueError(f"snr_prob must be in [0, 1] and snr_min > 0, got {snr_prob}, {snr_min}")
+        self.snr_prob, self.snr_min = float(snr_prob), float(snr_min)
         for name, pair in (("outlier_err_factor", outlier_err_factor), ("err_scale", err_scale), ("lsf", lsf)):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ValueError(f"{name} must be a (lo, hi) pair, got {pair}")
@@ -141,6 +150,8 @@ class SpectrumAugment(nn.Module):
             grad = torch.zeros_like(flux)
             grad[:, 1:-1] = 0.5 * (flux[:, 2:] - flux[:, :-2])
             flux = flux - shift * grad  # f(x − δ) ≈ f(x) − δ f'(x)
+        if self.snr_prob > 0:
+            flux, err = self._lower_snr(flux, err, good)
         if self.continuum > 0:
             coef = (2 * u(n, self.basis.shape[1]) - 1) * self.continuum * self._pick(n, dev)
             poly = 1.0 + coef @ self.basis.T
@@ -169,6 +180,20 @@ class SpectrumAugment(nn.Module):
                 err[rows] = torch.where(g & torch.isfinite(med), med.expand_as(g).to(err.dtype), err[rows])
         # masked pixels keep their contract values (flux 1, BAD_PIXEL_ERR)
         return torch.where(good, flux, orig_flux), torch.where(good, err, orig_err)
+
+    def _lower_snr(self, flux: torch.Tensor, err: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A share ``snr_prob`` of the spectra observed at a lower S/N: S/N' ~ logU(snr_min, S/N), noise of
+        σ·√(k² − 1) added and σ × k, k = S/N / S/N' (S/N = 1 / the median error of the good pixels)."""
+        n, dev = flux.shape[0], flux.device
+        med = torch.where(good, err, torch.full_like(err, float("nan"))).nanmedian(1, keepdim=True).values
+        snr = 1.0 / med
+        ok = torch.isfinite(snr) & (snr > self.snr_min) & (torch.rand(n, 1, device=dev) < self.snr_prob)
+        log_lo = torch.log(torch.full_like(snr, self.snr_min))
+        log_hi = torch.log(torch.where(ok, snr, torch.full_like(snr, self.snr_min)))
+        target = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, 1, device=dev))
+        k = torch.where(ok, snr / target, torch.ones_like(snr)).clamp_min(1.0)
+        flux = flux + err * torch.sqrt(k**2 - 1.0) * torch.randn_like(flux)
+        return flux, err * k
 
     def _lsf(self, flux: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
         """Per-spectrum LSF width × (1 + change): Gaussian blur of variance σ_L²((1+f)² − 1) for f > 0,
