@@ -268,10 +268,11 @@ def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp
 
     folder, _ = refined_dir
     assert shift_table_from_config(folder, tmp_path, {"enabled": False}) is None
-    paths = shift_table_from_config(folder, tmp_path, {"enabled": True, "names": ["none", "outliers_2pc"],
+    paths = shift_table_from_config(folder, tmp_path, {"enabled": True, "names": ["none", "outliers_2pc", "low_snr"],
                                                        "n_stars": 60, "seed": 1})
     res = json.loads(paths["json"].read_text())
-    assert list(res["shifts"]) == ["none", "outliers_2pc"]
+    assert list(res["shifts"]) == ["none", "outliers_2pc", "low_snr"]
+    assert res["shifts"]["none"]["snr_bin"] == [100.0, 200.0] and res["shifts"]["low_snr"]["snr_bin"] == [25.0, 50.0]
     for entry in res["shifts"].values():
         assert set(entry["refined"]) == set(entry["network"]) == {"TEFF", "LOGG", "FE_H", "ALPHA_FE"}
         assert entry["n_bin"] > 5 and 0 <= entry["stage"]["accuracy"] <= 1
@@ -285,6 +286,7 @@ def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp
     assert res["shifts"]["outliers_2pc"]["shift"]["outlier_fraction"] == [0.005, 0.05]
     table = paths["markdown"].read_text()
     assert "| none | refined |" in table and "| outliers_2pc | refined |" in table
+    assert "| low_snr (S/N 25–50) | refined |" in table
 
 
 def test_recalibrate_keeps_the_emulator_and_refits_the_calibration(refined_dir, tiny_shards, tmp_path):

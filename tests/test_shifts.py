@@ -280,6 +280,23 @@ def test_correlated_noise_shift_changes_only_the_noise_not_the_quoted_errors():
         Shift(noise_correlation=(0.5, 0.8))
 
 
+def test_low_snr_observes_the_same_stars_with_a_quarter_of_the_snr():
+    from stellarnet.benchmarks.shift_suite import simulate
+
+    base, low = simulate(Shift(), 12, 3), simulate(SHIFT_SUITE["low_snr"], 12, 3)
+    assert np.array_equal(base["labels"], low["labels"])
+    assert np.allclose(low["snr"], 0.25 * base["snr"])
+    good = (base["flux_err"] < 1) & (low["flux_err"] < 1)  # not flagged (nor the chip gaps' NaN)
+    ratio = np.nanmedian(np.where(good, low["flux_err"] / base["flux_err"], np.nan), axis=1)
+    assert np.allclose(ratio, 4.0, rtol=0.01)
+    # the flux is noisier, not only the quoted error: the same model with noise 4σ instead of σ differs by
+    # 3σ (the same draws scaled) to √17 σ (independent draws)
+    z = np.nanstd(np.where(good, (low["flux"] - base["flux"]) / base["flux_err"], np.nan), axis=1)
+    assert np.all((z > 2.8) & (z < 4.3)), z
+    with pytest.raises(ValueError, match="snr_scale"):
+        Shift(snr_scale=0.0)
+
+
 def test_score_catalogue_joins_rows_to_truth() -> None:
     """A catalogue with a duplicate row of one star is scored row by row against the star's truth;
     labels on the S/N bin only, stages over all rows; a star missing from the truth is named."""

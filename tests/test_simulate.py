@@ -365,5 +365,8 @@ def test_shifted_survey(tmp_path: Path) -> None:
     dwarfs = np.mean(_s(truth["STAGE"]) == "MS")
     assert json.loads(mixed["simulation"].read_text())["config"]["mix"] == SHIFTED_MIX
     assert dwarfs > 0.2  # the default mix has 17 % dwarfs, the shifted one 38 %
+    faint = simulate_survey(tmp_path / "faint", **kw, shift="low_snr", spectra=False)
+    snr = {k: fits.getdata(p["allstar"], 1)["SNR"] for k, p in (("plain", plain), ("faint", faint))}
+    assert np.allclose(snr["faint"], 0.25 * snr["plain"], rtol=1e-3)  # the catalogue's SNR says what the spectra have
     with pytest.raises(KeyError, match="unknown shifts"):
         simulate_survey(tmp_path / "bad", **kw, shift="no_such_shift")

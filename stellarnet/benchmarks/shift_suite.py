@@ -52,7 +52,7 @@ def simulate(shift: Shift, n: int, seed: int, chunk: int = 256) -> dict[str, np.
     """``n`` stars observed with ``shift``: 8,575-pixel flux/err, true labels, stage codes, S/N."""
     pop = sample_population(n, np.random.default_rng([seed, 1]), shift.mix)
     rng = np.random.default_rng([seed, 2])
-    snr = 10 ** rng.uniform(np.log10(50.0), np.log10(400.0), n)
+    snr = 10 ** rng.uniform(np.log10(50.0), np.log10(400.0), n) * shift.snr_scale
     # fewer bad-pixel runs than a survey row (combined spectra), persistence in ~10 % of the stars
     bad_start, bad_len, persist = draw_detector_defects(rng, n, mean_runs=0.5, persist_cuts=(0.03, 0.06, 0.10))
     if shift.persistence_fraction is not None:
@@ -176,10 +176,12 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
         t0 = time.perf_counter()
         pred = predictor.predict(flux, err, pix_mask=good)
         t_pred = time.perf_counter() - t0
-        sel = (sim["snr"] >= SNR_BIN[0]) & (sim["snr"] < SNR_BIN[1])
+        lo, hi = (v * shift.snr_scale for v in SNR_BIN)  # the same stars, whatever their S/N
+        sel = (sim["snr"] >= lo) & (sim["snr"] < hi)
         truth = sim["labels"][sel]
         bound = true_crlb(truth, sim["snr"][sel]) if crlb else None
-        entry: dict[str, Any] = {"shift": shift.to_dict(), "n_bin": int(sel.sum()), "seconds_simulate": t_sim,
+        entry: dict[str, Any] = {"shift": shift.to_dict(), "n_bin": int(sel.sum()), "snr_bin": [lo, hi],
+                                 "seconds_simulate": t_sim,
                                  "seconds_predict": t_pred}
         if "labels_network" in pred:  # χ²-refined: the catalogue's labels and the network's own
             entry["refined"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names, bound)
@@ -265,6 +267,9 @@ def shift_markdown(results: dict[str, Any]) -> str:
              "|---|---|" + "---|" * len(names) + "---|---|"]
     for shift, e in results["shifts"].items():
         rows = ([("refined", e["refined"])] if "refined" in e else []) + [("network", e["network"])]
+        own_bin = [float(v) for v in e.get("snr_bin", results["snr_bin"])]
+        label = shift if own_bin == [float(v) for v in results["snr_bin"]] else \
+            f"{shift} (S/N {own_bin[0]:.0f}–{own_bin[1]:.0f})"
         rows += [(b, m) for b, m in (e.get("baselines") or {}).items()]
         for i, (kind, m) in enumerate(rows):
             cells = []
@@ -277,7 +282,7 @@ def shift_markdown(results: dict[str, Any]) -> str:
             st = e["stage"]
             tail = (f" {st['accuracy']:.3f} | {st['rc_purity']:.2f} / {st['rc_completeness']:.2f} |" if i == 0
                     else " | |")
-            lines.append(f"| {shift if i == 0 else ''} | {kind} | " + " | ".join(cells) + " |" + tail)
+            lines.append(f"| {label if i == 0 else ''} | {kind} | " + " | ".join(cells) + " |" + tail)
     return "\n".join(lines) + "\n"
 
 

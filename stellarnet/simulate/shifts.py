@@ -26,6 +26,8 @@ effect is one plain function here, so a test can check that it does what it says
   stars one hot stretch of a column (a run of 5–20 pixels at 1.5–3 × the flux), and dead pixels that
   read ~0 — what a pipeline that flags less than APOGEE's leaves in a spectrum.
 * error conventions — every error × a factor, or a flattened (per-star constant) error array.
+* a lower S/N — the same stars observed with S/N × ``snr_scale`` (a survey's stars below the training
+  set's S/N cut: the network must know that it knows less).
 * persistence — the blue-chip persistence of the default simulator, for a larger share of stars.
 * :func:`flag_pixels` — many scattered flagged pixels (runs of 1–3, e.g. around sky lines), properly
   flagged (huge error) — the default survey has ~0.5 bad-pixel runs per spectrum.
@@ -96,6 +98,7 @@ class Shift:
             (:func:`add_companion`; None: single stars).
         companion_velocity_kms: (lo, hi) range of the companion's |radial-velocity difference| (km/s).
         mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
+        snr_scale: factor on every star's S/N (0.25: a quarter; the suite scores the S/N bin scaled alike).
     """
 
     lsf: tuple[float, float] | None = None
@@ -114,6 +117,7 @@ class Shift:
     companion_flux_ratio: tuple[float, float] | None = None
     companion_velocity_kms: tuple[float, float] = (10.0, 60.0)
     mix: Mapping[str, float] | None = field(default=None, hash=False)
+    snr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
@@ -129,6 +133,8 @@ class Shift:
             raise ValueError(f"noise_correlation must lie in [0, {MAX_NOISE_CORRELATION:.3f}), got {self.noise_correlation}")
         if self.companion_flux_ratio is not None and self.companion_flux_ratio[0] < 0:
             raise ValueError(f"companion_flux_ratio must be >= 0, got {self.companion_flux_ratio}")
+        if not self.snr_scale > 0:
+            raise ValueError(f"snr_scale must be > 0, got {self.snr_scale}")
         if self.persistence_fraction is not None and not 0 <= self.persistence_fraction <= 1:
             raise ValueError(f"persistence_fraction must be in [0, 1], got {self.persistence_fraction}")
 
@@ -161,6 +167,8 @@ SHIFT_SUITE: dict[str, Shift] = {
     "err_x2": Shift(err_scale=(2.0, 2.0)),
     "err_flat": Shift(err_flat=True),
     "population": Shift(mix=SHIFTED_MIX),
+    # the same stars at a quarter of the S/N (12-100; scored at 25-50), below the training cut SNR > 70
+    "low_snr": Shift(snr_scale=0.25),
     # every star an unresolved double-lined binary (a few per cent of real APOGEE stars): not in `combined`
     "sb2": Shift(companion_flux_ratio=(0.1, 0.5), companion_velocity_kms=(10.0, 60.0)),
     "combined": Shift(lsf=(-0.15, 0.25), rv_kms=1.0, normalization="aspcap", continuum_tilt=0.02,

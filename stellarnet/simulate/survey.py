@@ -233,6 +233,8 @@ def simulate_survey(
     field = rng["sky"].integers(0, n_fields, n_stars)
     stars = _make_stars(n_stars, layout, field, rng, mix)
     pop, phot = stars["pop"], stars["phot"]
+    if shift_obj is not None and shift_obj.snr_scale != 1.0:  # shorter exposures: the catalogue's SNR says so too
+        phot.snr = phot.snr * shift_obj.snr_scale
     plan = A.plan_rows(n_stars, field, stars["dec"], phot.snr, phot.nvisits, layout, rng["rows"], dup_fraction)
     cols = A.allstar_columns(plan, stars, layout, rng["cat"])
     A.write_allstar(paths["allstar"], cols)
