@@ -102,13 +102,14 @@ def assert_whole_split_once(metrics: dict, shards: Path) -> None:
 
 def assert_sigma_scale_from_whole_val_split(run: Path, ckpt: str, shards: Path) -> None:
     """The model folder's σ scale is the one fitted on the whole val split (not one rank's share)."""
-    from stellarnet.evaluation.split_predictions import validation_sigma_scale
+    from stellarnet.evaluation.split_predictions import validation_calibration
     from stellarnet.network.inference import Predictor
     from stellarnet.network.model_folder import load_module
 
-    stored = json.loads((run / "model" / "data_spec.json").read_text())["sigma_scale"]
-    ref = validation_sigma_scale(Predictor(load_module(ckpt)), shards, "val")
-    np.testing.assert_allclose(stored, ref, rtol=1e-6)
+    spec = json.loads((run / "model" / "data_spec.json").read_text())
+    scale, noise_scale, _ = validation_calibration(Predictor(load_module(ckpt)), shards, "val")
+    np.testing.assert_allclose(spec["sigma_scale"], scale, rtol=1e-6)
+    np.testing.assert_allclose(spec["sigma_noise_scale"], noise_scale, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,6 +141,36 @@ def test_total_sigma_adds_the_parts_in_quadrature(tmp_path):
     np.testing.assert_allclose(out["sigma_total"], np.hypot(out["sigma_aleatoric"], out["sigma_epistemic"]), rtol=1e-5)
 
 
+def test_network_sigma_has_a_noise_term_that_grows_as_the_snr_falls(tmp_path):
+    """σ = √((s σ_head)² + (k n)²), n = 1/SNR (the median error of the good pixels): what
+    ``validation_calibration`` fits so that the σ follows the noise below the training S/N cut."""
+    from conftest import tiny_model_folder
+
+    from stellarnet.network import load_model
+
+    model = load_model(tiny_model_folder(tmp_path / "m", photometry=False, dropout=0.0))
+    model.sigma_scale = np.array([1.3, 0.8], np.float32)
+    rng = np.random.default_rng(2)
+    flux = (1 - 0.2 * rng.random((6, model.n_pixels))).astype(np.float32)
+    k = np.array([400.0, 1.5], np.float32)
+    for noise in (0.005, 0.04):  # S/N 200 and 25
+        err = np.full_like(flux, noise)
+        err[:, :50] = 1e3  # pixels with huge errors are masked and do not count
+        model.sigma_noise_scale = None
+        base = model.predict(flux, err)
+        model.sigma_noise_scale = k
+        out = model.predict(flux, err)
+        np.testing.assert_allclose(out["flux_noise"], noise, rtol=1e-6)
+        np.testing.assert_allclose(out["sigma_aleatoric"] ** 2, base["sigma_aleatoric"] ** 2 + (k * noise) ** 2, rtol=1e-4)
+        np.testing.assert_allclose(out["labels"], base["labels"])  # σ only
+    with pytest.raises(Exception, match="sigma_noise_scale"):
+        from stellarnet.network.inference import Predictor
+
+        module = model.module
+        module.data_spec["sigma_noise_scale"] = [1.0, 2.0, 3.0]
+        Predictor(module)
+
+
 def test_bf16_native_asks_the_gpu(monkeypatch):
     from stellarnet.network.inference import _bf16_native
 

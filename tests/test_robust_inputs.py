@@ -142,6 +142,20 @@ def test_augmentation_lowers_the_snr_with_noise_its_error_array_describes():
         SpectrumAugment(P, snr_prob=1.5)
 
 
+def test_lower_snr_copy_is_the_augmentation_on_every_spectrum_and_seeded():
+    from stellarnet.network.augment import lower_snr_copy
+
+    flux, err, mask = (a.numpy() for a in spectra(64))
+    mask[:, :30] = 0
+    f1, e1 = lower_snr_copy(flux, err, mask, seed=4)
+    f2, e2 = lower_snr_copy(flux, err, mask, seed=4)
+    assert np.array_equal(f1, f2) and np.array_equal(e1, e2)
+    assert not np.array_equal(f1, lower_snr_copy(flux, err, mask, seed=5)[0])
+    snr = 1.0 / np.median(e1[:, 30:], axis=1)
+    assert np.all((snr >= 10.0 - 1e-3) & (snr <= 100.0 + 1e-3)) and np.all(snr < 99.0)  # every spectrum lowered
+    assert np.array_equal(f1[:, :30], flux[:, :30]) and np.array_equal(e1[:, :30], err[:, :30])
+
+
 def _tiny_module(augment: dict | None) -> StellarNetModule:
     spec = {"grid": "dr12", "n_pixels": P, "label_names": ["TEFF", "LOGG"], "label_units": ["K", "dex"],
             "label_mean": [4800.0, 2.5], "label_std": [500.0, 1.0], "phot_features": [], "class_tasks": {}}

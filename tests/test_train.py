@@ -94,6 +94,9 @@ def test_a_real_tiny_training_run_exports_a_working_model_folder(tmp_path, tiny_
     model = load_model(folder)
     spec = model.data_spec
     assert len(spec["sigma_scale"]) == 4 and all(0.05 < s < 20 for s in spec["sigma_scale"])
+    # the noise term, fitted on the val split as it is and at a lower S/N: finite, ≥ 0, applied
+    assert len(spec["sigma_noise_scale"]) == 4 and all(np.isfinite(k) and k >= 0 for k in spec["sigma_noise_scale"])
+    np.testing.assert_allclose(model.sigma_noise_scale, spec["sigma_noise_scale"], rtol=1e-6)
     assert set(spec["class_temperature"]) == {"spectral_type", "luminosity_class", "stage"}
     assert all(0.05 <= t <= 20 for t in spec["class_temperature"].values())
     prov = json.loads((folder / "provenance.json").read_text())

@@ -83,18 +83,38 @@ def validation_sigma_scale(predictor: Any, dataset_dir: str | Path, split: str =
 
 
 def validation_calibration(predictor: Any, dataset_dir: str | Path, split: str = "val",
-                           batch_size: int = 1024) -> tuple[np.ndarray, dict[str, float]]:
-    """(per-label σ scale as :func:`validation_sigma_scale`, {class task: temperature}) fitted on
-    ``split`` in one pass (temperatures by :func:`stellarnet.evaluation.calibration.fit_temperature`)."""
-    from stellarnet.evaluation.calibration import fit_temperature
+                           batch_size: int = 1024, lower_snr: bool = True,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """The network's σ model and class temperatures, fitted on ``split``.
+
+    Returns ``(s, k, {class task: temperature})``: σ = sqrt((s·σ_head)² + (k·n)²) per label, n = 1/SNR
+    (``flux_noise``: the median error of the good pixels). With ``lower_snr`` the split is predicted twice
+    — as it is and with every spectrum at a lower S/N, log-uniform between 10 and its own (as the training
+    augmentation does it: :func:`~stellarnet.network.augment.lower_snr_copy`) — and (s, k) are the
+    Gaussian maximum-likelihood fit to both against the catalogue labels and their errors
+    (:func:`~stellarnet.evaluation.calibration.fit_sigma_two_term`): a split cut at S/N > 70 says nothing
+    of how the σ must grow below it. Without, k is None and s is :func:`validation_sigma_scale`'s.
+    Temperatures (:func:`stellarnet.evaluation.calibration.fit_temperature`) on the split as it is."""
+    from stellarnet.evaluation.calibration import fit_sigma_two_term, fit_temperature
 
     data = load_split(dataset_dir, split)
     pred, _ = predict_split(predictor, data, 0, batch_size)
-    scale = fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"])
     tasks = list(predictor.class_tasks)
     temperature = {t: fit_temperature(pred["class_probs"][t], data["classes"][:, j]) for j, t in enumerate(tasks)
                    if t in pred["class_probs"]}
-    return scale, temperature
+    if not lower_snr:
+        return fit_sigma_scale(pred["labels"], data["labels"], pred["sigma_aleatoric"], data["label_err"]), None, temperature
+    from stellarnet.network.augment import lower_snr_copy
+
+    flux, err = lower_snr_copy(data["flux"], data["flux_err"], data["pix_mask"], seed=seed)
+    low, _ = predict_split(predictor, {**data, "flux": flux, "flux_err": err}, 0, batch_size)
+    both = lambda key: np.concatenate([pred[key], low[key]])  # noqa: E731
+    cat = np.concatenate([data["labels"], data["labels"]])
+    cat_err = np.concatenate([data["label_err"], data["label_err"]])
+    noise = np.repeat(both("flux_noise")[:, None], cat.shape[1], axis=1)
+    scale, noise_scale = fit_sigma_two_term(both("labels"), cat, both("sigma_aleatoric"), noise, cat_err,
+                                            unresolved_floor="ml")
+    return np.where(np.isfinite(scale), scale, 1.0), np.where(np.isfinite(noise_scale), noise_scale, 0.0), temperature
 
 
 def _refine_meta(pred: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from stellarnet.io.grids import LSF_SIGMA_PIX
 
-__all__ = ["SpectrumAugment"]
+__all__ = ["SpectrumAugment", "lower_snr_copy"]
 
 _N_LEVELS = 6
 
@@ -213,3 +214,17 @@ class SpectrumAugment(nn.Module):
         smooth = (padded.unfold(1, ladder.shape[1], 1) * kern[:, None, :]).sum(-1)
         c = change[:, None]
         return torch.where(c > 0, smooth, torch.where(c < 0, 2.0 * flux - smooth, flux))
+
+
+def lower_snr_copy(flux: np.ndarray, flux_err: np.ndarray, pix_mask: np.ndarray, seed: int = 0,
+                   snr_min: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of normalized spectra (N, P) observed at a lower S/N, as the training augmentation does it
+    (:class:`SpectrumAugment`'s lower-S/N effect applied to every spectrum, S/N' ~ logU(``snr_min``, its
+    own), seeded): ``(flux, flux_err)`` float32; masked pixels (``pix_mask`` 0) and spectra already
+    below ``snr_min`` unchanged. For calibrating a σ below a training set's S/N cut."""
+    aug = SpectrumAugment(flux.shape[1], prob=0.0, continuum=0.0, outlier_fraction=0.0, err_scale=(1.0, 1.0),
+                          err_flat_prob=0.0, rv_pixels=0.0, lsf=(0.0, 0.0), snr_prob=1.0, snr_min=snr_min).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        f, e, _ = aug(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (flux, flux_err, pix_mask)))
+    return f.numpy(), e.numpy()

@@ -131,6 +131,9 @@ class Predictor:
         phot_features: photometric feature names, in the column order ``predict`` expects.
         class_tasks: ``{task: [class names]}``.
         precision: the resolved precision, ``"32"`` or ``"bf16"``.
+        sigma_scale, sigma_noise_scale: the network's σ model fitted on the validation split (data spec):
+            σ = sqrt((s·σ_head)² + (k·n)²), n = 1/SNR, the median error of the good pixels of the
+            normalized flux (``flux_noise`` in the predictions); k None (folders before it) = 0.
         emulator: the refinement stage's :class:`~stellarnet.refinement.emulator.SpectrumEmulator`, or None;
             ``refine_sigma_scale`` a and ``refine_sigma_network_scale`` b (per label; refined
             σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
@@ -171,6 +174,11 @@ class Predictor:
         self.sigma_scale = None if scale is None else np.asarray(scale, dtype=np.float32)
         if self.sigma_scale is not None and self.sigma_scale.shape != (len(self.label_names),):
             raise CheckpointError(f"data_spec sigma_scale has shape {self.sigma_scale.shape}, expected one per label")
+        noise_scale = self.data_spec.get("sigma_noise_scale")
+        self.sigma_noise_scale = None if noise_scale is None else np.asarray(noise_scale, dtype=np.float32)
+        if self.sigma_noise_scale is not None and self.sigma_noise_scale.shape != (len(self.label_names),):
+            raise CheckpointError(f"data_spec sigma_noise_scale has shape {self.sigma_noise_scale.shape}, "
+                                  "expected one per label")
         self.emulator = None if emulator is None else emulator.eval()
         self.refine_sigma_scale = (None if refine_sigma_scale is None
                                    else np.asarray(refine_sigma_scale, dtype=np.float32).reshape(-1))
@@ -337,9 +345,12 @@ class Predictor:
                 sl = slice(s, s + batch_size)
                 t = [torch.from_numpy(a[sl]).to(dev) for a in (flux, flux_err, mask, phot, phot_mask)]
                 out = self.net.predict_batch(*t, mc_samples=mc_samples)
+                good = (t[2] > 0) & torch.isfinite(t[1]) & (t[1] > 0)
+                noise = torch.where(good, t[1].float(), torch.full_like(t[1].float(), float("nan"))).nanmedian(1).values
                 parts.append(
                     {
                         **{k: out[k].float().cpu().numpy() for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total")},
+                        "flux_noise": noise.float().cpu().numpy(),
                         "class_probs": {k: v.float().cpu().numpy() for k, v in out["class_probs"].items()},
                     }
                 )
@@ -347,8 +358,13 @@ class Predictor:
         res: dict[str, Any] = {}
         for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
             res[k] = np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, L), np.float32)
+        res["flux_noise"] = np.concatenate([p["flux_noise"] for p in parts]) if parts else np.zeros(0, np.float32)
         if self.sigma_scale is not None:  # post-hoc calibration fitted on the validation split
-            res["sigma_aleatoric"] = (res["sigma_aleatoric"] * self.sigma_scale).astype(np.float32)
+            sigma = res["sigma_aleatoric"] * self.sigma_scale
+            if self.sigma_noise_scale is not None:  # ... with a term that grows with the noise (1/SNR)
+                noise = np.nan_to_num(res["flux_noise"], nan=0.0)[:, None]
+                sigma = np.sqrt(sigma**2 + (self.sigma_noise_scale * noise) ** 2)
+            res["sigma_aleatoric"] = sigma.astype(np.float32)
             res["sigma_total"] = np.sqrt(res["sigma_aleatoric"] ** 2 + res["sigma_epistemic"] ** 2).astype(np.float32)
         res["class_probs"] = {
             t: (np.concatenate([p["class_probs"][t] for p in parts]) if parts else np.zeros((0, len(names)), np.float32))
@@ -373,7 +389,7 @@ class Predictor:
         f, e, good = mask_unusable_pixels(flux[rows], flux_err[rows], usable)
         again = self._network_pass(f, e, good.astype(np.float32), phot[rows], phot_mask[rows], mc_samples,
                                    batch_size, seed, prec)
-        for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
+        for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total", "flux_noise"):
             res[k][rows] = again[k]
         for t in res["class_probs"]:
             res["class_probs"][t][rows] = again["class_probs"][t]

@@ -166,16 +166,19 @@ def return_spawn_results(trainer: L.Trainer) -> bool:
 
 
 def export_calibrated_model(ckpt: str | Path, dataset_dir: str | Path, out: Path) -> Path:
-    """Model folder (weights + plain config + data spec) with a σ scale per label and a temperature
-    per class task (class probabilities) fitted on the val split."""
+    """Model folder (weights + plain config + data spec) with the network's σ model per label (a scale and
+    a noise term, :func:`~stellarnet.evaluation.split_predictions.validation_calibration`) and a
+    temperature per class task (class probabilities) fitted on the val split."""
     from stellarnet.evaluation.split_predictions import validation_calibration
     from stellarnet.network.inference import Predictor
     from stellarnet.network.model_folder import load_module, save_model_folder
 
     module = load_module(ckpt)
-    scale, temperature = validation_calibration(Predictor(module), dataset_dir, "val")
+    scale, noise_scale, temperature = validation_calibration(Predictor(module), dataset_dir, "val")
     for spec in (module.hparams["data_spec"], module.data_spec):
         spec["sigma_scale"] = [float(v) for v in scale]
+        if noise_scale is not None:
+            spec["sigma_noise_scale"] = [float(v) for v in noise_scale]
         spec["class_temperature"] = temperature
     return save_model_folder(module, out)
 
