@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stellarnet.io.grids import LSF_SIGMA_PIX
+from stellarnet.network.encoders import median_error
 
 __all__ = ["SpectrumAugment", "lower_snr_copy"]
 
@@ -186,8 +187,7 @@ class SpectrumAugment(nn.Module):
         """A share ``snr_prob`` of the spectra observed at a lower S/N: S/N' ~ logU(snr_min, S/N), noise of
         σ·√(k² − 1) added and σ × k, k = S/N / S/N' (S/N = 1 / the median error of the good pixels)."""
         n, dev = flux.shape[0], flux.device
-        med = torch.where(good, err, torch.full_like(err, float("nan"))).nanmedian(1, keepdim=True).values
-        snr = 1.0 / med
+        snr = 1.0 / median_error(err, good)
         ok = torch.isfinite(snr) & (snr > self.snr_min) & (torch.rand(n, 1, device=dev) < self.snr_prob)
         log_lo = torch.log(torch.full_like(snr, self.snr_min))
         log_hi = torch.log(torch.where(ok, snr, torch.full_like(snr, self.snr_min)))

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SpectralConvEncoder", "PhotometryMLP", "spectral_input_channels", "RobustInputs", "der_snr_noise"]
+__all__ = ["SpectralConvEncoder", "PhotometryMLP", "spectral_input_channels", "RobustInputs", "der_snr_noise",
+           "median_error"]
 
 
 def spectral_input_channels(
@@ -56,6 +57,12 @@ DER_SNR_FACTOR = 1.482602 / math.sqrt(6.0)
 def _masked_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Median over dim 1 of ``x`` where ``valid``, (B, 1); NaN for a row with nothing valid."""
     return torch.where(valid, x, torch.full_like(x, float("nan"))).nanmedian(dim=1, keepdim=True).values
+
+
+def median_error(flux_err: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    """1/SNR of each spectrum (B, 1): the median error of its ``good`` pixels (normalized-flux units;
+    NaN for a row with none) — the S/N a catalogue quotes."""
+    return _masked_median(flux_err, good)
 
 
 def der_snr_noise(flux: torch.Tensor, good: torch.Tensor, stride: int = 3) -> torch.Tensor:

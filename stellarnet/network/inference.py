@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stellarnet.network.encoders import median_error
 from stellarnet.network.flags import (
     FLAG_HIGH_CHI2,
     REFINE_MAX_SHIFT,
@@ -346,7 +347,7 @@ class Predictor:
                 t = [torch.from_numpy(a[sl]).to(dev) for a in (flux, flux_err, mask, phot, phot_mask)]
                 out = self.net.predict_batch(*t, mc_samples=mc_samples)
                 good = (t[2] > 0) & torch.isfinite(t[1]) & (t[1] > 0)
-                noise = torch.where(good, t[1].float(), torch.full_like(t[1].float(), float("nan"))).nanmedian(1).values
+                noise = median_error(t[1].float(), good)[:, 0]
                 parts.append(
                     {
                         **{k: out[k].float().cpu().numpy() for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total")},
