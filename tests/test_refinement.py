@@ -610,3 +610,29 @@ def test_spline_continuum_absorbs_a_pseudo_continuum_a_chip_polynomial_cannot(re
         moved[name] = np.nanmedian(np.abs(bent.labels - clean.labels) / clean.sigma, 0)
     assert np.all(moved["spline"] < 0.5 * moved["chebyshev"]), moved
     assert np.all(moved["spline"] < 0.5), moved
+
+
+def test_returned_model_and_weights_are_those_of_the_fit(refined_dir, tiny_shards):
+    """``return_model``: the fitted model spectra and final weights reproduce the fit's own reduced χ²;
+    unused pixels carry weight 0 and unfitted rows NaN; without it nothing extra is held."""
+    from stellarnet.refinement.fit import refine_labels
+
+    folder, _ = refined_dir
+    model = load_model(folder)
+    data = load_split(tiny_shards, "test")
+    n = min(16, len(data["flux"]))
+    flux, err, mask = data["flux"][:n], data["flux_err"][:n], data["pix_mask"][:n].copy()
+    mask[:, :50] = 0
+    init = model.predict(flux, err, data["photometry"][:n], mask, refine=False)["labels"].astype(np.float64)
+    init[0] = np.nan
+    kw = {**model.refine_settings, "batch_size": 8}
+    fit = refine_labels(model.emulator, flux, err, mask, init, return_model=True, **kw)
+    assert fit.model_flux.shape == flux.shape and fit.fit_weight.shape == flux.shape
+    assert np.isnan(fit.model_flux[0]).all() and (fit.fit_weight[0] == 0).all()
+    assert (fit.fit_weight[:, :50] == 0).all()
+    w = fit.fit_weight[1:]
+    chi2 = ((flux[1:] - fit.model_flux[1:]) ** 2 * w).sum(1) / (w > 0).sum(1)
+    np.testing.assert_allclose(chi2, fit.chi2[1:], rtol=1e-3)
+    plain = refine_labels(model.emulator, flux, err, mask, init, **kw)
+    assert plain.model_flux is None and plain.fit_weight is None
+    np.testing.assert_array_equal(plain.labels, fit.labels)

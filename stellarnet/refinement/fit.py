@@ -44,7 +44,9 @@ class RefineResult:
     pixel-to-pixel correlations (N, 2) at lags 1 and 2, and the companion score (N,)
     (:func:`companion_score`: the fit residuals' best match to the star's own lines at another velocity),
     and ``outlier_pixels``: (rows, columns) int64 arrays of the single pixels rejected as outliers (those
-    counted in ``outlier_fraction``; chip segments dropped as a whole are not in it)."""
+    counted in ``outlier_fraction``; chip segments dropped as a whole are not in it); with ``return_model``
+    also ``model_flux`` (N, P) the fitted model (emulator × continuum correction, line shape applied) and
+    ``fit_weight`` (N, P) the weights the final fit used (0: masked, clipped or dropped), NaN / 0 where not fit."""
 
     labels: np.ndarray
     sigma: np.ndarray
@@ -57,6 +59,8 @@ class RefineResult:
     noise_correlation: np.ndarray | None = None
     companion: np.ndarray | None = None
     outlier_pixels: tuple[np.ndarray, np.ndarray] | None = None
+    model_flux: np.ndarray | None = None
+    fit_weight: np.ndarray | None = None
 
 
 #: lower limit of the reduced χ² by which the fit's σ and residuals are scaled (errors quoted 3x too large at most)
@@ -310,6 +314,7 @@ def refine_labels(
     fit_lsf: bool = False,
     lsf_per_chip: bool = False,
     noise_correlation: bool = False,
+    return_model: bool = False,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
@@ -345,6 +350,9 @@ def refine_labels(
     visits of a combined spectrum are resampled before they are added): each star's residual
     correlations at lags 1 and 2 scale each label's variance by :func:`noise_correlation_factor`
     (1 for white noise). The correlations are returned in ``noise_correlation`` (lag 1, lag 2).
+
+    With ``return_model`` the fitted model spectra and the final fit weights are returned as well
+    (``model_flux``, ``fit_weight``; 2 × 4 bytes × N × P more memory).
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -359,6 +367,9 @@ def refine_labels(
                        np.full(n, np.nan, np.float32) if fit_lsf else None,
                        np.full((n, len(NOISE_LAGS)), np.nan, np.float32) if noise_correlation else None,
                        np.full(n, np.nan, np.float32))
+    if return_model:
+        out.model_flux = np.full(flux.shape, np.nan, np.float32)
+        out.fit_weight = np.zeros(flux.shape, np.float32)
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     outlier_rows: list[np.ndarray] = []
     outlier_cols: list[np.ndarray] = []
@@ -434,6 +445,9 @@ def refine_labels(
                 out.lsf_variance[rows] = shape[:, :-1].mean(1).cpu().numpy()  # per chip: their mean
                 out.shift[rows] = shape[:, -1].cpu().numpy()
             out.pixel_fraction[rows] = ((w > 0).sum(1).float() / max(1, model.n_pixels)).cpu().numpy()
+            if return_model:
+                out.model_flux[rows] = m.cpu().numpy()
+                out.fit_weight[rows] = w.cpu().numpy()
     out.outlier_pixels = (np.concatenate(outlier_rows).astype(np.int64) if outlier_rows else np.zeros(0, np.int64),
                           np.concatenate(outlier_cols).astype(np.int64) if outlier_cols else np.zeros(0, np.int64))
     return out
