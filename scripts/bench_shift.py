@@ -22,13 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default=None, help="shard dataset whose training split trains the baselines")
     ap.add_argument("--crlb", action="store_true",
                     help="also score each label in units of the star's Cramér–Rao bound at the true labels")
+    ap.add_argument("--common-residual", action="store_true",
+                    help="treat each shift's stars as one survey: measure the residual they share and divide it out")
     ap.add_argument("--out", default="bench_shift.json")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = args.shifts.split(",") if args.shifts else None
     base = train_baselines(args.baselines) if args.baselines else None
-    res = run_shift_suite(args.model, names, args.n, args.seed, base, crlb=args.crlb)
+    res = run_shift_suite(args.model, names, args.n, args.seed, base, crlb=args.crlb, common_residual=args.common_residual)
     print(save_shift_results(res, args.out, args.markdown))
     return 0
 

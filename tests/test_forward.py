@@ -640,3 +640,28 @@ def test_lsf_per_chip_fit_absorbs_an_lsf_that_differs_between_chips():
     assert np.median(z_one) > 3 * np.median(z_chip), (np.median(z_one, 0), np.median(z_chip, 0))
     np.testing.assert_allclose(per_chip.lsf_variance, np.mean([0.8, 0.0, -0.6]), atol=0.05)
     assert np.median(per_chip.chi2) < 1.2 < np.median(one.chi2)
+
+
+def test_common_residual_finds_what_the_stars_share_and_nothing_else():
+    """A residual every star shares (telluric-like dips at fixed pixels) is measured to within its
+    standard error; pixels where the stars share nothing, or too few stars were fit, get 0."""
+    from stellarnet.refinement.residuals import common_residual
+
+    rng = np.random.default_rng(3)
+    n, p = 400, 2000
+    model = 1.0 - 0.3 * rng.random((n, p)) ** 8  # line-like absorption, different in every star
+    shared = np.zeros(p)
+    dips = 60 + rng.choice(p - 60, 25, replace=False)
+    shared[dips] = -rng.uniform(0.01, 0.04, 25)
+    flux = model * (1 + shared) * (1 + rng.normal(0, 0.01, (n, p)))
+    weight = np.ones((n, p))
+    weight[:, :40] = 0  # never fit
+    weight[10:, 40:60] = 0  # fit in 10 stars only
+    c, err = common_residual(flux, model, weight)
+    assert c.shape == err.shape == (p,)
+    np.testing.assert_allclose(c[dips], shared[dips], atol=4 * np.median(err[60:]))
+    others = np.setdiff1d(np.arange(60, p), dips)
+    assert np.mean(c[others] != 0) < 0.01  # 3σ: ~0.3 % by chance
+    assert (c[:60] == 0).all() and np.isinf(err[:40]).all()
+    with pytest.raises(ValueError, match="one shape"):
+        common_residual(flux, model[:, :10], weight)

@@ -74,7 +74,8 @@ def test_pooled_predict_writes_the_in_process_catalogue(model_dir, catalog, tmp_
     assert _fits_without_date(p0["fits"]) == _fits_without_date(p2["fits"])
     assert s0 == {**s2, "num_workers": 0}
     assert s2 == {"stars": N_ROWS, "read_errors": 2, "flagged_bad": N_ROWS, "num_workers": 2, "torch_threads": 1, "batch_size": 128,
-                  "precision": "32", "refined": False, "chunks_skipped": 0, "chunks_written_here": 4}
+                  "precision": "32", "refined": False, "chunks_skipped": 0, "chunks_written_here": 4,
+                  "survey_residual": None}
     cat = pd.read_csv(p2["csv"], dtype={"APOGEE_ID": str, "READ_ERROR": str}, keep_default_na=False)
     assert cat["APOGEE_ID"].tolist() == catalog["ids"]  # allStar order
     err = cat["READ_ERROR"]

@@ -287,6 +287,22 @@ def test_shift_suite_scores_a_model_folder_and_writes_the_table(refined_dir, tmp
     table = paths["markdown"].read_text()
     assert "| none | refined |" in table and "| outliers_2pc | refined |" in table
     assert "| low_snr (S/N 25–50) | refined |" in table
+    assert res["common_residual"] is False and "common_residual" not in res["shifts"]["none"]
+
+
+def test_shift_suite_can_treat_each_shift_as_one_survey(refined_dir, tmp_path):
+    """``common_residual``: the shared residual is measured on each shift's stars and divided out for
+    that shift only (the model folder's predictor is left without it)."""
+    from stellarnet.benchmarks.shift_suite import run_shift_suite
+
+    folder, _ = refined_dir
+    model = load_model(folder)
+    res = run_shift_suite(model, ["none"], n=60, seed=1, common_residual=True)
+    shared = res["shifts"]["none"]["common_residual"]
+    assert res["common_residual"] is True and shared["stars"] > 30 and shared["pixels_corrected"] > 0
+    assert model.flux_correction is None
+    plain = run_shift_suite(model, ["none"], n=60, seed=1)
+    assert plain["shifts"]["none"]["refined"] != res["shifts"]["none"]["refined"]
 
 
 def test_recalibrate_keeps_the_emulator_and_refits_the_calibration(refined_dir, tiny_shards, tmp_path):
@@ -636,3 +652,72 @@ def test_returned_model_and_weights_are_those_of_the_fit(refined_dir, tiny_shard
     plain = refine_labels(model.emulator, flux, err, mask, init, **kw)
     assert plain.model_flux is None and plain.fit_weight is None
     np.testing.assert_array_equal(plain.labels, fit.labels)
+
+
+def test_a_residual_every_star_shares_is_measured_and_divided_out(refined_dir, tiny_shards):
+    """Telluric-like dips at fixed pixels in every spectrum: ``measure_common_residual`` finds them (the
+    correction at those pixels differs from the undistorted spectra's by the dips), and the labels
+    predicted with each set's own correction agree far better than those without."""
+    folder, _ = refined_dir
+    model = load_model(folder)
+    data = load_split(tiny_shards, "test")
+    flux, err, mask, phot = data["flux"], data["flux_err"], data["pix_mask"], data["photometry"]
+    assert len(flux) >= 60
+    rng = np.random.default_rng(5)
+    good_pixels = np.flatnonzero(mask.mean(0) > 0.95)
+    dips = rng.choice(good_pixels, 30, replace=False)
+    depth = np.ones(flux.shape[1], np.float32)
+    depth[dips] = 1 - rng.uniform(0.03, 0.06, 30).astype(np.float32)
+    bent = (flux * depth, err * depth)
+
+    info_clean = model.measure_common_residual(flux, err, phot, mask)
+    c_clean = np.zeros(flux.shape[1]) if model.flux_correction is None else model.flux_correction.copy()
+    clean = model.predict(flux, err, phot, mask)
+    info = model.measure_common_residual(*bent, phot, mask)
+    assert info["pixels_corrected"] >= info_clean["pixels_corrected"] and info["stars"] > 30
+    found = (1 + model.flux_correction[dips]) / (1 + c_clean[dips])
+    assert np.mean(np.abs(found - depth[dips]) < 0.01) > 0.8
+    corrected = model.predict(*bent, phot, mask)
+    model.flux_correction = None
+    raw = model.predict(*bent, phot, mask)
+    moved_raw = np.nanmedian(np.abs(raw["labels"] - clean["labels"]) / clean["sigma_total"], 0)
+    moved = np.nanmedian(np.abs(corrected["labels"] - clean["labels"]) / clean["sigma_total"], 0)
+    assert np.all(moved < 0.5 * moved_raw), (moved, moved_raw)
+
+
+def test_predict_measures_the_survey_residual_once_and_divides_it_out(refined_dir, tiny_shards, tmp_path):
+    """``survey_residual=true``: the residual is measured on a sample of the input, saved beside the
+    catalogue and in its provenance, and every row is predicted from the spectra divided by it — the
+    catalogue equals the Predictor's own output with that correction."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stellarnet.common.paths import CONF_DIR
+    from stellarnet.dataset.chunks import as_numpy, open_chunks
+    from stellarnet.workflows.predict import predict
+
+    folder, _ = refined_dir
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="predict", overrides=[
+            f"ckpt_path={folder}", f"input={tiny_shards}", f"output_dir={tmp_path}", "survey_residual=true",
+            "survey_residual_stars=60", "chunk_size=32", "mc_samples=0", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false"])
+    GlobalHydra.instance().clear()
+    summary, paths = predict(cfg)
+    model = load_model(folder)
+    correction = np.load(paths["survey_residual"], allow_pickle=False)
+    assert correction.shape == (model.n_pixels,) and np.count_nonzero(correction) > 0
+    assert summary["survey_residual"]["pixels_corrected"] == np.count_nonzero(correction)
+    assert summary["survey_residual"]["stars"] > 30
+    assert json.loads(Path(paths["columns"]).read_text())["provenance"]["survey_residual"]["pixels_corrected"] > 0
+    from astropy.table import Table
+
+    cat = Table.read(paths["fits"])
+    chunk = as_numpy(open_chunks(str(tiny_shards), model.grid, 32, input_kind="shards")[0])
+    model.flux_correction = correction
+    own = model.predict(chunk["flux"], chunk["flux_err"], chunk["photometry"], chunk["pix_mask"])
+    np.testing.assert_allclose(np.asarray(cat["TEFF"][:len(own["labels"])]), own["labels"][:, 0], rtol=1e-5)
+    model.flux_correction = None
+    plain = model.predict(chunk["flux"], chunk["flux_err"], chunk["photometry"], chunk["pix_mask"])
+    assert not np.allclose(plain["labels"][:, 0], own["labels"][:, 0])

@@ -356,3 +356,23 @@ def test_companion_blends_a_cooler_dwarf_at_another_velocity():
     assert "sb2" in SHIFT_SUITE and SHIFT_SUITE["sb2"].companion_flux_ratio == (0.1, 0.5)
     with pytest.raises(ValueError, match="companion_flux_ratio"):
         Shift(companion_flux_ratio=(-0.1, 0.2))
+
+
+def test_shared_residual_puts_the_same_dips_in_every_spectrum_and_keeps_the_errors():
+    """``shared_residual``: every star's normalized flux × the same fixed dips (40, depth ≤ 4 %), at the
+    same pixels whatever the star; the quoted errors and flagged pixels unchanged."""
+    from stellarnet.simulate.shifts import SHARED_RESIDUAL_LINES, shared_residual_lines
+
+    dips = shared_residual_lines(0.04)
+    assert dips.shape == (P,) and dips.min() >= 1 - 0.04 - 1e-6 and dips.min() < 0.985
+    assert np.array_equal(dips, shared_residual_lines(0.04))  # fixed positions
+    assert np.sum((dips[1:-1] < dips[:-2]) & (dips[1:-1] < dips[2:]) & (dips[1:-1] < 0.999)) >= SHARED_RESIDUAL_LINES - 5
+    flux0, err0, model0 = _observe(None)
+    flux1, err1, model1 = _observe(SHIFT_SUITE["shared_residual"])
+    good = err0 < BAD_ERR / 1e3
+    assert np.array_equal(err1, err0) and np.array_equal(model1, model0)
+    for i in range(2):  # both stars, a giant and a dwarf: the same ratio at every good pixel
+        np.testing.assert_allclose(flux1[i, good[i]] / flux0[i, good[i]], dips[good[i]], rtol=1e-5)
+    assert np.array_equal(flux1[~good], flux0[~good])
+    with pytest.raises(ValueError, match="shared_residual"):
+        Shift(shared_residual=0.6)

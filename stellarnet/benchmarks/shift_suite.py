@@ -156,8 +156,13 @@ def true_crlb(labels: np.ndarray, snr: np.ndarray) -> np.ndarray:
 
 
 def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = None, n: int = 1000, seed: int = 0,
-                    baselines: Mapping[str, Any] | None = None, crlb: bool = False) -> dict[str, Any]:
+                    baselines: Mapping[str, Any] | None = None, crlb: bool = False,
+                    common_residual: bool = False) -> dict[str, Any]:
     """Score a model folder (or a loaded :class:`Predictor`) on the named shifts (all when None).
+
+    With ``common_residual`` each shift's stars are treated as one survey, as ``predict
+    survey_residual=true`` does: the residual they share is measured on them first
+    (:meth:`Predictor.measure_common_residual`) and divided out (entry ``common_residual``).
 
     With ``crlb`` every label is also scored in units of each star's Cramér–Rao bound
     (:func:`true_crlb`), which separates what a shift does to the model from how hard the shifted
@@ -166,6 +171,7 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
     label_names = predictor.label_names
     source = "<Predictor>" if isinstance(model, Predictor) else str(model)
     results: dict[str, Any] = {"model": source, "n_stars": n, "seed": seed, "snr_bin": SNR_BIN,
+                               "common_residual": bool(common_residual),
                                "label_names": label_names, "shifts": {}}
     for name, shift in shift_suite(names).items():
         t0 = time.perf_counter()
@@ -174,7 +180,12 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
                                            allow_empty=True)
         t_sim = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pred = predictor.predict(flux, err, pix_mask=good)
+        saved = predictor.flux_correction
+        shared = predictor.measure_common_residual(flux, err, pix_mask=good) if common_residual else None
+        try:
+            pred = predictor.predict(flux, err, pix_mask=good)
+        finally:
+            predictor.flux_correction = saved
         t_pred = time.perf_counter() - t0
         lo, hi = (v * shift.snr_scale for v in SNR_BIN)  # the same stars, whatever their S/N
         sel = (sim["snr"] >= lo) & (sim["snr"] < hi)
@@ -183,6 +194,8 @@ def run_shift_suite(model: str | Path | Predictor, names: list[str] | None = Non
         entry: dict[str, Any] = {"shift": shift.to_dict(), "n_bin": int(sel.sum()), "snr_bin": [lo, hi],
                                  "seconds_simulate": t_sim,
                                  "seconds_predict": t_pred}
+        if shared is not None:
+            entry["common_residual"] = shared
         if "labels_network" in pred:  # χ²-refined: the catalogue's labels and the network's own
             entry["refined"] = label_metrics(pred["labels"][sel], pred["sigma_total"][sel], truth, label_names, bound)
             entry["network"] = label_metrics(pred["labels_network"][sel], pred["sigma_network"][sel], truth,
@@ -302,10 +315,10 @@ def save_shift_results(results: dict[str, Any], json_path: str | Path, markdown_
 
 def write_shift_table(model: str | Path | Predictor, out_dir: str | Path, names: list[str] | None = None,
                       n_stars: int = 1000, seed: int = 0, baselines_dataset: str | Path | None = None,
-                      stem: str = "shift_table") -> dict[str, Path]:
+                      stem: str = "shift_table", common_residual: bool = False) -> dict[str, Path]:
     """Run the suite and write ``<stem>.json`` and ``<stem>.md`` into ``out_dir`` (atomically)."""
     base = train_baselines(str(baselines_dataset)) if baselines_dataset else None
-    res = run_shift_suite(model, names, int(n_stars), int(seed), base)
+    res = run_shift_suite(model, names, int(n_stars), int(seed), base, common_residual=bool(common_residual))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
@@ -321,4 +334,5 @@ def shift_table_from_config(model: str | Path | Predictor, out_dir: str | Path, 
     names = shifts_cfg.get("names")
     return write_shift_table(model, out_dir, names=list(names) if names else None,
                              n_stars=int(shifts_cfg.get("n_stars", 1000)), seed=int(shifts_cfg.get("seed", 0)),
-                             baselines_dataset=shifts_cfg.get("baselines_dataset"))
+                             baselines_dataset=shifts_cfg.get("baselines_dataset"),
+                             common_residual=bool(shifts_cfg.get("common_residual", False)))

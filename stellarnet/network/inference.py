@@ -38,6 +38,7 @@ from stellarnet.preparation.spectra import continuum_envelope, mask_unusable_pix
 from stellarnet.refinement.calibration import apply_label_calibration
 from stellarnet.refinement.emulator import SpectrumEmulator
 from stellarnet.refinement.fit import CHI2_SCALE_FLOOR, RefineResult, fit_settings, refine_labels
+from stellarnet.refinement.residuals import COMMON_RESIDUAL_ROUNDS
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class Predictor:
             :func:`disagreement_factor` (network and refinement inconsistent: σ grows). ``second_look``:
             the network is run again on the stars whose fit rejected outlier pixels, with those pixels
             masked (:meth:`_second_look`), before the two estimates are combined.
+        flux_correction: (P,) the relative residual a survey's spectra share against the emulator
+            (:meth:`measure_common_residual`), divided out of every spectrum (flux and errors) before
+            the network and the fit see it; None (the default): the spectra as given.
     """
 
     def __init__(self, module: StellarNetModule, fuse: bool = True, precision: str = "32",
@@ -156,6 +160,7 @@ class Predictor:
         self.chi2_scaling = chi2_scaling
         self.disagreement_inflation = bool(disagreement_inflation)
         self.second_look = bool(second_look)
+        self.flux_correction: np.ndarray | None = None
         self.label_range = None if label_range is None else np.asarray(label_range, dtype=np.float64)
         if self.label_range is not None and self.label_range.shape != (len(module.label_names), 2):
             raise CheckpointError(f"label_range has shape {self.label_range.shape}, expected ({len(module.label_names)}, 2)")
@@ -308,6 +313,9 @@ class Predictor:
             if pix_mask.shape != flux.shape:
                 raise ValueError(f"pix_mask shape {pix_mask.shape} differs from flux shape {flux.shape}")
         flux, flux_err, good = mask_unusable_pixels(flux, flux_err, None if pix_mask is None else pix_mask.astype(bool))
+        if self.flux_correction is not None:  # onto the training survey's convention (measure_common_residual)
+            scale = (1.0 + self.flux_correction).astype(np.float32)
+            flux, flux_err = flux / scale, flux_err / scale
         mask = good.astype(np.float32)
         n = flux.shape[0]
         phot, phot_mask = self.standardize_photometry(photometry, n)
@@ -328,6 +336,58 @@ class Predictor:
         if net_factor is not None:  # after the flags, which are judged on the network's own σ
             res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
         return res
+
+    def measure_common_residual(self, flux: Any, flux_err: Any, photometry: Any = None, pix_mask: Any = None,
+                                batch_size: int = 128, rounds: int = COMMON_RESIDUAL_ROUNDS) -> dict[str, Any]:
+        """Measure the relative residual the given spectra (a sample of one survey: a few thousand stars)
+        share against the emulator and divide it out of every spectrum predicted from now on
+        (:attr:`flux_correction`; :func:`~stellarnet.refinement.residuals.common_residual`): the stars are
+        predicted, refitted from the network's labels, and the median over the refined stars of
+        f / model − 1 is kept per pixel where it is significant; ``rounds`` times, each on the spectra
+        corrected by the rounds before (labels that a residual has biased absorb part of it, so one
+        round removes only part). Telluric and sky residuals at fixed pixels, another pipeline's
+        continuum convention or a flux-calibration ripple — what every star of a survey shares and no
+        star's labels explain — stop moving the labels.
+
+        Needs the refinement stage. Returns {stars (refined stars used in the last round),
+        pixels_corrected, rms and max_abs of the correction (relative flux), median_error (the median
+        standard error of a pixel's correction in the first round), rounds}."""
+        if self.emulator is None:
+            raise ValueError("measure_common_residual needs the refinement stage (a model folder with "
+                             f"{EMULATOR_FILE})")
+        rounds = _count("rounds", rounds, minimum=1)
+        from stellarnet.refinement.residuals import common_residual
+
+        f = np.asarray(_as_array(flux, "flux"), np.float32)
+        f = f[None] if f.ndim == 1 else f
+        e = np.asarray(_as_array(flux_err, "flux_err"), np.float32).reshape(f.shape)
+        m = None if pix_mask is None else np.asarray(_as_array(pix_mask, "pix_mask")).reshape(f.shape).astype(bool)
+        f, e, good = mask_unusable_pixels(f, e, m)
+        total = np.zeros(f.shape[1])
+        first_error = float("nan")
+        self.flux_correction = None
+        stars = 0
+        for r in range(rounds):
+            res = self.predict(f, e, photometry=photometry, pix_mask=good, batch_size=batch_size, refine=True)
+            rows = np.flatnonzero(res["refine_flag"] == 0)
+            stars = int(len(rows))
+            scale = (1.0 + total).astype(np.float32)
+            fit = refine_labels(self.emulator, f[rows] / scale, e[rows] / scale, good[rows].astype(np.float32),
+                                res["labels_network"][rows].astype(np.float64),
+                                batch_size=max(1, min(batch_size, 256)), return_model=True, **self.refine_settings)
+            step, err = common_residual(f[rows] / scale, fit.model_flux, fit.fit_weight)
+            if r == 0 and np.isfinite(err).any():
+                first_error = float(np.median(err[np.isfinite(err)]))
+            total = (1.0 + total) * (1.0 + step) - 1.0
+            kept = total != 0
+            self.flux_correction = total.astype(np.float32) if kept.any() else None
+            if not step.any():
+                break
+        kept = total != 0
+        return {"stars": stars, "pixels_corrected": int(kept.sum()),
+                "rms": float(np.sqrt(np.mean(total[kept] ** 2))) if kept.any() else 0.0,
+                "max_abs": float(np.abs(total).max()) if len(total) else 0.0,
+                "median_error": first_error, "rounds": r + 1}
 
     def _network_pass(self, flux: np.ndarray, flux_err: np.ndarray, mask: np.ndarray, phot: np.ndarray,
                       phot_mask: np.ndarray, mc_samples: int, batch_size: int, seed: int | None,

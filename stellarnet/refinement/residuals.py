@@ -1,12 +1,14 @@
 """What a fit's residuals tell beyond χ²: the pixel-to-pixel noise correlation (lags 1–2, within chips)
-that scales the formal variance, and the companion score — the residuals, in units of their own scatter,
-correlated with the fitted model's line profile moved by 3–25 px (12–100 km/s): a double-lined binary."""
+that scales the formal variance, the companion score — the residuals, in units of their own scatter,
+correlated with the fitted model's line profile moved by 3–25 px (12–100 km/s): a double-lined binary —,
+and, over many stars, the residual every spectrum of a survey shares (:func:`common_residual`)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from stellarnet.refinement.basis import (
@@ -84,3 +86,47 @@ def noise_correlation_factor(resid: torch.Tensor, influence: torch.Tensor,
     auto = _lag_products(influence, influence, straddles) / vv[..., None]  # (n, L, lags)
     factor = 1.0 + 2.0 * (rho[:, None, :] * auto).sum(-1)
     return factor.clamp_min(1.0), rho
+
+
+#: the significance (in standard errors of the median) and the number of stars a pixel's shared residual
+#: needs before :func:`common_residual` keeps it
+COMMON_RESIDUAL_SIGNIFICANCE = 3.0
+COMMON_RESIDUAL_MIN_STARS = 30
+#: rounds of :meth:`stellarnet.network.inference.Predictor.measure_common_residual`
+COMMON_RESIDUAL_ROUNDS = 2
+
+
+def common_residual(flux: np.ndarray, model_flux: np.ndarray, fit_weight: np.ndarray,
+                    significance: float = COMMON_RESIDUAL_SIGNIFICANCE,
+                    min_stars: int = COMMON_RESIDUAL_MIN_STARS) -> tuple[np.ndarray, np.ndarray]:
+    """The relative residual shared by the stars of a survey, per pixel: (P,) median over the stars of
+    f / model − 1 at the pixels their fits used (``fit_weight`` > 0), and its standard error (1.2533 ×
+    1.4826 MAD / √n). Pixels with fewer than ``min_stars`` stars, or a median within ``significance``
+    standard errors of 0, get 0: only what the stars share beyond their noise is kept.
+
+    A survey's spectra share residuals against any model of another survey's: telluric and sky
+    residuals at fixed pixels, another pipeline's continuum convention, a flux-calibration ripple.
+    Dividing them out (f / (1 + c), errors likewise) puts the spectra on the convention of the
+    survey the model learned from. ``flux``, ``model_flux``, ``fit_weight``: (N, P) arrays (as
+    :func:`stellarnet.refinement.fit.refine_labels` returns with ``return_model``)."""
+    flux = np.asarray(flux, np.float64)
+    if flux.ndim != 2 or np.shape(model_flux) != flux.shape or np.shape(fit_weight) != flux.shape:
+        raise ValueError(f"flux, model_flux and fit_weight must be (N, P) arrays of one shape, got {flux.shape}, "
+                         f"{np.shape(model_flux)}, {np.shape(fit_weight)}")
+    model_flux = np.asarray(model_flux, np.float64)
+    used = (np.asarray(fit_weight) > 0) & np.isfinite(flux) & np.isfinite(model_flux) & (model_flux > 0)
+    n = used.sum(0)
+    correction = np.zeros(flux.shape[1])
+    err = np.full(flux.shape[1], np.inf)
+    cols = np.flatnonzero(n >= max(1, int(min_stars)))
+    if cols.size:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.where(used[:, cols], flux[:, cols] / np.where(used[:, cols], model_flux[:, cols], 1.0) - 1.0,
+                           np.nan)
+        med = np.nanmedian(rel, 0)
+        scatter = 1.4826 * np.nanmedian(np.abs(rel - med), 0)
+        se = 1.2533 * scatter / np.sqrt(n[cols])
+        keep = np.abs(med) > significance * se
+        correction[cols] = np.where(keep, med, 0.0)
+        err[cols] = se
+    return correction, err

@@ -52,6 +52,7 @@ from stellarnet.simulate.shifts import (
     corrupt_pixels,
     flag_pixels,
     normalize_convention,
+    shared_residual_lines,
     shift_velocity,
 )
 
@@ -194,13 +195,15 @@ def _spoil(noisy: np.ndarray, err: np.ndarray, cont: np.ndarray, rows: np.ndarra
 
 def _report(flux: np.ndarray, err: np.ndarray, bad: np.ndarray | None, shift: Shift,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The normalized spectrum as another pipeline would report it: a smooth continuum residual,
-    errors rescaled or flattened (bad pixels keep their error)."""
+    """The normalized spectrum as another pipeline would report it: a smooth continuum residual, residuals
+    every spectrum shares, errors rescaled or flattened (bad pixels keep their error)."""
     n = flux.shape[0]
     if shift.continuum_tilt:
         res = continuum_residual(n, shift.continuum_tilt, rng)
         flux, err = flux * res, err * res
     good = np.ones(flux.shape, bool) if bad is None else ~bad
+    if shift.shared_residual:  # the same dips in every spectrum, the errors as they were
+        flux = np.where(good, flux * shared_residual_lines(shift.shared_residual), flux)
     if shift.err_scale is not None:
         err = np.where(good, err * rng.uniform(shift.err_scale[0], shift.err_scale[1], (n, 1)), err)
     if shift.err_flat:

@@ -61,7 +61,7 @@ from stellarnet.io import grids
 __all__ = ["Shift", "SHIFT_SUITE", "broaden_lsf", "shift_velocity",
            "normalize_convention", "continuum_residual", "corrupt_pixels", "convention_pixels", "shift_suite",
            "flag_pixels", "correlate_noise", "noise_kernel", "add_companion", "draw_persistence",
-           "add_detector_defects"]
+           "add_detector_defects", "shared_residual_lines"]
 
 GRID = "dr12"
 CONVENTIONS = ("cannon", "astronn", "aspcap", "smooth")
@@ -99,6 +99,8 @@ class Shift:
         companion_velocity_kms: (lo, hi) range of the companion's |radial-velocity difference| (km/s).
         mix: population mix (keys of ``population.DEFAULT_MIX``; None: the default mix).
         snr_scale: factor on every star's S/N (0.25: a quarter; the suite scores the S/N bin scaled alike).
+        shared_residual: largest depth of the absorption residuals every spectrum shares at the same pixels
+            (:func:`shared_residual_lines`; 0: none).
     """
 
     lsf: tuple[float, float] | None = None
@@ -118,6 +120,7 @@ class Shift:
     companion_velocity_kms: tuple[float, float] = (10.0, 60.0)
     mix: Mapping[str, float] | None = field(default=None, hash=False)
     snr_scale: float = 1.0
+    shared_residual: float = 0.0
 
     def __post_init__(self) -> None:
         if self.normalization is not None and self.normalization not in CONVENTIONS:
@@ -133,6 +136,8 @@ class Shift:
             raise ValueError(f"noise_correlation must lie in [0, {MAX_NOISE_CORRELATION:.3f}), got {self.noise_correlation}")
         if self.companion_flux_ratio is not None and self.companion_flux_ratio[0] < 0:
             raise ValueError(f"companion_flux_ratio must be >= 0, got {self.companion_flux_ratio}")
+        if not 0 <= self.shared_residual < 0.5:
+            raise ValueError(f"shared_residual must be in [0, 0.5), got {self.shared_residual}")
         if not self.snr_scale > 0:
             raise ValueError(f"snr_scale must be > 0, got {self.snr_scale}")
         if self.persistence_fraction is not None and not 0 <= self.persistence_fraction <= 1:
@@ -166,6 +171,7 @@ SHIFT_SUITE: dict[str, Shift] = {
     "correlated_noise": Shift(noise_correlation=(0.1, 0.4)),
     "err_x2": Shift(err_scale=(2.0, 2.0)),
     "err_flat": Shift(err_flat=True),
+    "shared_residual": Shift(shared_residual=0.04),
     "population": Shift(mix=SHIFTED_MIX),
     # the same stars at a quarter of the S/N (12-100; scored at 25-50), below the training cut SNR > 70
     "low_snr": Shift(snr_scale=0.25),
@@ -375,6 +381,28 @@ def continuum_residual(n: int, amplitude: float, rng: np.random.Generator) -> np
     t = rng.uniform(-amplitude, amplitude, (n, 1))
     q = rng.uniform(-amplitude, amplitude, (n, 1))
     return (1.0 + t * x + q * (x**2 - 1.0 / 3.0)).astype(np.float32)
+
+
+#: :func:`shared_residual_lines`: how many, their Gaussian σ (pixels) and the seed of their positions
+SHARED_RESIDUAL_LINES = 40
+SHARED_RESIDUAL_SIGMA_PIX = 1.5
+_SHARED_RESIDUAL_SEED = 20261207
+
+
+def shared_residual_lines(depth: float) -> np.ndarray:
+    """(7214,) multiplicative residual that every spectrum of a survey shares at the same pixels:
+    :data:`SHARED_RESIDUAL_LINES` Gaussian absorption dips (σ 1.5 px) of depth U(0.25, 1) × ``depth``
+    at fixed positions (a fixed seed) — an imperfect correction of features at fixed wavelengths of
+    the spectra as a reader returns them (telluric or sky residuals of stars at similar velocities,
+    another reduction's artefacts); the quoted errors do not know about them."""
+    rng = np.random.default_rng(_SHARED_RESIDUAL_SEED)
+    p = grids.n_pixels(GRID)
+    x = np.arange(p)
+    dips = np.zeros(p)
+    for centre, d in zip(rng.uniform(10, p - 10, SHARED_RESIDUAL_LINES),
+                         rng.uniform(0.25, 1.0, SHARED_RESIDUAL_LINES) * depth):
+        dips += d * np.exp(-0.5 * ((x - centre) / SHARED_RESIDUAL_SIGMA_PIX) ** 2)
+    return np.clip(1.0 - dips, 0.05, 1.0).astype(np.float32)
 
 
 def flag_pixels(shape: tuple[int, int], fraction: tuple[float, float], rng: np.random.Generator) -> np.ndarray:

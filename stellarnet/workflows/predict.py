@@ -102,7 +102,54 @@ def _plan(cfg: DictConfig, provenance: dict[str, Any], dataset: Any, batch_size:
             "n_chunks": dataset.n_chunks, "model_sha256": provenance["model_sha256"], "refined": provenance["refined"],
             "mc_samples": mc_samples, "seed": seed, "precision": precision, "batch_size": batch_size,
             "spectra_root": str(cfg.get("spectra_root")), "spectra_kind": str(cfg.get("spectra_kind")),
+            "survey_residual": _survey_residual_stars(cfg) if provenance["refined"] else 0,
             "stellarnet_version": provenance["stellarnet_version"]}
+
+
+def _survey_residual_stars(cfg: DictConfig) -> int:
+    """How many stars the survey's shared residual is measured on (0: not measured)."""
+    if not cfg.get("survey_residual", False):
+        return 0
+    return int(_check_count(cfg, "survey_residual_stars", 30, default=2000))
+
+
+#: the survey's shared residual in a run's parts directory, and beside the catalogue
+SURVEY_RESIDUAL_FILE = "survey_residual.npy"
+
+
+def _survey_residual(predictor: Any, dataset: Any, n_stars: int, parts_dir: Path) -> dict[str, Any]:
+    """Measure the relative residual the input's spectra share (:meth:`Predictor.measure_common_residual`)
+    on ``n_stars`` of them (whole chunks spread evenly through the input) and set it on ``predictor``;
+    a resumed run reads the one its first start measured (``parts_dir``), so every part is corrected alike."""
+    import numpy as np
+
+    from stellarnet.common.files import atomic_open
+    from stellarnet.dataset.chunks import as_numpy
+
+    path = parts_dir / SURVEY_RESIDUAL_FILE
+    if path.is_file():
+        correction = np.load(path, allow_pickle=False)
+        if correction.shape != (predictor.n_pixels,):
+            raise PredictionError(f"{path} holds {correction.shape} values, not one per pixel of the model's grid; "
+                                  "delete it to measure the residual again")
+        predictor.flux_correction = correction if np.any(correction != 0) else None
+        return {"pixels_corrected": int(np.count_nonzero(correction)), "resumed": True}
+    n_chunks = max(1, min(dataset.n_chunks, -(-n_stars // max(1, dataset.chunk_size))))
+    picks = np.unique(np.linspace(0, dataset.n_chunks - 1, n_chunks).round().astype(int))
+    chunks = [as_numpy(dataset[int(k)]) for k in picks]
+    arrays = {key: np.concatenate([c[key] for c in chunks]) for key in ("flux", "flux_err", "pix_mask")}
+    phot = (None if any(c.get("photometry") is None for c in chunks)
+            else np.concatenate([c["photometry"] for c in chunks]))
+    log.info("survey residual: measuring what %d stars (%d chunk(s)) share against the emulator",
+             len(arrays["flux"]), len(picks))
+    info = predictor.measure_common_residual(arrays["flux"], arrays["flux_err"], phot, arrays["pix_mask"])
+    correction = (np.zeros(predictor.n_pixels, np.float32) if predictor.flux_correction is None
+                  else predictor.flux_correction)
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, correction, allow_pickle=False)
+    log.info("survey residual: %d pixels corrected (rms %.4f, largest %.4f) from %d refined stars",
+             info["pixels_corrected"], info["rms"], info["max_abs"], info["stars"])
+    return info
 
 
 def parts_directory(out_dir: Path, plan: dict[str, Any]) -> Path:
@@ -161,6 +208,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from stellarnet.network.inference import precision_name
     from stellarnet.network.model_folder import load_model
     from stellarnet.network.prediction import PartWriter, PredictionModule
+    from stellarnet.refinement.residuals import COMMON_RESIDUAL_MIN_STARS
 
     precision_name(precision)  # a bad spelling fails before anything starts
     check_not_overwriting([out_dir / "predictions.fits", out_dir / "predictions.csv",
@@ -184,6 +232,10 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         parts_dir = parts_directory(out_dir, plan)
         parts_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(parts_dir / "plan.json", json.dumps(plan, indent=1, default=str))
+        shared = _survey_residual(predictor, dataset, plan["survey_residual"], parts_dir) \
+            if plan["survey_residual"] and dataset.n_stars >= COMMON_RESIDUAL_MIN_STARS else None
+        if shared is not None:
+            provenance["survey_residual"] = shared
         done = finished_parts(parts_dir)  # every rank lists them before any rank writes one
         todo = [k for k in range(dataset.n_chunks) if k not in done]
         log.info("predicting %d stars (%d chunks, %d already done) from %s input %s (%d reader process(es), "
@@ -215,7 +267,7 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         summary: dict[str, Any] = {"num_workers": num_workers, "torch_threads": torch.get_num_threads(),
                                    "batch_size": int(batch_size), "precision": predictor.precision,
                                    "refined": predictor.emulator is not None, "chunks_skipped": len(done),
-                                   "chunks_written_here": writer_cb.written}
+                                   "chunks_written_here": writer_cb.written, "survey_residual": shared}
         if not trainer.is_global_zero:
             return summary, {}
         writer = PredictionWriter(out_dir, dataset.n_stars, overwrite=overwrite, label_names=predictor.label_names,
@@ -234,6 +286,9 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         except BaseException:
             writer.abort()
             raise
+        if shared is not None:  # beside the catalogue: what was divided out of every spectrum
+            shutil.copyfile(parts_dir / SURVEY_RESIDUAL_FILE, out_dir / SURVEY_RESIDUAL_FILE)
+            paths["survey_residual"] = out_dir / SURVEY_RESIDUAL_FILE
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)  # merged: the parts (of any plan) are done
         summary.update(stars=writer.written, read_errors=counts["read_errors"], flagged_bad=counts["flagged"])
     finally:
