@@ -8,6 +8,7 @@ simulates in memory and calls the predictor directly: the two should agree.
 
     python scripts/bench_shift_files.py --model <run>/model [--shifts none,combined] [--n 4000]
         [--seed 5] [--work /tmp/shift_files] [--out shift_files.json] [--markdown shift_files.md]
+        [--predict-args "survey_residual=false mc_samples=0"]
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="shift_files", help="where the surveys and catalogues are written")
     ap.add_argument("--out", default="shift_files.json")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown here")
+    ap.add_argument("--predict-args", default="", help="extra key=value overrides for stellarnet.predict, space-separated")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    res: dict = {"model": args.model, "n_stars": args.n, "seed": args.seed, "shifts": {}}
+    res: dict = {"model": args.model, "n_stars": args.n, "seed": args.seed, "predict_args": args.predict_args,
+                 "shifts": {}}
     for name in args.shifts.split(","):
         t0 = time.perf_counter()
         paths = simulate_survey(work / name / "survey", n_stars=args.n, seed=args.seed, external=False,
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         run = subprocess.run([sys.executable, "-m", "stellarnet.predict", f"ckpt_path={args.model}",
                               f"input={paths['allstar']}", f"output_dir={out_dir}", "overwrite=true",
-                              "trainer.enable_progress_bar=false"], capture_output=True, text=True)
+                              "trainer.enable_progress_bar=false", *args.predict_args.split()],
+                             capture_output=True, text=True)
         if run.returncode != 0:
             print(run.stdout[-2000:], run.stderr[-4000:], file=sys.stderr)
             return run.returncode
