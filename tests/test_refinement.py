@@ -147,10 +147,10 @@ def test_refinement_survives_bad_pixels(refined_dir, tiny_shards):
     data = load_split(tiny_shards, "test")
     flux = data["flux"][:4].copy()
     flux[0, 100:300] = np.nan
-    flux[1, :] = np.inf  # nothing usable: the network's labels are kept or refined from no data
+    flux[1, :] = np.inf  # nothing usable: no numbers (the network's prior is not a measurement)
     out = load_model(folder).predict(flux, data["flux_err"][:4], data["photometry"][:4], data["pix_mask"][:4])
-    assert np.isfinite(out["labels"]).all()
-    assert out["refine_flag"].shape == (4,)
+    assert np.isfinite(out["labels"][[0, 2, 3]]).all() and np.isnan(out["labels"][1]).all()
+    assert out["refine_flag"].shape == (4,) and out["refine_flag"][1] == 2
 
 
 def test_bad_emulator_files_are_refused(refined_dir, tmp_path):
@@ -721,3 +721,26 @@ def test_predict_measures_the_survey_residual_once_and_divides_it_out(refined_di
     model.flux_correction = None
     plain = model.predict(chunk["flux"], chunk["flux_err"], chunk["photometry"], chunk["pix_mask"])
     assert not np.allclose(plain["labels"][:, 0], own["labels"][:, 0])
+
+
+def test_a_spectrum_without_a_usable_pixel_gets_no_numbers_and_a_bad_flag(refined_dir, tiny_shards):
+    """Through the Python API (files with no good pixel are read errors already): an all-NaN row gets NaN
+    labels and σ, no class, refine flag 2 and the bad bits NOT_REFINED and UNPHYSICAL — not the network's
+    prior dressed as a measurement; the other rows are as they are alone."""
+    from stellarnet.io.bitmasks import STELLARNET_FLAG
+
+    folder, _ = refined_dir
+    model = load_model(folder)
+    data = load_split(tiny_shards, "test")
+    flux, err = data["flux"][:4].copy(), data["flux_err"][:4].copy()
+    flux[2] = np.nan
+    pred = model.predict(flux, err, data["photometry"][:4])
+    assert np.isnan(pred["labels"][2]).all() and np.isnan(pred["sigma_total"][2]).all()
+    assert np.isnan(pred["labels_network"][2]).all() and pred["refine_flag"][2] == 2
+    assert all(pred["classes"][t][2] == "" for t in pred["classes"])
+    assert STELLARNET_FLAG.any_set(pred["stellarnet_flag"][2:3], ["NOT_REFINED"]).all()
+    assert STELLARNET_FLAG.any_set(pred["stellarnet_flag"][2:3], ["UNPHYSICAL"]).all()
+    alone = model.predict(flux[[0, 1, 3]], err[[0, 1, 3]], data["photometry"][[0, 1, 3]])
+    np.testing.assert_allclose(pred["labels"][[0, 1, 3]], alone["labels"], rtol=1e-4)
+    frame = predictions_frame({"apogee_id": np.arange(4).astype(str)}, pred, model.label_names, model.class_tasks)
+    assert np.isnan(frame["TEFF"][2]) and frame["STAGE"][2] == ""

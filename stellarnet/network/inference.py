@@ -321,6 +321,7 @@ class Predictor:
         phot, phot_mask = self.standardize_photometry(photometry, n)
 
         res = self._network_pass(flux, flux_err, mask, phot, phot_mask, mc_samples, batch_size, seed, prec)
+        _blank_empty_rows(res, mask.sum(1) == 0 if n else np.zeros(0, bool))
         net_factor = None
         if refine and n:
             fit = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
@@ -500,6 +501,21 @@ class Predictor:
         # two inconsistent estimates: neither σ is to be trusted as it stands (the network is the misled one
         # as often as the emulator), so the network's σ grows by the same ratio where the refinement is kept
         return None if factor is None else np.where(ok[:, None], factor, 1.0)
+
+
+def _blank_empty_rows(res: dict[str, Any], empty: np.ndarray) -> None:
+    """No numbers for a spectrum without a usable pixel (in place): its labels and σ NaN (so it is not
+    refined and its flag says UNPHYSICAL and NOT_REFINED), class probabilities NaN and classes "" — the
+    network's output there is its prior, not a measurement."""
+    if not empty.any():
+        return
+    for k in ("labels", "sigma_aleatoric", "sigma_epistemic", "sigma_total"):
+        res[k][empty] = np.nan
+    for t in res["class_probs"]:
+        res["class_probs"][t][empty] = np.nan
+        classes = res["classes"][t].astype(object)
+        classes[empty] = ""
+        res["classes"][t] = classes
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
