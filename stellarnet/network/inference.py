@@ -313,6 +313,13 @@ class Predictor:
             if pix_mask.shape != flux.shape:
                 raise ValueError(f"pix_mask shape {pix_mask.shape} differs from flux shape {flux.shape}")
         flux, flux_err, good = mask_unusable_pixels(flux, flux_err, None if pix_mask is None else pix_mask.astype(bool))
+        return self._predict_clean(flux, flux_err, good, photometry, mc_samples, batch_size, seed, prec, refine)[0]
+
+    def _predict_clean(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray, photometry: Any,
+                       mc_samples: int, batch_size: int, seed: int | None, prec: str, refine: bool,
+                       return_model: bool = False) -> tuple[dict[str, Any], RefineResult | None]:
+        """:meth:`predict` on arrays :func:`mask_unusable_pixels` has cleaned; also the χ² fit's result
+        (None when not refined; with ``return_model`` holding its model spectra and weights)."""
         if self.flux_correction is not None:  # onto the training survey's convention (measure_common_residual)
             scale = (1.0 + self.flux_correction).astype(np.float32)
             flux, flux_err = flux / scale, flux_err / scale
@@ -323,9 +330,11 @@ class Predictor:
         res = self._network_pass(flux, flux_err, mask, phot, phot_mask, mc_samples, batch_size, seed, prec)
         _blank_empty_rows(res, mask.sum(1) == 0 if n else np.zeros(0, bool))
         net_factor = None
+        fit = None
         if refine and n:
             fit = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
-                                batch_size=max(1, min(batch_size, 256)), **self.refine_settings)
+                                batch_size=max(1, min(batch_size, 256)), return_model=return_model,
+                                **self.refine_settings)
             if self.second_look and fit.outlier_pixels is not None and fit.outlier_pixels[0].size:
                 self._second_look(res, fit.outlier_pixels, flux, flux_err, mask, phot, phot_mask, mc_samples,
                                   batch_size, seed, prec)
@@ -336,14 +345,14 @@ class Predictor:
                                                   physical_ranges(self.label_names), continuum_level=level)
         if net_factor is not None:  # after the flags, which are judged on the network's own σ
             res["sigma_network"] = (res["sigma_network"] * net_factor).astype(np.float32)
-        return res
+        return res, fit
 
     def measure_common_residual(self, flux: Any, flux_err: Any, photometry: Any = None, pix_mask: Any = None,
                                 batch_size: int = 128, rounds: int = COMMON_RESIDUAL_ROUNDS) -> dict[str, Any]:
         """Measure the relative residual the given spectra (a sample of one survey: a few thousand stars)
         share against the emulator and divide it out of every spectrum predicted from now on
         (:attr:`flux_correction`; :func:`~stellarnet.refinement.residuals.common_residual`): the stars are
-        predicted, refitted from the network's labels, and the median over the refined stars of
+        predicted and, against the model spectra of their own χ² fits, the median over the refined stars of
         f / model − 1 is kept per pixel where it is significant; ``rounds`` times, each on the spectra
         corrected by the rounds before (labels that a residual has biased absorb part of it, so one
         round removes only part). Telluric and sky residuals at fixed pixels, another pipeline's
@@ -368,20 +377,19 @@ class Predictor:
         first_error = float("nan")
         self.flux_correction = None
         stars = 0
-        for r in range(rounds):
-            res = self.predict(f, e, photometry=photometry, pix_mask=good, batch_size=batch_size, refine=True)
+        for r in range(rounds):  # the fit of the prediction itself gives the model spectra: one fit per round
+            res, fit = self._predict_clean(f, e, good, photometry, 0, batch_size, None, self.precision, True,
+                                           return_model=True)
+            if fit is None:  # no spectra
+                break
             rows = np.flatnonzero(res["refine_flag"] == 0)
             stars = int(len(rows))
-            scale = (1.0 + total).astype(np.float32)
-            fit = refine_labels(self.emulator, f[rows] / scale, e[rows] / scale, good[rows].astype(np.float32),
-                                res["labels_network"][rows].astype(np.float64),
-                                batch_size=max(1, min(batch_size, 256)), return_model=True, **self.refine_settings)
-            step, err = common_residual(f[rows] / scale, fit.model_flux, fit.fit_weight)
+            corrected = f[rows] / (1.0 + total).astype(np.float32)
+            step, err = common_residual(corrected, fit.model_flux[rows], fit.fit_weight[rows])
             if r == 0 and np.isfinite(err).any():
                 first_error = float(np.median(err[np.isfinite(err)]))
             total = (1.0 + total) * (1.0 + step) - 1.0
-            kept = total != 0
-            self.flux_correction = total.astype(np.float32) if kept.any() else None
+            self.flux_correction = total.astype(np.float32) if total.any() else None
             if not step.any():
                 break
         kept = total != 0
