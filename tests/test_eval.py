@@ -279,6 +279,30 @@ def test_fit_sigma_two_term_recovers_scale_and_floor_through_catalogue_noise():
     assert np.isnan(an[0]) and np.isnan(bn[0])
 
 
+def test_sigma_fits_leave_out_reference_failures():
+    """3 % of the references off by 300-900 K (a catalogue's unflagged failed fits): the two-term
+    fit and the single scale come out as without them; without clipping both are inflated > 2x."""
+    rng = np.random.default_rng(12)
+    n = 6000
+    snr = rng.uniform(50, 400, n)
+    s_fit, s_floor = 5.0 * 100 / snr, rng.uniform(8.0, 20.0, n)
+    truth = rng.normal(4800, 400, n)
+    pred = truth + np.sqrt((1.6 * s_fit) ** 2 + (0.35 * s_floor) ** 2) * rng.standard_normal(n)
+    err = np.full(n, 15.0)
+    ref = truth + err * rng.standard_normal(n)
+    failed = ref.copy()
+    bad = rng.random(n) < 0.03
+    failed[bad] += rng.choice([-1, 1], bad.sum()) * rng.uniform(300, 900, bad.sum())
+    a, b = cal.fit_sigma_two_term(pred, ref, s_fit, s_floor, err)
+    ac, bc = cal.fit_sigma_two_term(pred, failed, s_fit, s_floor, err)
+    assert abs(ac[0] - a[0]) < 0.15 and abs(bc[0] - b[0]) < 0.05, (a, b, ac, bc)
+    ap, bp = cal.fit_sigma_two_term(pred, failed, s_fit, s_floor, err, clip_sigma=None)
+    assert max(ap[0] / a[0], bp[0] / b[0]) > 2, (a, b, ap, bp)
+    k, kc = cal.fit_sigma_scale(pred, ref, s_fit, err), cal.fit_sigma_scale(pred, failed, s_fit, err)
+    assert abs(kc[0] / k[0] - 1) < 0.05, (k, kc)
+    assert cal.fit_sigma_scale(pred, failed, s_fit, err, clip_sigma=None)[0] > 2 * k[0]
+
+
 def test_temperature_scaling_fixes_over_confident_probabilities():
     """Probabilities sharpened by T = 1/3 (over-confident): the fitted temperature is ~3, the ECE
     drops, accuracy is unchanged; the Predictor applies a folder's temperature."""

@@ -210,6 +210,32 @@ def test_label_calibration_removes_a_smooth_bias_despite_noisy_references():
         fit_label_calibration(biased, reference, degree=3)
 
 
+def test_label_calibration_leaves_out_catalogue_failures():
+    """3 % of the reference labels off by 10-30 of their σ, all on one side (a catalogue's unflagged
+    failed fits): the clipped calibration stays near the one without them, the plain least squares
+    is pulled by them (> 3x the error), and the clipped rows are counted."""
+    from stellarnet.refinement.calibration import apply_label_calibration, fit_label_calibration
+
+    rng = np.random.default_rng(11)
+    truth = MEAN + STD * rng.uniform(-1.5, 1.5, (8000, 4))
+    z = (truth - MEAN) / STD
+    biased = truth + STD * 0.1 * np.stack([z[:, 0] ** 2 - 0.5, 0.3 * z[:, 1], 0.2 + 0 * z[:, 2], z[:, 0] * z[:, 3]], 1)
+    ref_err = 0.2 * STD * np.ones_like(truth)
+    reference = truth + ref_err * rng.standard_normal(truth.shape)
+    bad = rng.random(len(truth)) < 0.03
+    failed = reference.copy()
+    failed[bad] += ref_err[bad] * rng.uniform(10, 30, (bad.sum(), 4)) * (1 + (z[bad] > 0))  # worse at one end
+    clean = apply_label_calibration(biased, fit_label_calibration(biased, reference, ref_err))
+    cal = fit_label_calibration(biased, failed, ref_err)
+    clipped = apply_label_calibration(biased, cal)
+    plain = apply_label_calibration(biased, fit_label_calibration(biased, failed, ref_err, clip_sigma=None))
+    err_clean, err_clipped, err_plain = (np.abs(x - truth).mean(0) / STD for x in (clean, clipped, plain))
+    assert np.all(err_clipped < 1.2 * err_clean + 0.002), (err_clean, err_clipped)
+    assert np.all(err_plain > 3 * err_clipped), (err_plain, err_clipped)
+    assert all(abs(c - bad.sum()) <= 0.02 * bad.sum() + 3 for c in cal["clipped"]), (cal["clipped"], bad.sum())
+    assert cal["n"][0] + cal["clipped"][0] == len(truth)
+
+
 def test_pixel_clipping_rejects_outliers_that_carry_a_finite_error(emulator):
     """3 % of the pixels moved down by 20-50 σ with a 1.5x error (sky-line residuals, unflagged cosmic
     rays): the fit with pixel clipping stays close to the clean fit, without it the error grows > 2x."""

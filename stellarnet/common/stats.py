@@ -23,6 +23,26 @@ def robust_scatter(x: np.ndarray) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(x - np.median(x))))
 
 
+#: normalized residuals beyond this many robust σ are outliers to the fits of a calibration against a
+#: reference catalogue (its unflagged failed fits): :func:`robust_inliers`
+OUTLIER_CLIP_SIGMA = 5.0
+#: at most this many rounds of that clipping
+OUTLIER_CLIP_ROUNDS = 3
+
+
+def robust_inliers(z: np.ndarray, usable: np.ndarray, clip_sigma: float = OUTLIER_CLIP_SIGMA) -> np.ndarray:
+    """Rows of ``usable`` whose normalized residual ``z`` lies within ``clip_sigma`` robust σ
+    (:func:`robust_scatter` of the usable ones) of their median: (N,) bool."""
+    z = np.asarray(z, dtype=float)
+    usable = np.asarray(usable, dtype=bool) & np.isfinite(z)
+    if not usable.any():
+        return usable
+    centre = float(np.median(z[usable]))
+    scale = robust_scatter(z[usable])
+    with np.errstate(invalid="ignore"):
+        return usable & (np.abs(z - centre) <= clip_sigma * max(scale, 1e-300))
+
+
 def total_sigma(sigma: np.ndarray, err: np.ndarray | None = None) -> np.ndarray:
     """Predicted σ combined in quadrature with the catalogue label error (NaN err → 0)."""
     sigma = np.asarray(sigma, dtype=float)

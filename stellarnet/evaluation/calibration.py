@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
-from stellarnet.common.stats import MAD_TO_SIGMA, total_sigma, z_scores, z_stats
+from stellarnet.common.stats import (MAD_TO_SIGMA, OUTLIER_CLIP_ROUNDS, OUTLIER_CLIP_SIGMA, robust_inliers, total_sigma,
+                                     z_scores, z_stats)
 from stellarnet.evaluation.metrics import _as_2d, _label_list
 
 COVERAGE_1SIGMA = float(special.erf(1 / math.sqrt(2)))  # 0.6827
@@ -145,6 +146,7 @@ def fit_sigma_scale(
     *,
     method: str = "rms",
     bounds: tuple[float, float] = (1e-3, 1e3),
+    clip_sigma: float | None = OUTLIER_CLIP_SIGMA,
 ) -> np.ndarray:
     """Per-label post-hoc factor ``k`` for the predicted σ, fitted on a validation split.
 
@@ -152,7 +154,8 @@ def fit_sigma_scale(
     (``method="rms"``: mean(z²) = 1, the Gaussian maximum-likelihood scale when ``err`` is None;
     ``method="robust"``: 1.4826·MAD(z) = 1, insensitive to outliers). Only the predicted σ is
     scaled, the catalogue error ``err`` is kept. ``k`` is clipped to ``bounds``; NaN if a label has
-    fewer than 2 usable rows.
+    fewer than 2 usable rows. Rows whose z lies beyond ``clip_sigma`` robust σ are left out and ``k``
+    refitted (a reference catalogue's failed fits; None: every row).
 
     Parameters are (N, L) or (N,) arrays in physical units; returns an (L,) array (dimensionless).
     """
@@ -163,8 +166,27 @@ def fit_sigma_scale(
     S = np.asarray(sigma, dtype=float).reshape(P.shape)
     E = np.zeros_like(P) if err is None else np.nan_to_num(np.asarray(err, dtype=float).reshape(P.shape), nan=0.0)
     R = P - T
-    k = np.array([_fit_scale_1d(R[:, j], S[:, j], E[:, j], method, bounds) for j in range(P.shape[1])])
+    k = np.array([_fit_scale_clipped(R[:, j], S[:, j], E[:, j], method, bounds, clip_sigma)
+                  for j in range(P.shape[1])])
     return k[:1] if one_d else k
+
+
+def _fit_scale_clipped(r: np.ndarray, s: np.ndarray, e: np.ndarray, method: str, bounds: tuple[float, float],
+                       clip_sigma: float | None) -> float:
+    """:func:`_fit_scale_1d` refitted without the rows whose z lies beyond ``clip_sigma`` robust σ
+    (:func:`~stellarnet.common.stats.robust_inliers`; None: all rows)."""
+    use = np.isfinite(r) & np.isfinite(s) & (s > 0)
+    k = _fit_scale_1d(r[use], s[use], e[use], method, bounds)
+    for _ in range(OUTLIER_CLIP_ROUNDS if clip_sigma else 0):
+        if not np.isfinite(k):
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            keep = robust_inliers(r / np.sqrt((k * s) ** 2 + e**2), use, clip_sigma)
+        if np.array_equal(keep, use) or keep.sum() < 2:
+            break
+        use = keep
+        k = _fit_scale_1d(r[use], s[use], e[use], method, bounds)
+    return k
 
 
 def fit_sigma_two_term(
@@ -176,6 +198,7 @@ def fit_sigma_two_term(
     *,
     bounds: tuple[float, float] = (1e-3, 1e3),
     unresolved_floor: str = "ml",
+    clip_sigma: float | None = OUTLIER_CLIP_SIGMA,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label ``(a, b)`` of the σ model ``sqrt((a·sigma)² + (b·sigma_floor)²)``, fitted on a
     validation split by Gaussian maximum likelihood with ``pred − true ~ N(0, model² + err²)``.
@@ -186,7 +209,9 @@ def fit_sigma_two_term(
     ``sigma_floor`` one that does not (e.g. the network's σ, which carries its systematic floor):
     a single scale on ``sigma`` over-covers at low S/N and under-covers at high S/N when the
     errors have a floor. ``b`` may come out ~0 (no floor needed). Arrays (N, L) or (N,) in
-    physical units; returns two (L,) arrays, NaN where a label has fewer than 3 usable rows.
+    physical units; returns two (L,) arrays, NaN where a label has fewer than 3 usable rows. Rows
+    whose z lies beyond ``clip_sigma`` robust σ of the fit are left out and (a, b) refitted (a
+    reference catalogue's failed fits would otherwise inflate both; None: every row).
     """
     P = np.asarray(pred, dtype=float)
     P = P.reshape(len(P), -1)
@@ -201,25 +226,44 @@ def fit_sigma_two_term(
         ok = np.isfinite(R[:, j]) & np.isfinite(S[:, j]) & np.isfinite(F[:, j]) & (S[:, j] > 0) & (F[:, j] >= 0)
         if ok.sum() < 3:
             continue
-        r2, s2, f2, e2 = R[ok, j] ** 2, S[ok, j] ** 2, F[ok, j] ** 2, E[ok, j] ** 2
-
-        def nll(q: np.ndarray) -> float:
-            v = np.exp(2 * q[0]) * s2 + np.exp(2 * q[1]) * f2 + e2
-            v = np.maximum(v, 1e-300)
-            return float(0.5 * np.sum(r2 / v + np.log(v)))
-
-        a0 = _fit_scale_1d(R[ok, j], S[ok, j], E[ok, j], "rms", bounds)
-        a0 = a0 if np.isfinite(a0) else 1.0
-        best = None
-        for q0 in ([np.log(a0), np.log(1e-2)], [np.log(a0) - 0.5, np.log(0.3)]):
-            res = optimize.minimize(nll, np.clip(q0, lo, hi), method="Nelder-Mead",
-                                    options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
-            if best is None or res.fun < best.fun:
-                best = res
-        a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
+        use = ok
+        for rnd in range(OUTLIER_CLIP_ROUNDS + 1):
+            nll, best = _fit_two_term_ml(R[use, j], S[use, j], F[use, j], E[use, j], bounds)
+            a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
+            if not clip_sigma or rnd == OUTLIER_CLIP_ROUNDS:
+                break
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = (a_out[j] * S[:, j]) ** 2 + (b_out[j] * F[:, j]) ** 2 + E[:, j] ** 2
+                keep = robust_inliers(R[:, j] / np.sqrt(v), ok, clip_sigma)
+            if np.array_equal(keep, use) or keep.sum() < 3:
+                break
+            use = keep
         if unresolved_floor == "upper":
             a_out[j], b_out[j] = _floor_if_unresolved(nll, best.fun, a_out[j], b_out[j], bounds)
     return a_out, b_out
+
+
+def _fit_two_term_ml(r: np.ndarray, s: np.ndarray, f: np.ndarray, e: np.ndarray,
+                     bounds: tuple[float, float]) -> tuple[Any, Any]:
+    """The negative log-likelihood of (log a, log b) for residuals ``r`` ~ N(0, (a s)² + (b f)² + e²)
+    and its minimum (a scipy ``OptimizeResult``; ``x`` = (log a, log b), unclipped)."""
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    r2, s2, f2, e2 = r**2, s**2, f**2, e**2
+
+    def nll(q: np.ndarray) -> float:
+        v = np.exp(2 * q[0]) * s2 + np.exp(2 * q[1]) * f2 + e2
+        v = np.maximum(v, 1e-300)
+        return float(0.5 * np.sum(r2 / v + np.log(v)))
+
+    a0 = _fit_scale_1d(r, s, e, "rms", bounds)
+    a0 = a0 if np.isfinite(a0) else 1.0
+    best = None
+    for q0 in ([np.log(a0), np.log(1e-2)], [np.log(a0) - 0.5, np.log(0.3)]):
+        res = optimize.minimize(nll, np.clip(q0, lo, hi), method="Nelder-Mead",
+                                options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
+        if best is None or res.fun < best.fun:
+            best = res
+    return nll, best
 
 
 def _floor_if_unresolved(nll: Any, nll_min: float, a: float, b: float, bounds: tuple[float, float],

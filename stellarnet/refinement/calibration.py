@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from stellarnet.common.stats import OUTLIER_CLIP_ROUNDS, OUTLIER_CLIP_SIGMA, robust_inliers
+
 
 def _quadratic_terms(z: np.ndarray, degree: int) -> np.ndarray:
     cols = [np.ones(len(z))] + [z[:, i] for i in range(z.shape[1])]
@@ -17,15 +19,20 @@ def _quadratic_terms(z: np.ndarray, degree: int) -> np.ndarray:
 
 
 def fit_label_calibration(labels: np.ndarray, reference: np.ndarray, reference_err: np.ndarray | None = None,
-                          degree: int = 2, min_stars: int = 50) -> dict[str, Any]:
+                          degree: int = 2, min_stars: int = 50,
+                          clip_sigma: float | None = OUTLIER_CLIP_SIGMA) -> dict[str, Any]:
     """Per-label polynomial (degree 1 or 2 in all standardized labels) for ``reference − labels``,
-    weighted least squares with weights 1/err² (unit weights without errors).
+    weighted least squares with weights 1/err² (unit weights without errors), refitted without the
+    references more than ``clip_sigma`` robust σ from it (:func:`~stellarnet.common.stats.robust_inliers`,
+    up to :data:`~stellarnet.common.stats.OUTLIER_CLIP_ROUNDS` rounds; None: none left out): a
+    catalogue's failed fits (unflagged outliers) would otherwise pull the polynomial over the whole
+    label range.
 
     Args:
         labels: (N, L) refined labels; reference: (N, L) reference labels (NaN = missing);
         reference_err: (N, L) their 1-σ errors, or None.
     Returns:
-        Plain dict ``{"degree", "mean", "std", "coef" (L lists), "n" (L)}`` for
+        Plain dict ``{"degree", "mean", "std", "coef" (L lists), "n" (L), "clipped" (L)}`` for
         :func:`apply_label_calibration`; a label with fewer than ``min_stars`` usable rows gets
         zero coefficients (no correction).
     """
@@ -40,21 +47,33 @@ def fit_label_calibration(labels: np.ndarray, reference: np.ndarray, reference_e
     std = np.nanstd(x[rows], 0) if rows.any() else np.ones(x.shape[1])
     std = np.where(std > 0, std, 1.0)
     design = _quadratic_terms((np.where(rows[:, None], x, mean) - mean) / std, degree)
-    coef, n_used = [], []
+    coef, n_used, n_clipped = [], [], []
     for j in range(x.shape[1]):
         y = ref[:, j] - x[:, j]
         w = np.ones(len(y)) if reference_err is None else 1.0 / np.maximum(np.asarray(reference_err, np.float64)[:, j], 1e-12) ** 2
         ok = rows & np.isfinite(y) & np.isfinite(w)
-        if ok.sum() < max(min_stars, design.shape[1] + 1):
+        need = max(min_stars, design.shape[1] + 1)
+        if ok.sum() < need:
             coef.append([0.0] * design.shape[1])
             n_used.append(int(ok.sum()))
+            n_clipped.append(0)
             continue
-        sw = np.sqrt(w[ok] / np.mean(w[ok]))
-        c = np.linalg.lstsq(design[ok] * sw[:, None], y[ok] * sw, rcond=None)[0]
+        use = ok.copy()
+        for rnd in range(OUTLIER_CLIP_ROUNDS + 1):
+            sw = np.sqrt(w[use] / np.mean(w[use]))
+            c = np.linalg.lstsq(design[use] * sw[:, None], y[use] * sw, rcond=None)[0]
+            if not clip_sigma or rnd == OUTLIER_CLIP_ROUNDS:
+                break
+            keep = robust_inliers(np.where(ok, (y - design @ c) * np.sqrt(np.where(ok, w, 0.0)), np.nan), ok,
+                                  clip_sigma)
+            if np.array_equal(keep, use) or keep.sum() < need:
+                break
+            use = keep
         coef.append([float(v) for v in c])
-        n_used.append(int(ok.sum()))
+        n_used.append(int(use.sum()))
+        n_clipped.append(int(ok.sum() - use.sum()))
     return {"degree": int(degree), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-            "coef": coef, "n": n_used}
+            "coef": coef, "n": n_used, "clipped": n_clipped}
 
 
 def apply_label_calibration(labels: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
