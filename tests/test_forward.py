@@ -691,3 +691,49 @@ def test_common_residual_finds_what_the_stars_share_and_nothing_else():
     assert (c[:60] == 0).all() and np.isinf(err[:40]).all()
     with pytest.raises(ValueError, match="one shape"):
         common_residual(flux, model[:, :10], weight)
+
+
+def test_member_spread_is_what_a_refit_with_the_member_gives(emulator):
+    """The members' spread is the first-order change of the fitted labels: fitting again with the member
+    as the model moves each star by about that much (median ratio near 1, the same stars most)."""
+    from stellarnet.refinement.training import train_members
+
+    labels, flux, err = draw(1000, 0)
+    member = train_members(emulator, labels, SpectraBlocks.of_arrays(flux, err, None), n_members=1, epochs=15,
+                           seed=3)[0]
+    truth, f, e = draw(150, 5)
+    main = refine_labels(emulator, f, e, None, truth, continuum_degree=None, iters=4)
+    assert main.emulator_spread is None
+    r = refine_labels(emulator, f, e, None, truth, continuum_degree=None, iters=4, members=[member])
+    np.testing.assert_allclose(r.labels, main.labels)  # the labels are the emulator's, whatever the members
+    refit = refine_labels(member, f, e, None, r.labels, continuum_degree=None, iters=4)
+    moved = np.abs(refit.labels - r.labels)
+    assert np.all(r.emulator_spread > 0)
+    ratio = np.median(moved / r.emulator_spread, 0)
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
+    assert all(np.corrcoef(moved[:, j], r.emulator_spread[:, j])[0, 1] > 0.8 for j in range(4))
+    with pytest.raises(ValueError, match="member"):
+        other = emulator_from_state(emulator_state(emulator))
+        other.label_mean.add_(1.0)
+        refine_labels(emulator, f, e, None, truth, continuum_degree=None, members=[other])
+
+
+def test_member_spread_grows_where_training_stars_are_few():
+    """An emulator trained where stars with a high first label are rare (1 in 20 kept): the members
+    (each trained further on half of the stars) disagree there, and the refined labels with them —
+    the spread in that corner is several times the spread in the dense part."""
+    from stellarnet.refinement.training import train_members
+
+    labels, flux, err = draw(3000, 21)
+    z = (labels - MEAN) / STD
+    keep = (z[:, 0] < 0.5) | (np.random.default_rng(22).random(len(z)) < 0.05)
+    labels, flux, err = labels[keep], flux[keep], err[keep]
+    torch.manual_seed(1)
+    main, _ = train_emulator(labels, flux, err, None, NAMES, None, hidden=64, epochs=100, batch_size=64, lr=5e-3)
+    members = train_members(main, labels, SpectraBlocks.of_arrays(flux, err, None), n_members=2, epochs=30, seed=4)
+    truth, f, e = draw(400, 23)
+    zt = (truth - MEAN) / STD
+    r = refine_labels(main, f, e, None, truth, continuum_degree=None, iters=4, members=members)
+    dense, sparse = zt[:, 0] < 0.0, zt[:, 0] > 1.0
+    ratio = np.median(r.emulator_spread[sparse], 0) / np.median(r.emulator_spread[dense], 0)
+    assert ratio[0] > 2.0, ratio

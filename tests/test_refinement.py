@@ -24,7 +24,8 @@ from stellarnet.io.predictions import predictions_frame
 
 NET = copy.deepcopy(EVAL_NET)  # the evaluation tests' tiny network, without dropout (as the default model)
 NET["spectral_encoder"]["dropout"] = NET["trunk"]["dropout"] = 0.0
-SETTINGS = {"hidden": 16, "epochs": 3, "batch_size": 64, "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1}}
+SETTINGS = {"hidden": 16, "epochs": 3, "batch_size": 64, "members": 2, "member_epochs": 2,
+            "fit": {"iters": 2, "clip_rounds": 1, "clip_iters": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,31 @@ def test_build_writes_emulator_and_summary(refined_dir, tiny_shards):
     assert 0 <= summary["val_refined_fraction"] <= 1
     assert not list(folder.glob(".*.tmp"))  # atomic write left nothing behind
     assert list((folder.parent / "tb").glob("events.*"))
+    assert saved["training"]["members"]["n"] == 2 and saved["training"]["members"]["epochs"] == 2
+
+
+def test_member_spread_is_part_of_the_refined_sigma(refined_dir, tiny_shards):
+    """The stage's member emulators load with it; their spread is reported and added to the refined σ
+    in quadrature (a predictor without them gives the same labels and a σ smaller by exactly that)."""
+    folder, _ = refined_dir
+    model = load_model(folder)
+    assert len(model.emulator_members) == 2
+    data = load_split(tiny_shards, "test")
+    args = (data["flux"], data["flux_err"], data["photometry"], data["pix_mask"])
+    out = model.predict(*args)
+    model.disagreement_inflation = False
+    with_members = model.predict(*args)
+    members, model.emulator_members = model.emulator_members, []
+    without = model.predict(*args)
+    assert "refine_emulator_spread" not in without
+    spread = with_members["refine_emulator_spread"]
+    ok = (with_members["refine_flag"] == 0) & (without["refine_flag"] == 0)
+    assert ok.any() and np.all(spread[ok] > 0)
+    np.testing.assert_allclose(with_members["labels"][ok], without["labels"][ok], rtol=1e-5)
+    np.testing.assert_allclose(with_members["sigma_aleatoric"][ok] ** 2,
+                               without["sigma_aleatoric"][ok] ** 2 + spread[ok] ** 2, rtol=1e-3)
+    assert np.all(out["sigma_aleatoric"][ok] >= with_members["sigma_aleatoric"][ok] * (1 - 1e-5))
+    model.emulator_members = members
 
 
 def test_second_look_is_the_network_on_the_spectrum_without_the_fit_outliers(refined_dir, tiny_shards):
@@ -340,6 +366,7 @@ def test_model_folder_sigma_scales_are_applied(refined_dir, tiny_shards):
 
     model = load_model(folder)
     model.disagreement_inflation = False  # the σ model alone (the inflation: its own test below)
+    model.emulator_members = []  # ... and without the members' spread (test_member_spread_is_part_of_the_refined_sigma)
     model.refine_sigma_scale = np.ones(4)
     model.refine_sigma_network_scale = np.zeros(4)
     plain = model.predict(*args)

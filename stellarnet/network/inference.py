@@ -141,7 +141,10 @@ class Predictor:
             σ = sqrt((a·σ_fit)² + (b·σ_network)²), b None = 0), ``refine_settings`` (``refine_labels``
             keywords) and ``label_calibration`` (:func:`~stellarnet.refinement.calibration.fit_label_calibration`)
             go with it. ``disagreement_inflation``: the refined σ of a label is multiplied by
-            :func:`disagreement_factor` (network and refinement inconsistent: σ grows). ``second_look``:
+            :func:`disagreement_factor` (network and refinement inconsistent: σ grows). ``emulator_members``:
+            emulators trained on halves of the training stars (:func:`~stellarnet.refinement.training.train_members`);
+            the spread of the refined labels over them (``refine_emulator_spread``) is added to the refined σ in
+            quadrature — the emulator's own error, which grows at the edges of the training set. ``second_look``:
             the network is run again on the stars whose fit rejected outlier pixels, with those pixels
             masked (:meth:`_second_look`), before the two estimates are combined.
         flux_correction: (P,) the relative residual a survey's spectra share against the emulator
@@ -154,7 +157,8 @@ class Predictor:
                  refine_settings: dict[str, Any] | None = None,
                  label_calibration: dict[str, Any] | None = None,
                  refine_sigma_network_scale: Any = None, chi2_scaling: str = "two_sided",
-                 label_range: Any = None, disagreement_inflation: bool = False, second_look: bool = True) -> None:
+                 label_range: Any = None, disagreement_inflation: bool = False, second_look: bool = True,
+                 emulator_members: Any = None) -> None:
         if chi2_scaling not in ("two_sided", "at_least_one"):
             raise ValueError(f"chi2_scaling must be 'two_sided' or 'at_least_one', got {chi2_scaling!r}")
         self.chi2_scaling = chi2_scaling
@@ -186,6 +190,7 @@ class Predictor:
             raise CheckpointError(f"data_spec sigma_noise_scale has shape {self.sigma_noise_scale.shape}, "
                                   "expected one per label")
         self.emulator = None if emulator is None else emulator.eval()
+        self.emulator_members = [m.eval() for m in (emulator_members or [])]
         self.refine_sigma_scale = (None if refine_sigma_scale is None
                                    else np.asarray(refine_sigma_scale, dtype=np.float32).reshape(-1))
         if self.refine_sigma_scale is not None and self.refine_sigma_scale.shape != (len(self.label_names),):
@@ -334,7 +339,7 @@ class Predictor:
         if refine and n:
             fit = refine_labels(self.emulator, flux, flux_err, mask, res["labels"].astype(np.float64),
                                 batch_size=max(1, min(batch_size, 256)), return_model=return_model,
-                                **self.refine_settings)
+                                members=self.emulator_members or None, **self.refine_settings)
             if self.second_look and fit.outlier_pixels is not None and fit.outlier_pixels[0].size:
                 self._second_look(res, fit.outlier_pixels, flux, flux_err, mask, phot, phot_mask, mc_samples,
                                   batch_size, seed, prec)
@@ -478,6 +483,9 @@ class Predictor:
         net_labels, net_sigma = res["labels"], res["sigma_total"]
         if self.refine_sigma_network_scale is not None:  # the refined labels' error floor
             sigma = np.sqrt(sigma**2 + (self.refine_sigma_network_scale * net_sigma) ** 2)
+        if r.emulator_spread is not None:  # the emulator's own error: the labels' spread over its members
+            sigma = np.sqrt(sigma**2 + np.nan_to_num(r.emulator_spread) ** 2)
+            res["refine_emulator_spread"] = r.emulator_spread
         # the flag NET_REFINE_DISAGREE is judged on the σ model's σ, before the inflation below
         res["sigma_refined"] = sigma.astype(np.float32)
         factor = disagreement_factor(refined, sigma, net_labels, net_sigma) if self.disagreement_inflation else None

@@ -154,11 +154,18 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", preci
     settings.setdefault("continuum_knots", None)  # ... and before the spline continuum
     settings.setdefault("fit_lsf", False)
     settings.setdefault("noise_correlation", False)  # ... and before σ allowed for correlated noise
+    members = []
+    for k, state in enumerate(extras.get("members") or []):
+        try:
+            members.append(emulator_from_state(state).to(map_location))
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{folder / EMULATOR_FILE}: cannot rebuild member emulator {k}: {err}") from err
     return Predictor(module, precision=precision, emulator=emulator, refine_sigma_scale=extras.get("sigma_scale"),
                      refine_settings=settings, label_calibration=extras.get("label_calibration"),
                      refine_sigma_network_scale=extras.get("sigma_network_scale"),
                      chi2_scaling=extras.get("chi2_scaling", "at_least_one"), label_range=extras.get("label_range"),
-                     disagreement_inflation=bool(extras.get("disagreement_inflation", False)))
+                     disagreement_inflation=bool(extras.get("disagreement_inflation", False)),
+                     emulator_members=members)
 
 
 def save_model_folder(module: StellarNetModule, directory: str | Path) -> Path:

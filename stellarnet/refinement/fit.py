@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ class RefineResult:
     and ``outlier_pixels``: (rows, columns) int64 arrays of the single pixels rejected as outliers (those
     counted in ``outlier_fraction``; chip segments dropped as a whole are not in it); with ``return_model``
     also ``model_flux`` (N, P) the fitted model (emulator × continuum correction, line shape applied) and
-    ``fit_weight`` (N, P) the weights the final fit used (0: masked, clipped or dropped), NaN / 0 where not fit."""
+    ``fit_weight`` (N, P) the weights the final fit used (0: masked, clipped or dropped), NaN / 0 where not fit;
+    with ``members`` ``emulator_spread`` (N, L): the RMS change of the labels (physical units) were the fit
+    made with each member emulator instead (:func:`refine_labels`)."""
 
     labels: np.ndarray
     sigma: np.ndarray
@@ -61,6 +63,7 @@ class RefineResult:
     outlier_pixels: tuple[np.ndarray, np.ndarray] | None = None
     model_flux: np.ndarray | None = None
     fit_weight: np.ndarray | None = None
+    emulator_spread: np.ndarray | None = None
 
 
 #: lower limit of the reduced χ² by which the fit's σ and residuals are scaled (errors quoted 3x too large at most)
@@ -315,6 +318,7 @@ def refine_labels(
     lsf_per_chip: bool = False,
     noise_correlation: bool = False,
     return_model: bool = False,
+    members: Sequence[SpectrumEmulator] | None = None,
 ) -> RefineResult:
     """χ²-fit labels to spectra with ``model``, starting at ``init`` (N, L), physical units.
 
@@ -353,6 +357,14 @@ def refine_labels(
 
     With ``return_model`` the fitted model spectra and the final fit weights are returned as well
     (``model_flux``, ``fit_weight``; 2 × 4 bytes × N × P more memory).
+
+    With ``members`` (emulators of the same labels, standardization and pixels, trained on other
+    subsets of the training stars: :func:`~stellarnet.refinement.training.train_members`) each star's
+    labels are also moved to where each member's model would put them — to first order, the fit's
+    influence vectors applied to the member's model minus the fitted one at the fitted labels and
+    nuisances — and the RMS of those changes is returned as ``emulator_spread`` (N, L), physical
+    units: the emulator's own sampling error, small where the training stars are dense, large where a
+    few stars shape the model (the edges of the training set).
     """
     flux = np.asarray(flux, np.float32)
     if flux.ndim != 2 or flux.shape[1] != model.n_pixels:
@@ -370,6 +382,14 @@ def refine_labels(
     if return_model:
         out.model_flux = np.full(flux.shape, np.nan, np.float32)
         out.fit_weight = np.zeros(flux.shape, np.float32)
+    members = list(members or [])
+    for mem in members:
+        if (mem.n_pixels != model.n_pixels or list(mem.label_names) != list(model.label_names)
+                or not torch.allclose(mem.label_mean.cpu(), model.label_mean.cpu())
+                or not torch.allclose(mem.label_std.cpu(), model.label_std.cpu())):
+            raise ValueError("a member emulator must share the emulator's pixels, labels and label standardization")
+    if members:
+        out.emulator_spread = np.full((n, L), np.nan, np.float32)
     ok_rows = np.flatnonzero(np.isfinite(init).all(1))
     outlier_rows: list[np.ndarray] = []
     outlier_cols: list[np.ndarray] = []
@@ -418,10 +438,16 @@ def refine_labels(
             var = torch.diagonal(A_inv[:, :L, :L], dim1=1, dim2=2)
             sw = w.sqrt()
             resid = (f - m) * sw  # normalized residuals of the fit
-            if straddles is not None and last is not None:
-                factor, rho = noise_correlation_factor(resid, _influence(last, A_inv, c, basis, sw, L), straddles)
+            influence = (_influence(last, A_inv, c, basis, sw, L)
+                         if last is not None and (straddles is not None or members) else None)
+            if straddles is not None and influence is not None:
+                factor, rho = noise_correlation_factor(resid, influence, straddles)
                 var = var * factor
                 out.noise_correlation[rows] = rho.cpu().numpy()
+            if members and influence is not None:  # Δz = ṽᵀ √W (m_member − m), per member
+                moved = torch.stack([torch.einsum("np,npl->nl", (_model_flux(mem.eval(), z, c, basis, shape, inner) - m)
+                                                  * sw, influence) for mem in members])
+                out.emulator_spread[rows] = (moved.pow(2).mean(0).sqrt().cpu().numpy() * std).astype(np.float32)
             n_good = (w > 0).sum(1).clamp_min(1)
             chi2 = (resid * resid).sum(1) / n_good
             # residuals in units of their own scatter: a spectrum the model does not fit anywhere (χ² ≫ 1:

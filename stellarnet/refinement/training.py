@@ -266,3 +266,40 @@ class _StreamedSpectra(_TrainingSpectra):
             self.bad[rows] |= bad
             dropped, good = dropped + d, good + g
         return dropped / max(good, 1.0)
+
+
+def train_members(
+    emulator: SpectrumEmulator,
+    labels: np.ndarray,
+    spectra: SpectraBlocks,
+    n_members: int = 2,
+    epochs: int = 40,
+    fraction: float = 0.5,
+    lr: float = 2e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[SpectrumEmulator]:
+    """Member emulators for :func:`~stellarnet.refinement.fit.refine_labels` (``members``): each the
+    trained ``emulator`` trained ``epochs`` more on its own random ``fraction`` of the stars (the same
+    ``labels`` (N, L) and ``spectra`` as it was trained on, e.g. :meth:`SpectraBlocks.of_arrays`; no
+    segment clipping). Where many training stars
+    shape the model the members agree with it; where a few do — the edges of the training set — what
+    half of them say differs, and the refined labels with it: the spread of the labels over the
+    members is a (lower) estimate of the emulator's own sampling error. Half-samples (``fraction``
+    0.5) differ from the whole about as much as the whole differs from the truth, when each is fitted
+    from scratch; members continued from the whole differ less. ``n_members`` 0: []."""
+    if n_members < 0 or epochs < 1 or not 0 < fraction < 1:
+        raise ValueError(f"train_members needs n_members >= 0, epochs >= 1 and 0 < fraction < 1; got {n_members}, "
+                         f"{epochs}, {fraction}")
+    labels = np.asarray(labels, np.float64)
+    rng = np.random.default_rng([seed, 7])
+    members = []
+    for k in range(n_members):
+        half = labels.copy()
+        half[rng.random(len(half)) >= fraction] = np.nan  # train_emulator skips rows without labels
+        model, _ = train_emulator(half, spectra, None, None, emulator.label_names, emulator.grid, epochs=epochs,
+                                  clip_after=0.0, batch_size=batch_size, lr=lr, seed=seed + 1 + k,
+                                  init_model=emulator, device=device)
+        members.append(model)
+    return members

@@ -38,9 +38,9 @@ from stellarnet.evaluation.split_predictions import predict_rows
 from stellarnet.network.inference import Predictor
 from stellarnet.network.model_folder import EMULATOR_FILE, EMULATOR_FORMAT, load_emulator_file, load_model
 from stellarnet.refinement.calibration import fit_label_calibration
-from stellarnet.refinement.emulator import emulator_state
+from stellarnet.refinement.emulator import emulator_from_state, emulator_state
 from stellarnet.refinement.fit import fit_settings, refine_labels
-from stellarnet.refinement.training import SpectraBlocks, train_emulator
+from stellarnet.refinement.training import SpectraBlocks, train_emulator, train_members
 
 __all__ = ["build_refinement", "REFINE_DEFAULTS"]
 
@@ -164,12 +164,25 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(tensorboard_dir))
-    if recalibrate:  # keep the emulator, redo the calibration below
+    members: list[Any] = []
+    n_members = int(cfg.get("members") or 0)
+    if recalibrate:  # keep the emulator (and its members), redo the calibration below
         emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
         info = dict(extras.get("training") or {})
+        members = [emulator_from_state(m) for m in extras.get("members") or []][:n_members]
     else:
-        spectra = _training_spectra(train, rows, cfg.get("memory_gb"), block)
-        emulator, info = _fit_emulator(cfg, network, spectra, pred_labels, writer, progress)
+        emulator, info = _fit_emulator(cfg, network, _training_spectra(train, rows, cfg.get("memory_gb"), block),
+                                       pred_labels, writer, progress)
+    if len(members) < n_members:  # the emulator's own sampling error (refine_labels' members)
+        t1 = time.perf_counter()
+        members = train_members(emulator, pred_labels, _training_spectra(train, rows, cfg.get("memory_gb"), block),
+                                n_members=n_members, epochs=int(cfg["member_epochs"]),
+                                fraction=float(cfg["member_fraction"]), lr=float(cfg["member_lr"]),
+                                batch_size=int(cfg["batch_size"]), seed=int(cfg["seed"]),
+                                device=_device(cfg.get("device", "auto")))
+        info["members"] = {"n": n_members, "epochs": int(cfg["member_epochs"]),
+                           "fraction": float(cfg["member_fraction"]), "seconds": time.perf_counter() - t1}
+        log.info("refinement: %d member emulators (%.0f s)", n_members, info["members"]["seconds"])
     lab = catalogue["labels"]
     label_range = [[float(np.nanmin(lab[:, j])), float(np.nanmax(lab[:, j]))] for j in range(lab.shape[1])]
     calibration = None
@@ -183,9 +196,10 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     val_reader = ShardReader(dataset_dir, "val", manifest, verify=False)
     val = val_reader.rows(np.arange(len(val_reader)), ("labels", "label_err"))
     raw = Predictor(network.module, emulator=emulator, refine_settings=cfg["fit"], label_calibration=calibration,
-                    chi2_scaling="two_sided")
-    vpred, rate = predict_rows(raw, val_reader, None, block, keys=("labels", "labels_network", "sigma_aleatoric",
-                                                                   "sigma_network", "refine_flag"))
+                    chi2_scaling="two_sided", emulator_members=members)
+    keys = ("labels", "labels_network", "sigma_aleatoric", "sigma_network", "refine_flag")
+    vpred, rate = predict_rows(raw, val_reader, None, block,
+                               keys=keys + (("refine_emulator_spread",) if members else ()))
     val_reader.close()
     used = vpred["refine_flag"] == 0
     # σ = sqrt((a σ_fit)² + (b σ_network)²): the fit's σ shrinks with S/N, the refined labels' error
@@ -194,8 +208,16 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
     # (fitted without the disagreement inflation, which multiplies it at prediction time: fitting the two
     # together against the catalogue drove a → 0.001 for Teff and left σ over-confident ×1.2–1.5 vs truth)
     inflate = bool(cfg.get("disagreement_inflation", True))
-    scale, floor = fit_sigma_two_term(vpred["labels"][used], val["labels"][used], vpred["sigma_aleatoric"][used],
-                                      vpred["sigma_network"][used], val["label_err"][used],
+    # the members' spread is a σ term of its own (added at prediction time): here a known variance, like the
+    # catalogue's; sigma_aleatoric of the raw predictor is the fit's √χ²-scaled formal σ with the spread in it
+    known = val["label_err"][used]
+    fit_sigma = vpred["sigma_aleatoric"][used]
+    if members:
+        spread = np.nan_to_num(vpred["refine_emulator_spread"][used])
+        known = np.sqrt(np.nan_to_num(known) ** 2 + spread**2)
+        fit_sigma = np.sqrt(np.clip(fit_sigma**2 - spread**2, 0.0, None))
+    scale, floor = fit_sigma_two_term(vpred["labels"][used], val["labels"][used], fit_sigma,
+                                      vpred["sigma_network"][used], known,
                                       unresolved_floor=str(cfg.get("unresolved_sigma_floor", "upper")))
     scale = np.where(np.isfinite(scale), scale, 1.0)
     floor = np.where(np.isfinite(floor), floor, 0.0)
@@ -217,7 +239,8 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
                                       "refine": cfg["fit"], "training": to_plain(info),
                                       "label_calibration": calibration, "chi2_scaling": "two_sided",
                                       "label_range": label_range,
-                                      "disagreement_inflation": inflate})
+                                      "disagreement_inflation": inflate,
+                                      "members": [emulator_state(m) for m in members]})
     with atomic_open(model_dir / EMULATOR_FILE, "wb") as fh:
         torch.save(state, fh)
     write_json(model_dir / "refinement.json", summary)
