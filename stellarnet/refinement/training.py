@@ -268,18 +268,9 @@ class _StreamedSpectra(_TrainingSpectra):
         return dropped / max(good, 1.0)
 
 
-def train_members(
-    emulator: SpectrumEmulator,
-    labels: np.ndarray,
-    spectra: SpectraBlocks,
-    n_members: int = 2,
-    epochs: int = 40,
-    fraction: float = 0.5,
-    lr: float = 2e-3,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> list[SpectrumEmulator]:
+def train_members(emulator: SpectrumEmulator, labels: np.ndarray, spectra: SpectraBlocks, *, n_members: int = 2,
+                  epochs: int = 40, fraction: float = 0.5, lr: float = 2e-3, batch_size: int = 256, seed: int = 0,
+                  device: str | torch.device = "cpu") -> list[SpectrumEmulator]:
     """Member emulators for :func:`~stellarnet.refinement.fit.refine_labels` (``members``): each the
     trained ``emulator`` trained ``epochs`` more on its own random ``fraction`` of the stars (the same
     ``labels`` (N, L) and ``spectra`` as it was trained on, e.g. :meth:`SpectraBlocks.of_arrays`; no
