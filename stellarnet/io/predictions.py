@@ -5,7 +5,8 @@ Per label ``<L>`` (``TEFF`` [K], ``LOGG``, ``FE_H``, ``ALPHA_FE`` [dex]): ``<L>`
 refined labels the χ² fit's σ, calibrated) and ``<L>_ERR_EPISTEMIC`` (MC-dropout spread). With a
 χ²-refined model (an ``emulator.pt`` in the model folder) the label columns hold the refined labels
 and also ``<L>_NET`` / ``<L>_NET_ERR`` (the network's estimate), ``REFINE_CHI2`` (reduced χ² of the
-fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried). Every catalogue has
+fit) and ``REFINE_FLAG`` (0 refined, 1 kept the network's labels, 2 not tried), and with member emulators
+``<L>_ERR_EMULATOR`` (the emulator's own error, a part of ``<L>_ERR``). Every catalogue has
 ``STELLARNET_FLAG``, a per-star quality bitmask (:data:`stellarnet.io.bitmasks.STELLARNET_FLAG`,
 documented in ``docs/robustness.md``), and ``READ_ERROR`` (empty when the spectrum was read).
 
@@ -44,6 +45,8 @@ def predictions_frame(chunk: Mapping[str, Any], pred: Mapping[str, Any], label_n
         if "labels_network" in pred:  # χ²-refined: the network's own estimate too
             out[f"{name}_NET"] = pred["labels_network"][:, j]
             out[f"{name}_NET_ERR"] = pred["sigma_network"][:, j]
+        if "refine_emulator_spread" in pred:  # the emulator's own error, part of <L>_ERR
+            out[f"{name}_ERR_EMULATOR"] = np.asarray(pred["refine_emulator_spread"][:, j], np.float32)
     if "refine_flag" in pred:
         out["REFINE_CHI2"] = pred["refine_chi2"]
         out["REFINE_FLAG"] = np.asarray(pred["refine_flag"]).astype(np.int16)
@@ -115,7 +118,8 @@ def column_units(columns: Sequence[str], label_names: Sequence[str], label_units
             suffix = col[len(base) + 1:] if base else ""
             parts = {"ERR": "total 1-sigma error (use this)", "ERR_ALEATORIC": "1-sigma error part: noise / spectral fit",
                      "ERR_EPISTEMIC": "1-sigma error part: model (MC dropout)", "NET": "the network's estimate",
-                     "NET_ERR": "1-sigma error of the network's estimate (grown where it and the refinement disagree)"}
+                     "NET_ERR": "1-sigma error of the network's estimate (grown where it and the refinement disagree)",
+                     "ERR_EMULATOR": "1-sigma error part: the spectrum emulator's own (spread over its members)"}
             if base and suffix in parts:
                 unit, text = unit_of[base], f"{base}: {parts[suffix]}"
             else:
