@@ -139,8 +139,9 @@ def test_predictor_refines_by_default_and_can_be_switched_off(refined_dir, tiny_
     b = np.asarray(summary["sigma_network_scale"])  # the refined σ carries the error floor b·σ_network
     assert np.all(out["sigma_aleatoric"][ok] >= b * out["sigma_network"][ok] * (1 - 1e-5))
     df = predictions_frame({"apogee_id": np.arange(len(data["flux"]))}, out, refined.label_names, refined.class_tasks)
-    for col in ("TEFF", "TEFF_NET", "TEFF_NET_ERR", "REFINE_CHI2", "REFINE_FLAG"):
+    for col in ("TEFF", "TEFF_NET", "TEFF_NET_ERR", "REFINE_CHI2", "REFINE_FLAG", "TEFF_ERR_EMULATOR"):
         assert col in df.columns
+    np.testing.assert_array_equal(df["LOGG_ERR_EMULATOR"], out["refine_emulator_spread"][:, 1])
     with pytest.raises(ValueError, match="no spectrum emulator"):
         load_model(folder, refine=False).predict(data["flux"][:2], data["flux_err"][:2], refine=True)
 
