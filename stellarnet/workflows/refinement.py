@@ -7,10 +7,13 @@ the model folder is written, ``refine.enabled``):
 2. a :class:`~stellarnet.refinement.emulator.SpectrumEmulator` is fitted to those spectra with the
    network's labels as inputs (progress bar; χ² per pixel per epoch to TensorBoard) — in memory when
    they fit ``refine.memory_gb``, else streamed from the shards block by block;
+   ``refine.members`` member emulators are trained further on random halves of them
+   (:func:`~stellarnet.refinement.training.train_members`: the emulator's own error);
 3. the training stars are refined and a quadratic calibration of the refined labels to the
    catalogue scale is fitted (:func:`~stellarnet.refinement.calibration.fit_label_calibration`);
 4. the validation split is refined and the σ model sqrt((a·σ_fit)² + (b·σ_network)²) fitted per
-   label against the catalogue labels and their errors (Gaussian maximum likelihood);
+   label against the catalogue labels and their errors (Gaussian maximum likelihood; the members'
+   spread, added to σ at prediction time, is a known variance there);
 5. ``emulator.pt`` (weights + plain settings, read with ``weights_only=True``) is written
    atomically into the model folder, and ``refinement.json`` next to it.
 
