@@ -7,6 +7,7 @@ against their σ (catalogue errors added in quadrature), MAE / bias / RMSE of re
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,6 +42,25 @@ def robust_inliers(z: np.ndarray, usable: np.ndarray, clip_sigma: float = OUTLIE
     scale = robust_scatter(z[usable])
     with np.errstate(invalid="ignore"):
         return usable & (np.abs(z - centre) <= clip_sigma * max(scale, 1e-300))
+
+
+def refit_without_outliers(fit: Callable[[np.ndarray], Any], normalized_residual: Callable[[Any], np.ndarray],
+                           usable: np.ndarray, clip_sigma: float | None = OUTLIER_CLIP_SIGMA,
+                           min_rows: int = 1) -> tuple[Any, np.ndarray]:
+    """``fit(rows)`` on the ``usable`` rows, then refitted without the rows whose
+    ``normalized_residual(result)`` (N,) lies beyond ``clip_sigma`` robust σ (:func:`robust_inliers`),
+    up to :data:`OUTLIER_CLIP_ROUNDS` times, until the rows stop changing or fewer than ``min_rows``
+    would be left (None: no clipping). Returns the last fit and the rows it used (N,) bool."""
+    use = np.asarray(usable, dtype=bool)
+    result = fit(use)
+    for _ in range(OUTLIER_CLIP_ROUNDS if clip_sigma else 0):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            keep = robust_inliers(normalized_residual(result), usable, clip_sigma)
+        if np.array_equal(keep, use) or keep.sum() < min_rows:
+            break
+        use = keep
+        result = fit(use)
+    return result, use
 
 
 def total_sigma(sigma: np.ndarray, err: np.ndarray | None = None) -> np.ndarray:

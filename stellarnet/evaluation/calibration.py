@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
-from stellarnet.common.stats import (MAD_TO_SIGMA, OUTLIER_CLIP_ROUNDS, OUTLIER_CLIP_SIGMA, robust_inliers, total_sigma,
-                                     z_scores, z_stats)
+from stellarnet.common.stats import (MAD_TO_SIGMA, OUTLIER_CLIP_SIGMA, refit_without_outliers, total_sigma, z_scores,
+                                     z_stats)
 from stellarnet.evaluation.metrics import _as_2d, _label_list
 
 COVERAGE_1SIGMA = float(special.erf(1 / math.sqrt(2)))  # 0.6827
@@ -174,19 +174,10 @@ def fit_sigma_scale(
 def _fit_scale_clipped(r: np.ndarray, s: np.ndarray, e: np.ndarray, method: str, bounds: tuple[float, float],
                        clip_sigma: float | None) -> float:
     """:func:`_fit_scale_1d` refitted without the rows whose z lies beyond ``clip_sigma`` robust σ
-    (:func:`~stellarnet.common.stats.robust_inliers`; None: all rows)."""
-    use = np.isfinite(r) & np.isfinite(s) & (s > 0)
-    k = _fit_scale_1d(r[use], s[use], e[use], method, bounds)
-    for _ in range(OUTLIER_CLIP_ROUNDS if clip_sigma else 0):
-        if not np.isfinite(k):
-            break
-        with np.errstate(invalid="ignore", divide="ignore"):
-            keep = robust_inliers(r / np.sqrt((k * s) ** 2 + e**2), use, clip_sigma)
-        if np.array_equal(keep, use) or keep.sum() < 2:
-            break
-        use = keep
-        k = _fit_scale_1d(r[use], s[use], e[use], method, bounds)
-    return k
+    (:func:`~stellarnet.common.stats.refit_without_outliers`; None: all rows)."""
+    return refit_without_outliers(lambda use: _fit_scale_1d(r[use], s[use], e[use], method, bounds),
+                                  lambda k: r / np.sqrt((k * s) ** 2 + e**2),
+                                  np.isfinite(r) & np.isfinite(s) & (s > 0), clip_sigma, 2)[0]
 
 
 def fit_sigma_two_term(
@@ -226,18 +217,13 @@ def fit_sigma_two_term(
         ok = np.isfinite(R[:, j]) & np.isfinite(S[:, j]) & np.isfinite(F[:, j]) & (S[:, j] > 0) & (F[:, j] >= 0)
         if ok.sum() < 3:
             continue
-        use = ok
-        for rnd in range(OUTLIER_CLIP_ROUNDS + 1):
-            nll, best = _fit_two_term_ml(R[use, j], S[use, j], F[use, j], E[use, j], bounds)
-            a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
-            if not clip_sigma or rnd == OUTLIER_CLIP_ROUNDS:
-                break
-            with np.errstate(invalid="ignore", divide="ignore"):
-                v = (a_out[j] * S[:, j]) ** 2 + (b_out[j] * F[:, j]) ** 2 + E[:, j] ** 2
-                keep = robust_inliers(R[:, j] / np.sqrt(v), ok, clip_sigma)
-            if np.array_equal(keep, use) or keep.sum() < 3:
-                break
-            use = keep
+        def z(fitted: tuple[Any, Any]) -> np.ndarray:
+            a, b = np.exp(np.clip(fitted[1].x, lo, hi))
+            return R[:, j] / np.sqrt((a * S[:, j]) ** 2 + (b * F[:, j]) ** 2 + E[:, j] ** 2)
+
+        (nll, best), _ = refit_without_outliers(
+            lambda use: _fit_two_term_ml(R[use, j], S[use, j], F[use, j], E[use, j], bounds), z, ok, clip_sigma, 3)
+        a_out[j], b_out[j] = np.exp(np.clip(best.x, lo, hi))
         if unresolved_floor == "upper":
             a_out[j], b_out[j] = _floor_if_unresolved(nll, best.fun, a_out[j], b_out[j], bounds)
     return a_out, b_out

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from stellarnet.common.stats import OUTLIER_CLIP_ROUNDS, OUTLIER_CLIP_SIGMA, robust_inliers
+from stellarnet.common.stats import OUTLIER_CLIP_SIGMA, refit_without_outliers
 
 
 def _quadratic_terms(z: np.ndarray, degree: int) -> np.ndarray:
@@ -23,8 +23,8 @@ def fit_label_calibration(labels: np.ndarray, reference: np.ndarray, reference_e
                           clip_sigma: float | None = OUTLIER_CLIP_SIGMA) -> dict[str, Any]:
     """Per-label polynomial (degree 1 or 2 in all standardized labels) for ``reference − labels``,
     weighted least squares with weights 1/err² (unit weights without errors), refitted without the
-    references more than ``clip_sigma`` robust σ from it (:func:`~stellarnet.common.stats.robust_inliers`,
-    up to :data:`~stellarnet.common.stats.OUTLIER_CLIP_ROUNDS` rounds; None: none left out): a
+    references more than ``clip_sigma`` robust σ from it (
+    :func:`~stellarnet.common.stats.refit_without_outliers`; None: none left out): a
     catalogue's failed fits (unflagged outliers) would otherwise pull the polynomial over the whole
     label range.
 
@@ -58,17 +58,12 @@ def fit_label_calibration(labels: np.ndarray, reference: np.ndarray, reference_e
             n_used.append(int(ok.sum()))
             n_clipped.append(0)
             continue
-        use = ok.copy()
-        for rnd in range(OUTLIER_CLIP_ROUNDS + 1):
+        def fit(use: np.ndarray) -> np.ndarray:
             sw = np.sqrt(w[use] / np.mean(w[use]))
-            c = np.linalg.lstsq(design[use] * sw[:, None], y[use] * sw, rcond=None)[0]
-            if not clip_sigma or rnd == OUTLIER_CLIP_ROUNDS:
-                break
-            keep = robust_inliers(np.where(ok, (y - design @ c) * np.sqrt(np.where(ok, w, 0.0)), np.nan), ok,
-                                  clip_sigma)
-            if np.array_equal(keep, use) or keep.sum() < need:
-                break
-            use = keep
+            return np.linalg.lstsq(design[use] * sw[:, None], y[use] * sw, rcond=None)[0]
+
+        c, use = refit_without_outliers(
+            fit, lambda c: np.where(ok, (y - design @ c) * np.sqrt(np.where(ok, w, 0.0)), np.nan), ok, clip_sigma, need)
         coef.append([float(v) for v in c])
         n_used.append(int(use.sum()))
         n_clipped.append(int(ok.sum() - use.sum()))

@@ -382,7 +382,7 @@ def refine_labels(
     if return_model:
         out.model_flux = np.full(flux.shape, np.nan, np.float32)
         out.fit_weight = np.zeros(flux.shape, np.float32)
-    members = list(members or [])
+    members = [mem.eval() for mem in members or []]
     for mem in members:
         if (mem.n_pixels != model.n_pixels or list(mem.label_names) != list(model.label_names)
                 or not torch.allclose(mem.label_mean.cpu(), model.label_mean.cpu())
@@ -445,7 +445,7 @@ def refine_labels(
                 var = var * factor
                 out.noise_correlation[rows] = rho.cpu().numpy()
             if members and influence is not None:  # Δz = ṽᵀ √W (m_member − m), per member
-                moved = torch.stack([torch.einsum("np,npl->nl", (_model_flux(mem.eval(), z, c, basis, shape, inner) - m)
+                moved = torch.stack([torch.einsum("np,npl->nl", (_model_flux(mem, z, c, basis, shape, inner) - m)
                                                   * sw, influence) for mem in members])
                 out.emulator_spread[rows] = (moved.pow(2).mean(0).sqrt().cpu().numpy() * std).astype(np.float32)
             n_good = (w > 0).sum(1).clamp_min(1)

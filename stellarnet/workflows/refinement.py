@@ -169,16 +169,19 @@ def build_refinement(model_dir: str | Path, dataset_dir: str | Path, settings: M
         writer = SummaryWriter(str(tensorboard_dir))
     members: list[Any] = []
     n_members = int(cfg.get("members") or 0)
+    spectra = None  # the training spectra, read from the shards only if an emulator is trained
     if recalibrate:  # keep the emulator (and its members), redo the calibration below
         emulator, extras = load_emulator_file(model_dir / EMULATOR_FILE)
         info = dict(extras.get("training") or {})
         members = [emulator_from_state(m) for m in extras.get("members") or []][:n_members]
     else:
-        emulator, info = _fit_emulator(cfg, network, _training_spectra(train, rows, cfg.get("memory_gb"), block),
-                                       pred_labels, writer, progress)
+        spectra = _training_spectra(train, rows, cfg.get("memory_gb"), block)
+        emulator, info = _fit_emulator(cfg, network, spectra, pred_labels, writer, progress)
     if len(members) < n_members:  # the emulator's own sampling error (refine_labels' members)
         t1 = time.perf_counter()
-        members = train_members(emulator, pred_labels, _training_spectra(train, rows, cfg.get("memory_gb"), block),
+        if spectra is None:
+            spectra = _training_spectra(train, rows, cfg.get("memory_gb"), block)
+        members = train_members(emulator, pred_labels, spectra,
                                 n_members=n_members, epochs=int(cfg["member_epochs"]),
                                 fraction=float(cfg["member_fraction"]), lr=float(cfg["member_lr"]),
                                 batch_size=int(cfg["batch_size"]), seed=int(cfg["seed"]),
